@@ -1,0 +1,2 @@
+//! Build script: builds the eBPF programs (placeholder until the eBPF chain lands).
+fn main() {}

@@ -1,0 +1,17 @@
+//! simrep: a high-availability virtual machine monitor.
+//!
+//! The primary runs a KVM guest and, every epoch, sends the pages the guest
+//! dirtied to a backup, each 512-byte area expressed as a compressed XOR
+//! difference against the most similar area the backup already holds
+//! (Gerofi et al., UCC 2011). This crate holds the library; `src/main.rs` is
+//! the `simrep` command.
+//!
+//! * [`compress`]: the similarity codec and the baselines it is judged
+//!   against. Pure: no I/O, no unsafe code.
+//! * [`trace`]: the memory-trace format, capture of real processes and the
+//!   replay analysis behind `simrep analyze`.
+//! * [`ebpf`]: loading, attaching and reading simrep's eBPF programs.
+
+pub mod compress;
+pub mod ebpf;
+pub mod trace;

@@ -1,0 +1,2 @@
+//! The `simrep` command.
+fn main() {}
