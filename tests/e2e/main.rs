@@ -1,1 +1,8 @@
-//! End-to-end tests.
+//! End-to-end tests: the real `simrep` binary and library against real
+//! processes, real eBPF and (later) real KVM. They need root and this
+//! project's set-up (`cargo xtask setup`); a test that cannot run fails with
+//! its reason.
+
+mod analyze;
+mod capture;
+mod ebpf;
