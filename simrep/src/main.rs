@@ -1,2 +1,314 @@
 //! The `simrep` command.
-fn main() {}
+//!
+//! Exit codes (also in `--help`): 0 success, 1 internal error, 2 bad usage,
+//! 3 bad or unreadable input, 4 verification failed (a codec decoded a page
+//! wrongly), 5 the capture target could not be traced, 6 output could not be
+//! written, 130 interrupted.
+
+use std::fs::File;
+use std::io::{BufWriter, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use simrep::compress::CodecSpec;
+use simrep::trace::analysis::{self, AnalysisError, AnalyzeOptions, CodecChoice};
+use simrep::trace::capture::{self, CaptureError, CaptureOptions};
+use simrep::trace::replay::Replay;
+
+const EXIT_HELP: &str = "\
+Exit codes:
+  0    success
+  1    internal error
+  2    bad usage (unknown flag, bad value)
+  3    bad or unreadable input (missing file, malformed trace)
+  4    verification failed (a codec decoded a page wrongly)
+  5    the capture target could not be traced (no such process, no permission)
+  6    output could not be written
+  130  interrupted (Ctrl-C); whatever was captured so far is a valid trace
+
+Logging: RUST_LOG (e.g. RUST_LOG=simrep=debug) or -v / -q.";
+
+/// simrep: high-availability VMs with similarity-compressed replication.
+#[derive(Parser)]
+#[command(name = "simrep", version, about, after_help = EXIT_HELP)]
+struct Cli {
+    /// More log output (-v: debug, -vv: trace).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    /// Only warnings and errors.
+    #[arg(short, long, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Memory traces of real processes: capture.
+    #[command(subcommand)]
+    Trace(TraceCommand),
+    /// Replay a memory trace through every codec side by side: bytes sent,
+    /// speed, reference memory, a decode check of every page, and the
+    /// paper's Fig. 1 (similarity of dirty areas by area size).
+    #[command(after_help = CODEC_HELP)]
+    Analyze(AnalyzeArgs),
+}
+
+const CODEC_HELP: &str = "\
+Codec specs (--codec, repeatable; default: the default similarity codec, the
+paper's two configurations, XBZRLE with the default codec's memory budget,
+zstd level 1 per epoch, lz4 per page, raw):
+  similarity[:key=value,...]   keys: area=64..2048, hash=median|fraction80,
+                               table=BITS, bucket=N, cache=PAGES, stage=lz4|zstd|none
+  xbzrle[:cache=64MiB]         same-address XOR with a bounded cache
+  zstd[:level=1]               zstd over the whole epoch
+  lz4                          lz4 per page
+  raw                          pages verbatim";
+
+#[derive(Subcommand)]
+enum TraceCommand {
+    /// Record a running process's memory, epoch by epoch: stop it (SIGSTOP),
+    /// read every writable mapping (process_vm_readv), write the pages that
+    /// changed, resume it (SIGCONT), let it run for one epoch, repeat. The
+    /// target is always resumed, on Ctrl-C and on errors too.
+    Capture(CaptureArgs),
+}
+
+#[derive(clap::Args)]
+struct CaptureArgs {
+    /// Process to trace.
+    #[arg(long)]
+    pid: i32,
+    /// Also trace the process's descendants (children, grandchildren...).
+    #[arg(long)]
+    tree: bool,
+    /// Run time of the target between two stops, in milliseconds.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=60_000))]
+    epoch_ms: u32,
+    /// Number of delta epochs to record after the initial full image
+    /// (Ctrl-C ends the capture early, with a valid trace).
+    #[arg(long, default_value_t = 20)]
+    epochs: u32,
+    /// zstd level of the trace body (0: no compression).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(0..=22))]
+    zstd_level: i32,
+    /// Description stored in the trace (what was traced, under which load).
+    #[arg(long)]
+    description: Option<String>,
+    /// Output file.
+    #[arg(short, long)]
+    output: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct AnalyzeArgs {
+    /// The memory trace (see shared/memtrace/FORMAT.md).
+    trace: PathBuf,
+    /// Codecs to compare (repeatable); see below. Without it, the default set.
+    #[arg(long = "codec", value_name = "SPEC")]
+    codecs: Vec<CodecSpec>,
+    /// Write the full report as JSON (one record per codec).
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Draw plots (SVG) into this directory.
+    #[arg(long, value_name = "DIR")]
+    plot: Option<PathBuf>,
+    /// Skip the Fig. 1 similarity analysis.
+    #[arg(long)]
+    no_fig1: bool,
+    /// Replay at most this many delta epochs.
+    #[arg(long)]
+    epochs: Option<u32>,
+}
+
+/// An error with the exit code it maps to.
+struct Failure {
+    code: u8,
+    error: anyhow::Error,
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Failure {
+    fn from(e: E) -> Self {
+        let error = e.into();
+        let code = classify(&error);
+        Failure { code, error }
+    }
+}
+
+fn classify(error: &anyhow::Error) -> u8 {
+    for cause in error.chain() {
+        if let Some(e) = cause.downcast_ref::<AnalysisError>() {
+            return match e {
+                AnalysisError::Mismatch { .. }
+                | AnalysisError::Decode { .. }
+                | AnalysisError::Encode { .. } => 4,
+                AnalysisError::ReadTrace(_) | AnalysisError::EmptyTrace => 3,
+                AnalysisError::Plot { .. } | AnalysisError::CreateDir { .. } => 6,
+            };
+        }
+        if let Some(e) = cause.downcast_ref::<CaptureError>() {
+            return if e.is_target_error() { 5 } else { 6 };
+        }
+        if cause.downcast_ref::<simrep::trace::TraceError>().is_some() {
+            return 3;
+        }
+        if let Some(e) = cause.downcast_ref::<OutputError>() {
+            let _ = e;
+            return 6;
+        }
+    }
+    1
+}
+
+/// Writing an output file failed.
+#[derive(Debug, thiserror::Error)]
+#[error("writing {0}")]
+struct OutputError(PathBuf, #[source] std::io::Error);
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose, cli.quiet);
+    let result = match cli.command {
+        Command::Trace(TraceCommand::Capture(args)) => cmd_capture(args),
+        Command::Analyze(args) => cmd_analyze(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(f) => {
+            eprintln!("error: {:#}", f.error);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+fn init_logging(verbose: u8, quiet: bool) {
+    use tracing_subscriber::EnvFilter;
+    let default = match (quiet, verbose) {
+        (true, _) => "warn",
+        (false, 0) => "info",
+        (false, 1) => "debug",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+fn progress_bar(len: u64, what: &str) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:40}] {percent:>3}% {elapsed} (eta {eta})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_message(what.to_string());
+    bar
+}
+
+fn cmd_analyze(args: AnalyzeArgs) -> Result<ExitCode, Failure> {
+    let file_len = std::fs::metadata(&args.trace)
+        .map_err(|e| anyhow::Error::new(simrep::trace::TraceError::from(e)))
+        .with_context(|| format!("opening {}", args.trace.display()))?
+        .len();
+    let replay = Replay::open(&args.trace)
+        .map_err(AnalysisError::from)
+        .with_context(|| format!("reading {}", args.trace.display()))?;
+    let opts = AnalyzeOptions {
+        codecs: args
+            .codecs
+            .iter()
+            .enumerate()
+            .map(|(i, spec)| CodecChoice {
+                spec: spec.clone(),
+                default: i == 0,
+            })
+            .collect(),
+        fig1_sizes: if args.no_fig1 {
+            Vec::new()
+        } else {
+            analysis::FIG1_AREA_SIZES.to_vec()
+        },
+        max_epochs: args.epochs,
+    };
+    let bar = progress_bar(file_len, "replaying");
+    let report = analysis::analyze(replay, &opts, &mut |p| bar.set_position(p.bytes_read))
+        .with_context(|| format!("analysing {}", args.trace.display()))?;
+    bar.finish_and_clear();
+    print!("{}", analysis::render_table(&report));
+    if let Some(path) = &args.json {
+        write_json(path, &report)?;
+        tracing::info!(path = %path.display(), "JSON report written");
+    }
+    if let Some(dir) = &args.plot {
+        for p in analysis::plot(&report, dir)? {
+            tracing::info!(path = %p.display(), "plot written");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<(), Failure> {
+    let write = || -> std::io::Result<()> {
+        let mut f = BufWriter::new(File::create(path)?);
+        serde_json::to_writer_pretty(&mut f, value)?;
+        f.write_all(b"\n")?;
+        f.flush()
+    };
+    write().map_err(|e| OutputError(path.to_owned(), e))?;
+    Ok(())
+}
+
+fn cmd_capture(args: CaptureArgs) -> Result<ExitCode, Failure> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, Arc::clone(&stop))
+            .context("installing the Ctrl-C handler")?;
+    }
+    let out = File::create(&args.output).map_err(|e| OutputError(args.output.clone(), e))?;
+    let opts = CaptureOptions {
+        pid: args.pid,
+        tree: args.tree,
+        epoch_ms: args.epoch_ms,
+        epochs: args.epochs,
+        zstd_level: args.zstd_level,
+        description: args.description.unwrap_or_else(|| {
+            format!("simrep trace capture --pid {}{}", args.pid, if args.tree { " --tree" } else { "" })
+        }),
+    };
+    let bar = progress_bar(u64::from(args.epochs) + 1, "capturing");
+    let summary = capture::capture(&opts, BufWriter::new(out), &stop, &mut |e| {
+        bar.inc(1);
+        tracing::debug!(
+            epoch = e.epoch,
+            dirty = e.dirty_pages,
+            stop_ms = e.stop_ns as f64 / 1e6,
+            "epoch captured"
+        );
+    })
+    .with_context(|| format!("capturing pid {} into {}", args.pid, args.output.display()))?;
+    bar.finish_and_clear();
+    println!(
+        "{} epochs, {} dirty pages, {} bytes written to {}",
+        summary.epochs,
+        summary.dirty_pages,
+        summary.bytes_written,
+        args.output.display()
+    );
+    if stop.load(Ordering::Relaxed) {
+        eprintln!("interrupted: the trace holds the epochs captured so far");
+        return Ok(ExitCode::from(130));
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -2,12 +2,20 @@
 //!
 //! * `setup`: installs what a fresh machine of this project's kind lacks
 //!   (idempotent; seconds when nothing is missing).
-//! * `test`: setup, then every test (unit, property, end-to-end).
-//! * `run`: setup, then the main job on real processes.
+//! * `test`: setup, then every test: unit, property, end-to-end, and a short
+//!   run of every fuzz target.
+//! * `run`: setup, then the main job: a real server under real load is
+//!   traced and the trace analysed.
+//! * `figures`: traces several real servers under their own load tools and
+//!   analyses each trace (the README's table).
 
+mod servers;
 mod setup;
 
-use anyhow::Result;
+use std::path::{Path, PathBuf};
+use std::process::Command as Cmd;
+
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -22,11 +30,175 @@ enum Command {
     /// Install the toolchain components, bpf-linker, bpftool and Debian
     /// packages the project needs, and mount bpffs and tracefs.
     Setup(setup::SetupOptions),
+    /// Set up, then run every test: unit, property, end-to-end (real
+    /// processes, real eBPF), and each fuzz target for a short while.
+    Test(TestArgs),
+    /// Set up, then the main job: trace memcached under memaslap load with
+    /// `simrep trace capture` and analyse the trace with `simrep analyze`.
+    Run(RunArgs),
+    /// Trace several real servers under their own load tools and analyse
+    /// each trace: the figures in the README.
+    Figures(FiguresArgs),
+}
+
+#[derive(clap::Args)]
+struct TestArgs {
+    /// Skip `setup` (everything must already be installed).
+    #[arg(long)]
+    no_setup: bool,
+    /// Seconds each fuzz target runs (0 skips fuzzing).
+    #[arg(long, default_value_t = 20)]
+    fuzz_seconds: u32,
+    /// Only tests whose name contains this (passed to `cargo test`).
+    filter: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Delta epochs to capture.
+    #[arg(long, default_value_t = 30)]
+    epochs: u32,
+    /// Epoch length in milliseconds.
+    #[arg(long, default_value_t = 100)]
+    epoch_ms: u32,
+    /// Where the trace, the JSON report and the plots go.
+    #[arg(long, default_value = "out/run")]
+    out: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct FiguresArgs {
+    /// Delta epochs to capture per server.
+    #[arg(long, default_value_t = 30)]
+    epochs: u32,
+    /// Where traces and reports go.
+    #[arg(long, default_value = "out/figures")]
+    out: PathBuf,
+    /// Servers to trace (memcached, redis, mariadb); default all.
+    #[arg(long = "server")]
+    servers: Vec<String>,
 }
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    let root = workspace_root()?;
+    std::env::set_current_dir(&root)?;
     match cli.command {
         Command::Setup(opts) => setup::run(&opts),
+        Command::Test(args) => test(&root, &args),
+        Command::Run(args) => run(&root, &args),
+        Command::Figures(args) => figures(&root, &args),
     }
+}
+
+fn workspace_root() -> Result<PathBuf> {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    Ok(manifest
+        .parent()
+        .context("xtask has no parent directory")?
+        .to_owned())
+}
+
+/// Runs a command, failing with its command line if it fails.
+pub(crate) fn sh(cmd: &mut Cmd) -> Result<()> {
+    let line = format!("{cmd:?}");
+    eprintln!("$ {line}");
+    let status = cmd
+        .status()
+        .with_context(|| format!("starting {line}"))?;
+    if !status.success() {
+        bail!("{line} failed: {status}");
+    }
+    Ok(())
+}
+
+fn cargo() -> Cmd {
+    Cmd::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn test(root: &Path, args: &TestArgs) -> Result<()> {
+    if !args.no_setup {
+        setup::run(&setup::SetupOptions::default())?;
+    }
+    sh(cargo().args(["build", "--workspace", "--all-targets"]))?;
+    let bin = root.join("target/debug/simrep");
+    let mut t = cargo();
+    t.args(["test", "--workspace"]).env("SIMREP_BIN", &bin);
+    if let Some(f) = &args.filter {
+        t.arg(f);
+    }
+    sh(&mut t)?;
+    if args.fuzz_seconds > 0 {
+        for target in ["decode_epoch", "trace_reader"] {
+            sh(Cmd::new("cargo")
+                .current_dir(root.join("fuzz"))
+                .args(["+nightly", "fuzz", "run", target, "--"])
+                .arg(format!("-max_total_time={}", args.fuzz_seconds))
+                .arg("-rss_limit_mb=4096"))?;
+        }
+    }
+    eprintln!("all tests passed");
+    Ok(())
+}
+
+fn build_release(root: &Path) -> Result<PathBuf> {
+    sh(cargo().args(["build", "--release", "-p", "simrep"]))?;
+    Ok(root.join("target/release/simrep"))
+}
+
+fn run(root: &Path, args: &RunArgs) -> Result<()> {
+    setup::run(&setup::SetupOptions::default())?;
+    let simrep = build_release(root)?;
+    std::fs::create_dir_all(&args.out)?;
+    let trace = args.out.join("memcached.trace");
+    servers::trace_server(
+        &simrep,
+        servers::Server::Memcached,
+        &trace,
+        args.epochs,
+        args.epoch_ms,
+    )?;
+    analyze(&simrep, &trace, &args.out)?;
+    eprintln!(
+        "trace, report (analysis.json) and plots are in {}",
+        args.out.display()
+    );
+    Ok(())
+}
+
+fn analyze(simrep: &Path, trace: &Path, out: &Path) -> Result<()> {
+    sh(Cmd::new(simrep)
+        .arg("analyze")
+        .arg(trace)
+        .arg("--json")
+        .arg(out.join("analysis.json"))
+        .arg("--plot")
+        .arg(out.join("plots")))
+}
+
+fn figures(root: &Path, args: &FiguresArgs) -> Result<()> {
+    setup::run(&setup::SetupOptions::default())?;
+    let simrep = build_release(root)?;
+    let list: Vec<servers::Server> = if args.servers.is_empty() {
+        servers::Server::ALL.to_vec()
+    } else {
+        args.servers
+            .iter()
+            .map(|s| s.parse())
+            .collect::<Result<_>>()?
+    };
+    let sample = root.join("../shared/memtrace/sqlite-bank-sample.trace");
+    if sample.exists() {
+        let out = args.out.join("sqlite-bank-sample");
+        std::fs::create_dir_all(&out)?;
+        analyze(&simrep, &sample, &out)?;
+    }
+    for server in list {
+        let out = args.out.join(server.name());
+        std::fs::create_dir_all(&out)?;
+        let trace = out.join(format!("{}.trace", server.name()));
+        servers::trace_server(&simrep, server, &trace, args.epochs, 100)?;
+        analyze(&simrep, &trace, &out)?;
+    }
+    Ok(())
 }
