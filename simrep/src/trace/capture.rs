@@ -1,0 +1,1 @@
+//! Capture of running processes into a memory trace (work in progress).
