@@ -8,6 +8,7 @@
 
 pub mod capture;
 pub mod format;
+mod keymap;
 pub mod replay;
 
 pub use format::{EpochEnd, Record, Region, TraceError, TraceHeader, TraceReader, TraceWriter};

@@ -8,9 +8,7 @@
 
 #![forbid(unsafe_code)]
 
-use std::collections::HashMap;
 use std::fs::File;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::io::{BufReader, Read};
 use std::path::Path;
 
@@ -55,32 +53,7 @@ pub struct TracedProcess {
     pub comm: String,
 }
 
-/// A fast hasher for trace keys (a 64-bit mixer; keys are page-aligned so
-/// their low bits carry nothing).
-#[derive(Default)]
-struct KeyHasher(u64);
-
-impl Hasher for KeyHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.write_u64(self.0 ^ u64::from(b));
-        }
-    }
-
-    fn write_u64(&mut self, k: u64) {
-        let mut x = (k ^ self.0) ^ (k >> 29);
-        x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        x ^= x >> 32;
-        x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
-        self.0 = x ^ (x >> 29);
-    }
-}
-
-type KeyMap = HashMap<u64, u32, BuildHasherDefault<KeyHasher>>;
+type KeyMap = super::keymap::KeyMap<u32>;
 
 /// Keys to dense frames, with per-frame epoch marks.
 #[derive(Default)]
