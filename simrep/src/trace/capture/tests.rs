@@ -198,3 +198,96 @@ fn captures_a_sleeping_child_and_resumes_it() {
     }
     assert_eq!(n, 3);
 }
+
+/// Spawns `sleep 30`, killed and reaped on drop.
+struct Sleeper(std::process::Child);
+
+impl Sleeper {
+    fn new() -> Self {
+        Self(
+            std::process::Command::new("sleep")
+                .arg("30")
+                .spawn()
+                .expect("spawn sleep"),
+        )
+    }
+
+    fn pid(&self) -> Pid {
+        Pid::from_raw(self.0.id() as i32)
+    }
+
+    fn state(&self) -> Option<char> {
+        read_stat(self.pid()).expect("stat").map(|s| s.state)
+    }
+
+    fn wait_state(&self, want: char) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.state() != Some(want) {
+            assert!(
+                Instant::now() < deadline,
+                "state {:?}, want {want}",
+                self.state()
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+impl Drop for Sleeper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn guard_resumes_on_panic() {
+    let target = Sleeper::new();
+    let pid = target.pid();
+    let r = std::panic::catch_unwind(|| {
+        let mut guard = StopGuard::new();
+        guard.stop(pid).expect("SIGSTOP");
+        target.wait_state('T');
+        panic!("capture bug");
+    });
+    assert!(r.is_err());
+    target.wait_state('S');
+}
+
+/// A writer that fails once it has taken `left` bytes.
+struct FailingWriter {
+    left: usize,
+}
+
+impl Write for FailingWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.left == 0 {
+            return Err(io::Error::other("disk full"));
+        }
+        let n = buf.len().min(self.left);
+        self.left -= n;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn write_error_is_reported_and_target_resumed() {
+    let target = Sleeper::new();
+    let opts = CaptureOptions {
+        epochs: Some(3),
+        epoch_ms: 10,
+        zstd_level: None,
+        ..CaptureOptions::new(target.0.id())
+    };
+    let out = FailingWriter { left: 10_000 };
+    let r = capture(&opts, out, &AtomicBool::new(false), &mut |_| {});
+    assert!(
+        matches!(r, Err(CaptureError::WriteTrace { epoch: 0, .. })),
+        "{r:?}"
+    );
+    target.wait_state('S');
+}
