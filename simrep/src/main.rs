@@ -84,7 +84,7 @@ enum TraceCommand {
 struct CaptureArgs {
     /// Process to trace.
     #[arg(long)]
-    pid: i32,
+    pid: u32,
     /// Also trace the process's descendants (children, grandchildren...).
     #[arg(long)]
     tree: bool,
@@ -153,7 +153,11 @@ fn classify(error: &anyhow::Error) -> u8 {
             };
         }
         if let Some(e) = cause.downcast_ref::<CaptureError>() {
-            return if e.is_target_error() { 5 } else { 6 };
+            return match e {
+                CaptureError::InvalidOptions { .. } => 2,
+                CaptureError::WriteTrace { .. } => 6,
+                _ => 5,
+            };
         }
         if cause.downcast_ref::<simrep::trace::TraceError>().is_some() {
             return 3;
@@ -278,21 +282,22 @@ fn cmd_capture(args: CaptureArgs) -> Result<ExitCode, Failure> {
     }
     let out = File::create(&args.output).map_err(|e| OutputError(args.output.clone(), e))?;
     let opts = CaptureOptions {
-        pid: args.pid,
         tree: args.tree,
         epoch_ms: args.epoch_ms,
-        epochs: args.epochs,
-        zstd_level: args.zstd_level,
-        description: args.description.unwrap_or_else(|| {
-            format!("simrep trace capture --pid {}{}", args.pid, if args.tree { " --tree" } else { "" })
-        }),
+        // Epoch 0 (the full image) plus the delta epochs asked for.
+        epochs: Some(args.epochs.saturating_add(1)),
+        zstd_level: (args.zstd_level > 0).then_some(args.zstd_level),
+        description: args.description,
+        ..CaptureOptions::new(args.pid)
     };
     let bar = progress_bar(u64::from(args.epochs) + 1, "capturing");
     let summary = capture::capture(&opts, BufWriter::new(out), &stop, &mut |e| {
         bar.inc(1);
         tracing::debug!(
             epoch = e.epoch,
-            dirty = e.dirty_pages,
+            tracked = e.tracked_pages,
+            dirty = e.dirty,
+            dropped = e.dropped,
             stop_ms = e.stop_ns as f64 / 1e6,
             "epoch captured"
         );
@@ -300,11 +305,14 @@ fn cmd_capture(args: CaptureArgs) -> Result<ExitCode, Failure> {
     .with_context(|| format!("capturing pid {} into {}", args.pid, args.output.display()))?;
     bar.finish_and_clear();
     println!(
-        "{} epochs, {} dirty pages, {} bytes written to {}",
+        "{} epochs ({} pages in the initial image, {} dirty pages after it) written to {}; \
+         longest stop {:.1} ms, ended: {:?}",
         summary.epochs,
+        summary.initial_pages,
         summary.dirty_pages,
-        summary.bytes_written,
-        args.output.display()
+        args.output.display(),
+        summary.max_stop_ns as f64 / 1e6,
+        summary.end,
     );
     if stop.load(Ordering::Relaxed) {
         eprintln!("interrupted: the trace holds the epochs captured so far");

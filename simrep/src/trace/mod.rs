@@ -6,6 +6,7 @@
 //! and their new contents (see `FORMAT.md`). Traces are how the codecs in
 //! [`crate::compress`] are judged on real workloads.
 
+pub mod analysis;
 pub mod capture;
 pub mod format;
 mod keymap;
