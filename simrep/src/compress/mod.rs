@@ -24,8 +24,100 @@
 //! frames dirtied in epoch `k` it must have kept itself (the similarity
 //! codec's cache of recently dirtied pages, XBZRLE's cache); the memory it
 //! keeps for that is its [`EpochEncoder::reference_bytes`].
+//!
+//! # Codecs
+//!
+//! [`CodecSpec`] names a codec and its parameters (`"similarity"`,
+//! `"similarity:area=256,stage=zstd"`, `"xbzrle:cache=64MiB"`, ...; see
+//! [`spec`]) and builds its encoder. The similarity codec is described in
+//! [`similarity`](self#the-similarity-codec) below; the baselines are raw
+//! pages, lz4 per page, zstd over the epoch, and QEMU-style XBZRLE.
+//!
+//! ## The similarity codec
+//!
+//! Each dirty page is cut into areas (64..=2048 bytes, default 512). Each
+//! area is sent as: zero; unchanged (equal to its own previous contents,
+//! known when the page is in the cache of recently dirtied pages); identical
+//! to another area of `I(k-1)`; the run-length encoded XOR against the most
+//! similar such area (fewest differing bytes), found through a
+//! content-addressable table keyed by the [bit-density hash](hash); or raw.
+//! A general-purpose second stage (lz4 by default, zstd, none) then
+//! compresses each chunk. Chunks of 256 dirty frames are encoded in
+//! parallel and decode independently.
+//!
+//! # Container format (version 1)
+//!
+//! One format for every codec; all integers little-endian.
+//!
+//! ```text
+//! epoch  := header dropped[n_dropped] chunk[n_chunks]
+//! header := "SRCE" version:u8=1 codec:u8 area_log2:u8 flags:u8
+//!           n_frames:u32 n_dropped:u32 n_chunks:u32            (20 bytes)
+//! dropped:= frame:u32                     strictly increasing, < max_frames
+//! chunk  := stored_len:u32 raw_len:u32 frames:u32 encoding:u8  (13 bytes)
+//!           stored[stored_len]
+//! ```
+//!
+//! * `codec`: [`CodecId`](container::CodecId) (1 raw, 2 lz4, 3 zstd,
+//!   4 xbzrle, 5 similarity; 0 invalid). `area_log2`: 6..=12 (12 = whole
+//!   pages for the page-based baselines). `flags`: the configured second
+//!   stage (0 none, 1 lz4, 2 zstd), informational.
+//! * `encoding`: how the chunk payload is stored (0 as is, then
+//!   `stored_len == raw_len`; 1 lz4 block; 2 zstd frame); decompression
+//!   must give exactly `raw_len` bytes, at most 24 MiB
+//!   ([`MAX_CHUNK_RAW`](container::MAX_CHUNK_RAW)). A chunk holds 1..=4096
+//!   frames; the chunks' frames must add up to `n_frames`
+//!   (<= `max_frames`), and nothing may follow the last chunk.
+//! * payload: `varint frame`, then `frames - 1` varint deltas (>= 1, so
+//!   the frames of the whole epoch are strictly increasing), `varint
+//!   control_len`, the control stream, and the literal stream (the rest).
+//!   Varints are unsigned LEB128.
+//! * control stream: per frame, per area, one op byte
+//!   ([`Op`](container::Op)) and its operands; literal bytes live in the
+//!   literal stream:
+//!
+//! | op | operands | meaning |
+//! |---|---|---|
+//! | 0 zero | | all-zero area |
+//! | 1 unchanged | | same area of the same frame in `I(k-1)` |
+//! | 2 raw | `S` literal bytes | verbatim |
+//! | 3 xor-self | runs | XOR against the same area of the same frame |
+//! | 4 identical | zigzag varint delta | copy of the named area |
+//! | 5 xor-ref | delta, runs | XOR against the named area |
+//! | 6 identical-next | | copy of the predicted area |
+//! | 7 xor-next | runs | XOR against the predicted area |
+//! | 8 lz4 | varint n, n literal bytes | lz4 block decoding to exactly `S` bytes |
+//!
+//! A reference names the area index `frame * (4096 / S) + area` in
+//! `I(k-1)`; it is coded as the difference to the *predicted* index (the
+//! previous reference of the chunk plus one; -1 + 1 = 0 at the chunk
+//! start). It must name a frame below `max_frames`; frames at or past
+//! `reference.frame_count()` read as zero. Runs are described in [`rle`]:
+//! alternating zero runs and literal runs of XOR bytes that must cover the
+//! area exactly. Every stream must be consumed exactly.
+//!
+//! Decoding builds the whole epoch into fresh buffers ([`DecodedEpoch`]);
+//! only [`DecodedEpoch::apply`] writes to the image.
 
 #![forbid(unsafe_code)]
+
+mod baselines;
+mod cache;
+pub mod container;
+mod decode;
+pub mod hash;
+pub mod rle;
+mod similarity;
+pub mod spec;
+mod table;
+#[cfg(test)]
+mod tests;
+
+pub use decode::{decode_epoch, decode_epoch_parallel, DecodeError, DecodedEpoch};
+pub use hash::bit_density_hash;
+pub use spec::{
+    CachePages, CodecSpec, HashThreshold, ParseSpecError, SecondStage, SimilarityConfig,
+};
 
 /// Bytes in a page (frame).
 pub const PAGE_SIZE: usize = 4096;
@@ -139,42 +231,145 @@ pub struct KindCounts {
     pub raw: u64,
 }
 
-// ---------------------------------------------------------------------------
-// CONTRACT (to be implemented by the codec work; signatures are fixed because
-// `trace::analysis` and later the replication path build on them):
-//
-// /// Which codec, with its parameters. Parsed from the CLI as e.g.
-// /// "similarity", "similarity:area=256,hash=fraction80,stage=zstd",
-// /// "raw", "lz4", "zstd", "xbzrle:cache=64MiB". `Display` prints the
-// /// canonical form that `FromStr` reads back.
-// pub enum CodecSpec { Raw, Lz4Page, ZstdEpoch { level: i32 }, Xbzrle { cache_bytes: usize },
-//                      Similarity(SimilarityConfig) }
-// impl FromStr for CodecSpec; impl Display for CodecSpec;
-// impl CodecSpec { pub fn build(&self, threads: usize) -> Box<dyn EpochEncoder>; }
-//
-// pub struct SimilarityConfig { pub area_size: usize /* 64..=2048, power of 2 */,
-//     pub hash: HashThreshold /* Median | Fraction(percent) */, pub table_bits: u8 /* 18 */,
-//     pub bucket_candidates: usize /* 8 */, pub cache_pages: CachePages, pub second_stage: SecondStage, ... }
-// impl Default for SimilarityConfig  // the measured default
-//
-// pub trait EpochEncoder: Send {
-//     /// Short name for tables ("similarity", "zstd-1", ...).
-//     fn name(&self) -> String;
-//     /// Called once with the image the backup holds after initial sync.
-//     fn init(&mut self, image: &dyn PageView);
-//     /// Encodes one epoch and appends it to `out`. `dirty`: sorted, unique
-//     /// frames whose contents changed; `dropped`: sorted frames now all-zero.
-//     fn encode_epoch(&mut self, current: &dyn PageView, dirty: &[u32], dropped: &[u32],
-//                     out: &mut Vec<u8>) -> Result<EpochStats, EncodeError>;
-//     /// Reference memory held: tables + cache, in bytes (paper Table I).
-//     fn reference_bytes(&self) -> usize;
-// }
-//
-// /// Decodes one encoded epoch (any codec) against the previous committed
-// /// image. `max_frames` bounds the frame numbers the stream may name.
-// /// Never panics; any malformed input is a typed error.
-// pub fn decode_epoch(reference: &dyn PageView, input: &[u8], max_frames: u32)
-//     -> Result<DecodedEpoch, DecodeError>;
-// pub struct DecodedEpoch { pub frames: Vec<u32>, pub data: Vec<u8>, pub dropped: Vec<u32> }
-// impl DecodedEpoch { pub fn apply(&self, image: &mut Image); pub fn page(&self, i: usize) -> &Page; }
-// ---------------------------------------------------------------------------
+/// Encodes epochs for one codec. An encoder keeps whatever state its
+/// codec needs between epochs (tables, caches).
+pub trait EpochEncoder: Send {
+    /// Short name for tables (`"similarity"`, `"zstd-1"`, ...).
+    fn name(&self) -> String;
+
+    /// Called once with the image the backup holds after initial sync.
+    fn init(&mut self, image: &dyn PageView);
+
+    /// Encodes one epoch and appends it to `out`. `dirty`: sorted, unique
+    /// frames whose contents changed; `dropped`: sorted, unique frames now
+    /// all-zero, disjoint from `dirty`.
+    ///
+    /// # Errors
+    ///
+    /// [`EncodeError`] when the frame sets are not sorted, unique and
+    /// disjoint, a frame is too large, the encoder was not initialised, or
+    /// the second stage failed. Nothing is appended and the encoder's
+    /// state is unchanged when the frame sets are rejected.
+    fn encode_epoch(
+        &mut self,
+        current: &dyn PageView,
+        dirty: &[u32],
+        dropped: &[u32],
+        out: &mut Vec<u8>,
+    ) -> Result<EpochStats, EncodeError>;
+
+    /// Reference memory held: tables + cache, in bytes (paper Table I).
+    fn reference_bytes(&self) -> usize;
+}
+
+/// Frames must be below this (area indices stay below `u32::MAX` at 64
+/// areas per page): 256 GiB of memory.
+pub const MAX_FRAMES: u32 = (1 << 26) - 1;
+
+/// Why an epoch could not be encoded.
+#[derive(Debug, thiserror::Error)]
+pub enum EncodeError {
+    /// `encode_epoch` was called before `init`.
+    #[error("encoder not initialised: call init first")]
+    NotInitialised,
+    /// A frame list is not strictly increasing.
+    #[error("{list} frames not strictly increasing at index {index} (frame {frame})")]
+    NotSorted {
+        /// `"dirty"` or `"dropped"`.
+        list: &'static str,
+        /// Position in the list.
+        index: usize,
+        /// The offending frame.
+        frame: u32,
+    },
+    /// A frame is both dirty and dropped.
+    #[error("frame {frame} is both dirty and dropped")]
+    DirtyAndDropped {
+        /// The frame.
+        frame: u32,
+    },
+    /// A frame number is too large.
+    #[error("frame {frame} is not below the limit {limit}")]
+    FrameTooLarge {
+        /// The frame.
+        frame: u32,
+        /// [`MAX_FRAMES`].
+        limit: u32,
+    },
+    /// A chunk payload exceeds the container's size limit.
+    #[error("chunk payload of {bytes} bytes exceeds the container limit")]
+    ChunkTooLarge {
+        /// Payload size.
+        bytes: usize,
+    },
+    /// The zstd second stage failed.
+    #[error("zstd compression failed")]
+    Compress(#[source] std::io::Error),
+}
+
+/// Checks that `dirty` and `dropped` are strictly increasing, disjoint and
+/// below [`MAX_FRAMES`].
+pub(crate) fn check_sets(dirty: &[u32], dropped: &[u32]) -> Result<(), EncodeError> {
+    for (list, frames) in [("dirty", dirty), ("dropped", dropped)] {
+        for (index, w) in frames.windows(2).enumerate() {
+            if w[1] <= w[0] {
+                return Err(EncodeError::NotSorted {
+                    list,
+                    index: index + 1,
+                    frame: w[1],
+                });
+            }
+        }
+        if let Some(&frame) = frames.last().filter(|&&f| f >= MAX_FRAMES) {
+            return Err(EncodeError::FrameTooLarge {
+                frame,
+                limit: MAX_FRAMES,
+            });
+        }
+    }
+    let (mut i, mut j) = (0, 0);
+    while i < dirty.len() && j < dropped.len() {
+        match dirty[i].cmp(&dropped[j]) {
+            std::cmp::Ordering::Less => i += 1,
+            std::cmp::Ordering::Greater => j += 1,
+            std::cmp::Ordering::Equal => {
+                return Err(EncodeError::DirtyAndDropped { frame: dirty[i] })
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A private pool of `threads` threads, or `None` for single-threaded
+/// encoding (also when the pool cannot be created).
+pub(crate) fn make_pool(threads: usize) -> Option<rayon::ThreadPool> {
+    if threads <= 1 {
+        return None;
+    }
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("simrep-codec-{i}"))
+        .build()
+        .ok()
+}
+
+/// Runs `f` on consecutive chunks of `frames` (in parallel on `pool` when
+/// given), returning the results in order.
+pub(crate) fn map_chunks<T, F>(
+    pool: Option<&rayon::ThreadPool>,
+    frames: &[u32],
+    per_chunk: usize,
+    f: F,
+) -> Result<Vec<T>, EncodeError>
+where
+    T: Send,
+    F: Fn(&[u32]) -> Result<T, EncodeError> + Sync,
+{
+    match pool {
+        Some(pool) if frames.len() > per_chunk => {
+            use rayon::prelude::*;
+            pool.install(|| frames.par_chunks(per_chunk).map(&f).collect())
+        }
+        _ => frames.chunks(per_chunk).map(f).collect(),
+    }
+}

@@ -1,0 +1,349 @@
+//! The container shared by every codec: epoch header, chunks, area
+//! operations, second stage. The format is described in the
+//! [module docs](super).
+
+use super::rle::{put_varint, put_varint64, zigzag};
+use super::{EncodeError, SecondStage, PAGE_SIZE};
+
+/// Magic at the start of every encoded epoch.
+pub const MAGIC: [u8; 4] = *b"SRCE";
+/// Container version.
+pub const VERSION: u8 = 1;
+/// Size of the epoch header in bytes.
+pub const HEADER_LEN: usize = 20;
+/// Size of a chunk header in bytes.
+pub const CHUNK_HEADER_LEN: usize = 13;
+/// Most frames in one chunk.
+pub const MAX_CHUNK_FRAMES: u32 = 4096;
+/// Largest decompressed chunk payload (16 MiB plus room for control bytes).
+pub const MAX_CHUNK_RAW: u32 = MAX_CHUNK_FRAMES * (PAGE_SIZE as u32) * 3 / 2;
+/// Frames per chunk used by the area-based encoders.
+pub const CHUNK_FRAMES: usize = 256;
+
+/// Which codec produced an epoch (informational for the decoder, which
+/// handles every operation of every codec; 0 is invalid).
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CodecId {
+    /// Never written.
+    Invalid = 0,
+    /// Pages verbatim.
+    Raw = 1,
+    /// lz4 per page.
+    Lz4Page = 2,
+    /// zstd over the epoch.
+    ZstdEpoch = 3,
+    /// XBZRLE.
+    Xbzrle = 4,
+    /// The similarity codec.
+    Similarity = 5,
+}
+
+impl CodecId {
+    /// The id for a header byte, if valid.
+    pub fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            1 => Self::Raw,
+            2 => Self::Lz4Page,
+            3 => Self::ZstdEpoch,
+            4 => Self::Xbzrle,
+            5 => Self::Similarity,
+            _ => return None,
+        })
+    }
+}
+
+/// Per-chunk payload encoding (the second stage actually applied).
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChunkEncoding {
+    /// Payload stored as is.
+    Stored = 0,
+    /// lz4_flex block.
+    Lz4 = 1,
+    /// zstd frame.
+    Zstd = 2,
+}
+
+/// Area operation codes (first byte of each area in the control stream).
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// All-zero area.
+    Zero = 0,
+    /// Identical to the same area of the same frame in the reference.
+    Unchanged = 1,
+    /// `S` literal bytes.
+    Raw = 2,
+    /// RLE XOR against the same area of the same frame.
+    XorSelf = 3,
+    /// Identical to the area named by a reference (zigzag delta varint).
+    Identical = 4,
+    /// RLE XOR against the area named by a reference (zigzag delta varint).
+    XorRef = 5,
+    /// Identical to the predicted area (previous reference + 1).
+    IdenticalNext = 6,
+    /// RLE XOR against the predicted area.
+    XorNext = 7,
+    /// lz4 block of the area: varint length, then that many literal bytes.
+    Lz4 = 8,
+}
+
+impl Op {
+    /// The op for a control byte, if valid.
+    #[inline]
+    pub fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            0 => Self::Zero,
+            1 => Self::Unchanged,
+            2 => Self::Raw,
+            3 => Self::XorSelf,
+            4 => Self::Identical,
+            5 => Self::XorRef,
+            6 => Self::IdenticalNext,
+            7 => Self::XorNext,
+            8 => Self::Lz4,
+            _ => return None,
+        })
+    }
+}
+
+/// Writes one epoch header.
+pub(crate) fn write_header(
+    out: &mut Vec<u8>,
+    codec: CodecId,
+    area_log2: u8,
+    stage: SecondStage,
+    frames: u32,
+    dropped: &[u32],
+    chunks: u32,
+) {
+    out.extend_from_slice(&MAGIC);
+    out.push(VERSION);
+    out.push(codec as u8);
+    out.push(area_log2);
+    out.push(stage_flag(stage));
+    out.extend_from_slice(&frames.to_le_bytes());
+    out.extend_from_slice(&(dropped.len() as u32).to_le_bytes());
+    out.extend_from_slice(&chunks.to_le_bytes());
+    for d in dropped {
+        out.extend_from_slice(&d.to_le_bytes());
+    }
+}
+
+/// The flags byte for a configured second stage.
+pub(crate) fn stage_flag(stage: SecondStage) -> u8 {
+    match stage {
+        SecondStage::None => 0,
+        SecondStage::Lz4 => 1,
+        SecondStage::Zstd { .. } => 2,
+    }
+}
+
+/// A position in a [`ChunkWriter`] to roll back to.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Mark {
+    control: usize,
+    literals: usize,
+    last_ref: u64,
+}
+
+/// Accumulates one chunk: its frames, control stream and literal stream.
+#[derive(Debug, Default)]
+pub(crate) struct ChunkWriter {
+    pub(crate) frames: Vec<u32>,
+    pub(crate) control: Vec<u8>,
+    pub(crate) literals: Vec<u8>,
+    /// Last reference written (for delta coding), as in the decoder.
+    last_ref: u64,
+}
+
+impl ChunkWriter {
+    /// An empty chunk with room for `frames` frames of `area_size` areas.
+    pub(crate) fn with_capacity(frames: usize, area_size: usize) -> Self {
+        Self {
+            frames: Vec::with_capacity(frames),
+            control: Vec::with_capacity(frames * (PAGE_SIZE / area_size) * 4),
+            literals: Vec::with_capacity(frames * PAGE_SIZE / 2),
+            last_ref: u64::MAX, // predicted = last + 1 = 0
+        }
+    }
+
+    /// Writes an area op.
+    #[inline]
+    pub(crate) fn op(&mut self, op: Op) {
+        self.control.push(op as u8);
+    }
+
+    /// Writes an op that names a reference area, choosing the short "next"
+    /// form when the reference is the predicted one.
+    #[inline]
+    pub(crate) fn op_ref(&mut self, identical: bool, reference: u32) {
+        let predicted = self.last_ref.wrapping_add(1);
+        if u64::from(reference) == predicted {
+            self.op(if identical {
+                Op::IdenticalNext
+            } else {
+                Op::XorNext
+            });
+        } else {
+            self.op(if identical { Op::Identical } else { Op::XorRef });
+            let delta = i64::from(reference) - predicted as i64;
+            put_varint64(&mut self.control, zigzag(delta));
+        }
+        self.last_ref = u64::from(reference);
+    }
+
+    /// Remembers the current end of the streams.
+    #[inline]
+    pub(crate) fn mark(&self) -> Mark {
+        Mark {
+            control: self.control.len(),
+            literals: self.literals.len(),
+            last_ref: self.last_ref,
+        }
+    }
+
+    /// Drops whatever was written since `mark`.
+    #[inline]
+    pub(crate) fn rollback(&mut self, mark: Mark) {
+        self.control.truncate(mark.control);
+        self.literals.truncate(mark.literals);
+        self.last_ref = mark.last_ref;
+    }
+
+    /// Builds the chunk record (header + payload, second stage applied)
+    /// and appends it to `out`.
+    pub(crate) fn finish(
+        &self,
+        stage: SecondStage,
+        scratch: &mut Vec<u8>,
+        out: &mut Vec<u8>,
+    ) -> Result<(), EncodeError> {
+        // Payload: frames (first absolute, then deltas), control length,
+        // control, literals.
+        scratch.clear();
+        let mut prev = 0u32;
+        for (i, &f) in self.frames.iter().enumerate() {
+            put_varint(scratch, if i == 0 { f } else { f - prev });
+            prev = f;
+        }
+        put_varint(scratch, self.control.len() as u32);
+        scratch.extend_from_slice(&self.control);
+        scratch.extend_from_slice(&self.literals);
+        let raw_len = u32::try_from(scratch.len())
+            .ok()
+            .filter(|&l| l <= MAX_CHUNK_RAW)
+            .ok_or(EncodeError::ChunkTooLarge {
+                bytes: scratch.len(),
+            })?;
+        let header_at = out.len();
+        out.extend_from_slice(&[0; CHUNK_HEADER_LEN]);
+        let body_at = out.len();
+        let encoding = match stage {
+            SecondStage::None => ChunkEncoding::Stored,
+            SecondStage::Lz4 => {
+                let max = lz4_flex::block::get_maximum_output_size(scratch.len());
+                out.resize(body_at + max, 0);
+                match lz4_flex::block::compress_into(scratch, &mut out[body_at..]) {
+                    Ok(n) if n < scratch.len() => {
+                        out.truncate(body_at + n);
+                        ChunkEncoding::Lz4
+                    }
+                    _ => {
+                        out.truncate(body_at);
+                        ChunkEncoding::Stored
+                    }
+                }
+            }
+            SecondStage::Zstd { level } => {
+                let compressed = zstd_compress(scratch, level)?;
+                if compressed.len() < scratch.len() {
+                    out.extend_from_slice(&compressed);
+                    ChunkEncoding::Zstd
+                } else {
+                    ChunkEncoding::Stored
+                }
+            }
+        };
+        if encoding == ChunkEncoding::Stored {
+            out.extend_from_slice(scratch);
+        }
+        let stored = (out.len() - body_at) as u32;
+        let h = &mut out[header_at..body_at];
+        h[0..4].copy_from_slice(&stored.to_le_bytes());
+        h[4..8].copy_from_slice(&raw_len.to_le_bytes());
+        h[8..12].copy_from_slice(&(self.frames.len() as u32).to_le_bytes());
+        h[12] = encoding as u8;
+        Ok(())
+    }
+}
+
+thread_local! {
+    static ZSTD_CCTX: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// zstd-compresses `data` with a per-thread reusable context.
+fn zstd_compress(data: &[u8], level: i32) -> Result<Vec<u8>, EncodeError> {
+    ZSTD_CCTX.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.as_ref().map(|(l, _)| *l) != Some(level) {
+            let c = zstd::bulk::Compressor::new(level).map_err(EncodeError::Compress)?;
+            *slot = Some((level, c));
+        }
+        match slot.as_mut() {
+            Some((_, c)) => c.compress(data).map_err(EncodeError::Compress),
+            None => Err(EncodeError::Compress(std::io::Error::other(
+                "no zstd context",
+            ))),
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_round_trip() {
+        for v in 0..=255u8 {
+            if let Some(id) = CodecId::from_u8(v) {
+                assert_eq!(id as u8, v);
+                assert_ne!(id, CodecId::Invalid);
+            }
+            if let Some(op) = Op::from_u8(v) {
+                assert_eq!(op as u8, v);
+            }
+        }
+        assert_eq!(CodecId::from_u8(0), None);
+    }
+
+    #[test]
+    fn ref_ops_use_next_form() {
+        let mut w = ChunkWriter::with_capacity(1, 512);
+        w.op_ref(true, 0);
+        w.op_ref(false, 1);
+        w.op_ref(true, 10);
+        assert_eq!(
+            w.control,
+            vec![
+                Op::IdenticalNext as u8,
+                Op::XorNext as u8,
+                Op::Identical as u8,
+                16
+            ]
+        );
+    }
+
+    #[test]
+    fn finish_falls_back_to_stored() {
+        let mut w = ChunkWriter::with_capacity(1, 4096);
+        w.frames.push(3);
+        w.op(Op::Zero);
+        let (mut scratch, mut out) = (Vec::new(), Vec::new());
+        w.finish(SecondStage::Lz4, &mut scratch, &mut out).unwrap();
+        assert_eq!(out[12], ChunkEncoding::Stored as u8);
+        assert_eq!(&out[CHUNK_HEADER_LEN..], &[3, 1, 0]);
+    }
+}

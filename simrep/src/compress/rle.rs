@@ -1,0 +1,501 @@
+//! Byte-level building blocks: LEB128 varints, a bounds-checked reader,
+//! area comparison (auto-vectorised) and the zero-run / literal-run encoding
+//! of an XOR difference.
+//!
+//! # Run-length encoding of one area
+//!
+//! The difference between an area and its reference is described by
+//! alternating runs over the area's `S` bytes, written as varints to the
+//! control stream; the bytes of literal runs (`new ^ reference`) go to the
+//! literal stream:
+//!
+//! ```text
+//! zrun lrun zrun lrun ... zrun            (zero run reaches the end)
+//! zrun lrun zrun lrun ... zrun lrun       (literal run reaches the end)
+//! ```
+//!
+//! A zero run (`zrun`, may be 0) is followed by a literal run (`lrun` >= 1)
+//! unless the zero run reached the end of the area; the area ends exactly
+//! when the runs cover `S` bytes, and a run past the end is an error.
+
+/// Appends `v` as an unsigned LEB128 varint.
+#[inline]
+pub(crate) fn put_varint(out: &mut Vec<u8>, mut v: u32) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// Number of bytes [`put_varint`] writes for `v`.
+#[inline]
+pub(crate) fn varint_len(v: u32) -> usize {
+    match v {
+        0..=0x7f => 1,
+        0x80..=0x3fff => 2,
+        0x4000..=0x1f_ffff => 3,
+        0x20_0000..=0xfff_ffff => 4,
+        _ => 5,
+    }
+}
+
+/// Zigzag mapping of a signed delta onto an unsigned varint value.
+#[inline]
+pub(crate) fn zigzag(v: i64) -> u64 {
+    ((v << 1) ^ (v >> 63)) as u64
+}
+
+/// Inverse of [`zigzag`].
+#[inline]
+pub(crate) fn unzigzag(v: u64) -> i64 {
+    ((v >> 1) as i64) ^ -((v & 1) as i64)
+}
+
+/// Appends `v` as an unsigned LEB128 varint (64-bit).
+#[inline]
+pub(crate) fn put_varint64(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// A bounds-checked cursor over a byte slice. Every read returns `None`
+/// when the input is too short or a varint is malformed.
+#[derive(Clone, Debug)]
+pub(crate) struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    /// A reader at the start of `buf`.
+    pub(crate) fn new(buf: &'a [u8]) -> Self {
+        Self { buf, pos: 0 }
+    }
+
+    /// Current offset from the start of the buffer.
+    #[inline]
+    pub(crate) fn pos(&self) -> usize {
+        self.pos
+    }
+
+    /// Bytes not yet read.
+    #[inline]
+    pub(crate) fn remaining(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+
+    /// Reads one byte.
+    #[inline]
+    pub(crate) fn u8(&mut self) -> Option<u8> {
+        let b = *self.buf.get(self.pos)?;
+        self.pos += 1;
+        Some(b)
+    }
+
+    /// Reads a little-endian `u32`.
+    #[inline]
+    pub(crate) fn u32_le(&mut self) -> Option<u32> {
+        let b = self.bytes(4)?;
+        Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    /// Reads `n` bytes.
+    #[inline]
+    pub(crate) fn bytes(&mut self, n: usize) -> Option<&'a [u8]> {
+        let end = self.pos.checked_add(n)?;
+        let s = self.buf.get(self.pos..end)?;
+        self.pos = end;
+        Some(s)
+    }
+
+    /// Reads an unsigned LEB128 varint of at most 32 bits.
+    #[inline]
+    pub(crate) fn varint(&mut self) -> Option<u32> {
+        let first = self.u8()?;
+        if first < 0x80 {
+            return Some(u32::from(first));
+        }
+        let mut v = u32::from(first & 0x7f);
+        let mut shift = 7;
+        loop {
+            let b = self.u8()?;
+            if shift == 28 && b > 0x0f {
+                return None; // more than 32 bits
+            }
+            v |= u32::from(b & 0x7f) << shift;
+            if b < 0x80 {
+                return Some(v);
+            }
+            shift += 7;
+        }
+    }
+
+    /// Reads an unsigned LEB128 varint of at most 64 bits.
+    #[inline]
+    pub(crate) fn varint64(&mut self) -> Option<u64> {
+        let mut v = 0u64;
+        let mut shift = 0;
+        loop {
+            let b = self.u8()?;
+            if shift == 63 && b > 1 {
+                return None;
+            }
+            v |= u64::from(b & 0x7f) << shift;
+            if b < 0x80 {
+                return Some(v);
+            }
+            shift += 7;
+        }
+    }
+}
+
+/// Reads 8 bytes as a little-endian `u64` (`w.len()` must be 8).
+#[inline(always)]
+pub(crate) fn le_u64(w: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(w);
+    u64::from_le_bytes(b)
+}
+
+/// True when every byte of `area` is zero.
+#[inline]
+pub(crate) fn is_zero(area: &[u8]) -> bool {
+    // OR-reduce 64-byte blocks (vectorises), with an early exit per block.
+    let mut blocks = area.chunks_exact(64);
+    for block in &mut blocks {
+        let mut acc = 0u64;
+        for w in block.chunks_exact(8) {
+            acc |= le_u64(w);
+        }
+        if acc != 0 {
+            return false;
+        }
+    }
+    blocks.remainder().iter().all(|&b| b == 0)
+}
+
+/// Number of byte positions where `a` and `b` differ, stopping early (and
+/// returning a value `> bound`) once the count exceeds `bound`. Both slices
+/// must have the same length, a multiple of 64.
+#[inline]
+pub(crate) fn diff_count_bounded(a: &[u8], b: &[u8], bound: usize) -> usize {
+    let mut n = 0usize;
+    for (ca, cb) in a.chunks_exact(256).zip(b.chunks_exact(256)) {
+        n += diff_count_block(ca, cb);
+        if n > bound {
+            return n;
+        }
+    }
+    let tail = a.len() / 256 * 256;
+    if tail < a.len() {
+        n += diff_count_block(&a[tail..], &b[tail..]);
+    }
+    n
+}
+
+#[inline(always)]
+fn diff_count_block(a: &[u8], b: &[u8]) -> usize {
+    // Byte compare + count in u8 lanes: LLVM turns this into vpcmpeqb/vpsubb.
+    let mut n = 0usize;
+    for (ca, cb) in a.chunks_exact(64).zip(b.chunks_exact(64)) {
+        let mut c = 0u8;
+        for i in 0..64 {
+            c += u8::from(ca[i] != cb[i]);
+        }
+        n += usize::from(c);
+    }
+    n
+}
+
+/// Bitmap of differing bytes: bit `j` of `masks[j / 64]` is set when
+/// `a[j] != b[j]`. `a.len()` must be a multiple of 64 and at most
+/// `64 * masks.len()`. Returns the number of differing bytes.
+#[inline]
+pub(crate) fn diff_masks(a: &[u8], b: &[u8], masks: &mut [u64]) -> usize {
+    let mut n = 0usize;
+    for ((ca, cb), m) in a
+        .chunks_exact(64)
+        .zip(b.chunks_exact(64))
+        .zip(masks.iter_mut())
+    {
+        let mut w = 0u64;
+        for k in 0..8 {
+            let x = le_u64(&ca[k * 8..k * 8 + 8]) ^ le_u64(&cb[k * 8..k * 8 + 8]);
+            w |= u64::from(nonzero_byte_bits(x)) << (k * 8);
+        }
+        *m = w;
+        n += w.count_ones() as usize;
+    }
+    n
+}
+
+/// 8-bit mask of the non-zero bytes of `x` (bit `i` for byte `i`).
+#[inline(always)]
+fn nonzero_byte_bits(x: u64) -> u8 {
+    const LO7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
+    // High bit of each byte set when the byte is non-zero.
+    let t = ((x & LO7).wrapping_add(LO7) | x) & !LO7;
+    // Gather the 8 high bits into one byte.
+    ((t >> 7).wrapping_mul(0x0102_0408_1020_4080) >> 56) as u8
+}
+
+/// Position of the first set bit at or after `pos` in the `len`-bit
+/// bitmap, or `len`.
+#[inline]
+fn next_one(masks: &[u64], pos: usize, len: usize) -> usize {
+    let mut w = pos / 64;
+    if w >= masks.len() {
+        return len;
+    }
+    let mut cur = masks[w] & (u64::MAX << (pos % 64));
+    loop {
+        if cur != 0 {
+            return (w * 64 + cur.trailing_zeros() as usize).min(len);
+        }
+        w += 1;
+        if w * 64 >= len {
+            return len;
+        }
+        cur = masks[w];
+    }
+}
+
+/// Position of the first clear bit at or after `pos`, or `len`.
+#[inline]
+fn next_zero(masks: &[u64], pos: usize, len: usize) -> usize {
+    let mut w = pos / 64;
+    if w >= masks.len() {
+        return len;
+    }
+    let mut cur = !masks[w] & (u64::MAX << (pos % 64));
+    loop {
+        if cur != 0 {
+            return (w * 64 + cur.trailing_zeros() as usize).min(len);
+        }
+        w += 1;
+        if w * 64 >= len {
+            return len;
+        }
+        cur = !masks[w];
+    }
+}
+
+/// Encodes `new ^ reference` as zero runs and literal runs (see the module
+/// docs), appending run lengths to `control` and literal XOR bytes to
+/// `literals`. `masks` is the difference bitmap from [`diff_masks`]. Zero
+/// gaps shorter than `min_gap` inside a literal are absorbed into it
+/// (`min_gap` <= 1 splits at every equal byte, as QEMU's XBZRLE does).
+/// Returns the number of bytes appended (control + literals).
+pub(crate) fn rle_encode(
+    new: &[u8],
+    reference: &[u8],
+    masks: &[u64],
+    min_gap: usize,
+    control: &mut Vec<u8>,
+    literals: &mut Vec<u8>,
+) -> usize {
+    let len = new.len();
+    let (c0, l0) = (control.len(), literals.len());
+    let mut pos = 0usize;
+    loop {
+        let lit_start = next_one(masks, pos, len);
+        put_varint(control, (lit_start - pos) as u32);
+        if lit_start == len {
+            break;
+        }
+        // Extend the literal over short zero gaps.
+        let mut lit_end = next_zero(masks, lit_start, len);
+        while lit_end < len {
+            let next = next_one(masks, lit_end, len);
+            if next == len || next - lit_end >= min_gap {
+                break;
+            }
+            lit_end = next_zero(masks, next, len);
+        }
+        put_varint(control, (lit_end - lit_start) as u32);
+        literals.extend(
+            new[lit_start..lit_end]
+                .iter()
+                .zip(&reference[lit_start..lit_end])
+                .map(|(a, b)| a ^ b),
+        );
+        pos = lit_end;
+        if pos == len {
+            break;
+        }
+    }
+    (control.len() - c0) + (literals.len() - l0)
+}
+
+/// Why a run-length encoded area could not be decoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum RleError {
+    /// The control or literal stream ended inside the area.
+    Truncated,
+    /// A run goes past the end of the area, or a literal run is empty.
+    BadRun,
+}
+
+/// Applies a run-length encoded XOR difference to `out`, which must already
+/// hold the reference area.
+#[inline]
+pub(crate) fn rle_apply(
+    out: &mut [u8],
+    control: &mut Reader<'_>,
+    literals: &mut Reader<'_>,
+) -> Result<(), RleError> {
+    let len = out.len();
+    let mut pos = 0usize;
+    loop {
+        let z = control.varint().ok_or(RleError::Truncated)? as usize;
+        pos += z;
+        if pos > len {
+            return Err(RleError::BadRun);
+        }
+        if pos == len {
+            return Ok(());
+        }
+        let l = control.varint().ok_or(RleError::Truncated)? as usize;
+        if l == 0 || l > len - pos {
+            return Err(RleError::BadRun);
+        }
+        let lit = literals.bytes(l).ok_or(RleError::Truncated)?;
+        for (o, x) in out[pos..pos + l].iter_mut().zip(lit) {
+            *o ^= x;
+        }
+        pos += l;
+        if pos == len {
+            return Ok(());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn varint_round_trip() {
+        let values = [
+            0u32,
+            1,
+            127,
+            128,
+            300,
+            16383,
+            16384,
+            1 << 21,
+            1 << 28,
+            u32::MAX,
+        ];
+        let mut buf = Vec::new();
+        for &v in &values {
+            let before = buf.len();
+            put_varint(&mut buf, v);
+            assert_eq!(buf.len() - before, varint_len(v));
+        }
+        let mut r = Reader::new(&buf);
+        for &v in &values {
+            assert_eq!(r.varint(), Some(v));
+        }
+        assert_eq!(r.remaining(), 0);
+        assert_eq!(r.varint(), None);
+    }
+
+    #[test]
+    fn varint_rejects_overlong() {
+        assert_eq!(Reader::new(&[0xff, 0xff, 0xff, 0xff, 0x1f]).varint(), None);
+        assert_eq!(Reader::new(&[0x80, 0x80]).varint(), None);
+        let mut buf = Vec::new();
+        put_varint64(&mut buf, u64::MAX);
+        assert_eq!(Reader::new(&buf).varint64(), Some(u64::MAX));
+        assert_eq!(Reader::new(&[0xff; 11]).varint64(), None);
+    }
+
+    #[test]
+    fn zigzag_round_trip() {
+        for v in [0i64, 1, -1, 2, -2, i64::from(i32::MAX), -(1 << 40)] {
+            assert_eq!(unzigzag(zigzag(v)), v);
+        }
+    }
+
+    #[test]
+    fn nonzero_bits() {
+        assert_eq!(nonzero_byte_bits(0), 0);
+        assert_eq!(nonzero_byte_bits(0x80), 1);
+        assert_eq!(nonzero_byte_bits(0x0100_0000_0000_0001), 0b1000_0001);
+        assert_eq!(nonzero_byte_bits(u64::MAX), 0xff);
+    }
+
+    #[test]
+    fn diff_functions_agree() {
+        let a: Vec<u8> = (0..512u32).map(|i| (i * 7) as u8).collect();
+        let mut b = a.clone();
+        for i in [0usize, 1, 63, 64, 200, 201, 511] {
+            b[i] ^= 0x10;
+        }
+        let mut masks = [0u64; 8];
+        assert_eq!(diff_masks(&a, &b, &mut masks), 7);
+        assert_eq!(diff_count_bounded(&a, &b, 1000), 7);
+        assert!(diff_count_bounded(&a, &b, 0) > 0);
+        assert!(is_zero(&[0u8; 128]));
+        assert!(!is_zero(&b));
+    }
+
+    fn rle_round_trip(a: &[u8], b: &[u8], gap: usize) {
+        let mut masks = [0u64; 64];
+        diff_masks(a, b, &mut masks);
+        let (mut c, mut l) = (Vec::new(), Vec::new());
+        let n = rle_encode(a, b, &masks, gap, &mut c, &mut l);
+        assert_eq!(n, c.len() + l.len());
+        let mut out = b.to_vec();
+        let (mut cr, mut lr) = (Reader::new(&c), Reader::new(&l));
+        rle_apply(&mut out, &mut cr, &mut lr).unwrap();
+        assert_eq!(out, a);
+        assert_eq!(cr.remaining(), 0);
+        assert_eq!(lr.remaining(), 0);
+    }
+
+    #[test]
+    fn rle_cases() {
+        let base: Vec<u8> = (0..256u32).map(|i| (i * 13 + 5) as u8).collect();
+        for gap in [1, 3, 8] {
+            rle_round_trip(&base, &base, gap);
+            let mut x = base.clone();
+            x[0] ^= 1;
+            rle_round_trip(&x, &base, gap);
+            x[255] ^= 1;
+            x[100] ^= 1;
+            x[102] ^= 1;
+            rle_round_trip(&x, &base, gap);
+            let y: Vec<u8> = base.iter().map(|v| v ^ 0x55).collect();
+            rle_round_trip(&y, &base, gap);
+        }
+    }
+
+    #[test]
+    fn rle_rejects_overrun() {
+        let mut out = [0u8; 64];
+        let mut c = Reader::new(&[65]);
+        let mut l = Reader::new(&[]);
+        assert_eq!(rle_apply(&mut out, &mut c, &mut l), Err(RleError::BadRun));
+        let mut c = Reader::new(&[0, 0]);
+        assert_eq!(rle_apply(&mut out, &mut c, &mut l), Err(RleError::BadRun));
+        let mut c = Reader::new(&[0, 4]);
+        assert_eq!(
+            rle_apply(&mut out, &mut c, &mut l),
+            Err(RleError::Truncated)
+        );
+        let mut c = Reader::new(&[10, 4]);
+        let lits = [1u8; 4];
+        let mut l = Reader::new(&lits);
+        assert_eq!(
+            rle_apply(&mut out, &mut c, &mut l),
+            Err(RleError::Truncated)
+        );
+    }
+}

@@ -1,0 +1,410 @@
+//! The similarity encoder (paper section III).
+//!
+//! Per dirty page, per area: zero; unchanged (equal to its own previous
+//! contents, when cached); identical to a candidate; XOR against the best
+//! candidate (fewest differing bytes) run-length encoded; raw when the RLE
+//! form is not smaller. Candidates, cheapest first, stopping as soon as one
+//! is good enough:
+//!
+//! 1. the same area's previous contents (when the page is in the RDP cache);
+//! 2. the *predicted* area: the one after the area the previous reference of
+//!    this page named (pages copied from elsewhere match area after area);
+//! 3. the bucket of the area's bit-density hash in the content table,
+//!    closest full hash first, at most `search_depth` of them.
+//!
+//! # Reference bookkeeping
+//!
+//! Every reference names an area of `I(k-1)`. The encoder reads a
+//! candidate's contents from the RDP cache when the frame is cached (the
+//! cache holds the latest committed contents), else from `current`, which
+//! is right only for frames not dirty in this epoch. So at the start of an
+//! epoch the table entries of dirty frames that are not cached, and of
+//! dropped frames, are removed; chunks are then encoded (in parallel) with
+//! the table and cache read-only; finally, sequentially, each dirty frame's
+//! entries are replaced by those of its new contents and its new contents
+//! go into the cache (least recently dirtied evicted).
+
+use rayon::ThreadPool;
+
+use super::cache::PageCache;
+use super::container::{write_header, ChunkWriter, CodecId, Op};
+use super::hash::bit_density_hash;
+use super::rle::{diff_count_bounded, diff_masks, is_zero, rle_encode};
+use super::table::{Table, EMPTY};
+use super::{
+    check_sets, make_pool, map_chunks, EncodeError, EpochEncoder, EpochStats, HashThreshold,
+    KindCounts, PageView, SecondStage, SimilarityConfig, PAGE_SIZE,
+};
+
+/// Zero gaps shorter than this inside a literal run are absorbed into it
+/// (splitting would cost two varints).
+const MIN_GAP: usize = 3;
+
+/// The similarity codec's encoder.
+pub(crate) struct SimilarityEncoder {
+    name: String,
+    cfg: SimilarityConfig,
+    pool: Option<ThreadPool>,
+    state: Option<State>,
+}
+
+struct State {
+    log2: u32,
+    table: Table,
+    cache: PageCache,
+}
+
+/// Read-only view shared by the chunk encoders.
+struct Ctx<'a> {
+    size: usize,
+    per_page: usize,
+    page_shift: u32,
+    hash: HashThreshold,
+    depth: usize,
+    stage: SecondStage,
+    table: &'a Table,
+    cache: &'a PageCache,
+    current: &'a dyn PageView,
+}
+
+/// What a chunk encoder hands back for the sequential update.
+struct ChunkOut {
+    bytes: Vec<u8>,
+    /// Hash of every area (meaningless for zero areas).
+    hashes: Vec<u32>,
+    /// Per frame: bit per non-zero area.
+    nonzero: Vec<u64>,
+    /// Per frame: bit per unchanged area.
+    unchanged: Vec<u64>,
+    /// Per frame: whether its previous contents served as a reference.
+    self_used: Vec<bool>,
+    kinds: KindCounts,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Cand {
+    None,
+    SelfPrev,
+    Ref(u32),
+}
+
+impl Ctx<'_> {
+    /// Contents of area `gid` of `I(k-1)`.
+    #[inline]
+    fn area(&self, gid: u32) -> &[u8] {
+        let frame = gid >> self.page_shift;
+        let at = (gid as usize & (self.per_page - 1)) * self.size;
+        let page = match self.cache.get(frame) {
+            Some(p) => p,
+            None => self.current.page(frame),
+        };
+        &page[at..at + self.size]
+    }
+
+    fn encode_chunk(&self, frames: &[u32]) -> Result<ChunkOut, EncodeError> {
+        let (size, per_page) = (self.size, self.per_page);
+        let good_enough = size / 32;
+        let mut w = ChunkWriter::with_capacity(frames.len(), size);
+        w.frames.extend_from_slice(frames);
+        let mut out = ChunkOut {
+            bytes: Vec::new(),
+            hashes: Vec::with_capacity(frames.len() * per_page),
+            nonzero: Vec::with_capacity(frames.len()),
+            unchanged: Vec::with_capacity(frames.len()),
+            self_used: Vec::with_capacity(frames.len()),
+            kinds: KindCounts::default(),
+        };
+        let mut masks = [0u64; 32];
+        let mut ranked: [(u32, u32); 16] = [(0, 0); 16];
+        for &f in frames {
+            let page = self.current.page(f);
+            let prev = self.cache.get(f);
+            let base = f << self.page_shift;
+            let (mut nz_bits, mut unch_bits, mut self_used) = (0u64, 0u64, false);
+            let mut pred: Option<u32> = None;
+            for (a, area) in page.chunks_exact(size).enumerate() {
+                let gid = base + a as u32;
+                // Advance the prediction; it never leaves its frame.
+                let this_pred = pred.filter(|p| p & (per_page as u32 - 1) != 0);
+                pred = this_pred.map(|p| p + 1);
+                if is_zero(area) {
+                    w.op(Op::Zero);
+                    out.hashes.push(0);
+                    out.kinds.zero += 1;
+                    continue;
+                }
+                nz_bits |= 1 << a;
+                let mut best = Cand::None;
+                let mut best_nz = usize::MAX;
+                if let Some(p) = prev {
+                    let old = &p[a * size..(a + 1) * size];
+                    let nz = diff_count_bounded(area, old, size);
+                    if nz == 0 {
+                        w.op(Op::Unchanged);
+                        out.hashes.push(self.table.stored_hash(gid));
+                        unch_bits |= 1 << a;
+                        self_used = true;
+                        out.kinds.unchanged += 1;
+                        continue;
+                    }
+                    best = Cand::SelfPrev;
+                    best_nz = nz;
+                }
+                let h = bit_density_hash(area, self.hash);
+                out.hashes.push(h);
+                if best_nz > good_enough {
+                    if let Some(p) = this_pred {
+                        let nz = diff_count_bounded(area, self.area(p), best_nz);
+                        if nz < best_nz {
+                            best = Cand::Ref(p);
+                            best_nz = nz;
+                        }
+                    }
+                }
+                if best_nz > good_enough {
+                    // Bucket candidates, closest full hash first.
+                    let mut n = 0;
+                    for s in self.table.candidates(h) {
+                        if s.area == EMPTY {
+                            break;
+                        }
+                        if s.area == gid || Some(s.area) == this_pred {
+                            continue;
+                        }
+                        ranked[n] = ((s.hash ^ h).count_ones(), s.area);
+                        n += 1;
+                    }
+                    let ranked = &mut ranked[..n];
+                    // Stable insertion sort: ties keep recency order.
+                    for i in 1..ranked.len() {
+                        let mut j = i;
+                        while j > 0 && ranked[j - 1].0 > ranked[j].0 {
+                            ranked.swap(j - 1, j);
+                            j -= 1;
+                        }
+                    }
+                    for &(_, c) in ranked.iter().take(self.depth) {
+                        let nz = diff_count_bounded(area, self.area(c), best_nz);
+                        if nz < best_nz {
+                            best = Cand::Ref(c);
+                            best_nz = nz;
+                            if nz <= good_enough {
+                                break;
+                            }
+                        }
+                    }
+                }
+                // Emit.
+                let reference = match best {
+                    Cand::None => None,
+                    Cand::SelfPrev => prev.map(|p| &p[a * size..(a + 1) * size]),
+                    Cand::Ref(c) => Some(self.area(c)),
+                };
+                let Some(reference) = reference.filter(|_| best_nz < size - size / 8) else {
+                    w.op(Op::Raw);
+                    w.literals.extend_from_slice(area);
+                    out.kinds.raw += 1;
+                    continue;
+                };
+                if best_nz == 0 {
+                    if let Cand::Ref(c) = best {
+                        w.op_ref(true, c);
+                        pred = Some(c + 1);
+                        out.kinds.identical += 1;
+                        continue;
+                    }
+                }
+                let mark = w.mark();
+                match best {
+                    Cand::Ref(c) => w.op_ref(false, c),
+                    _ => w.op(Op::XorSelf),
+                }
+                diff_masks(area, reference, &mut masks);
+                let n = rle_encode(
+                    area,
+                    reference,
+                    &masks,
+                    MIN_GAP,
+                    &mut w.control,
+                    &mut w.literals,
+                );
+                if n >= size {
+                    w.rollback(mark);
+                    w.op(Op::Raw);
+                    w.literals.extend_from_slice(area);
+                    out.kinds.raw += 1;
+                    continue;
+                }
+                match best {
+                    Cand::Ref(c) => {
+                        pred = Some(c + 1);
+                        out.kinds.xor_other += 1;
+                    }
+                    _ => {
+                        self_used = true;
+                        out.kinds.xor_self += 1;
+                    }
+                }
+            }
+            out.nonzero.push(nz_bits);
+            out.unchanged.push(unch_bits);
+            out.self_used.push(self_used);
+        }
+        let mut scratch = Vec::new();
+        w.finish(self.stage, &mut scratch, &mut out.bytes)?;
+        Ok(out)
+    }
+}
+
+impl SimilarityEncoder {
+    pub(crate) fn new(name: String, cfg: SimilarityConfig, threads: usize) -> Self {
+        Self {
+            name,
+            cfg,
+            pool: make_pool(threads),
+            state: None,
+        }
+    }
+}
+
+impl EpochEncoder for SimilarityEncoder {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn init(&mut self, image: &dyn PageView) {
+        let frames = image.frame_count() as usize;
+        let size = self.cfg.area_size;
+        let log2 = size.trailing_zeros();
+        let per_page = PAGE_SIZE / size;
+        let page_shift = (PAGE_SIZE / size).trailing_zeros();
+        let mut table = Table::new(
+            self.cfg.resolved_table_bits(frames),
+            self.cfg.bucket_candidates,
+            frames * per_page,
+        );
+        for f in 0..image.frame_count() {
+            for (a, area) in image.page(f).chunks_exact(size).enumerate() {
+                if !is_zero(area) {
+                    table.insert(
+                        (f << page_shift) + a as u32,
+                        bit_density_hash(area, self.cfg.hash),
+                    );
+                }
+            }
+        }
+        self.state = Some(State {
+            log2,
+            table,
+            cache: PageCache::new(self.cfg.resolved_cache_pages(frames)),
+        });
+    }
+
+    fn encode_epoch(
+        &mut self,
+        current: &dyn PageView,
+        dirty: &[u32],
+        dropped: &[u32],
+        out: &mut Vec<u8>,
+    ) -> Result<EpochStats, EncodeError> {
+        check_sets(dirty, dropped)?;
+        let state = self.state.as_mut().ok_or(EncodeError::NotInitialised)?;
+        let size = self.cfg.area_size;
+        let per_page = PAGE_SIZE / size;
+        let page_shift = per_page.trailing_zeros();
+        let max_frame = dirty
+            .iter()
+            .chain(dropped)
+            .max()
+            .map_or(0, |&m| m as usize + 1);
+        state.table.ensure_areas(max_frame * per_page);
+
+        // Forget what the encoder can no longer read as I(k-1).
+        for &f in dropped {
+            state.table.remove_range(f << page_shift, per_page as u32);
+            state.cache.remove(f);
+        }
+        for &f in dirty {
+            if !state.cache.contains(f) {
+                state.table.remove_range(f << page_shift, per_page as u32);
+            }
+        }
+
+        let ctx = Ctx {
+            size,
+            per_page,
+            page_shift,
+            hash: self.cfg.hash,
+            depth: self.cfg.search_depth,
+            stage: self.cfg.second_stage,
+            table: &state.table,
+            cache: &state.cache,
+            current,
+        };
+        let per_chunk = self.cfg.chunk_frames.max(1);
+        let chunks = map_chunks(self.pool.as_ref(), dirty, per_chunk, |c| {
+            ctx.encode_chunk(c)
+        })?;
+
+        let start = out.len();
+        write_header(
+            out,
+            CodecId::Similarity,
+            state.log2 as u8,
+            self.cfg.second_stage,
+            dirty.len() as u32,
+            dropped,
+            chunks.len() as u32,
+        );
+        let mut kinds = KindCounts::default();
+        for c in &chunks {
+            out.extend_from_slice(&c.bytes);
+            kinds.zero += c.kinds.zero;
+            kinds.unchanged += c.kinds.unchanged;
+            kinds.identical += c.kinds.identical;
+            kinds.xor_self += c.kinds.xor_self;
+            kinds.xor_other += c.kinds.xor_other;
+            kinds.raw += c.kinds.raw;
+        }
+
+        // Sequential update: table entries of the new contents, then the
+        // cache (frames whose previous contents proved useful last, so they
+        // are the last to be evicted).
+        for (frames, c) in dirty.chunks(per_chunk).zip(&chunks) {
+            for (i, &f) in frames.iter().enumerate() {
+                let base = f << page_shift;
+                for a in 0..per_page {
+                    let gid = base + a as u32;
+                    if c.nonzero[i] & (1 << a) == 0 {
+                        state.table.remove(gid);
+                    } else if c.unchanged[i] & (1 << a) == 0 || !state.table.is_present(gid) {
+                        state.table.insert(gid, c.hashes[i * per_page + a]);
+                    }
+                }
+            }
+        }
+        for pass in [false, true] {
+            for (frames, c) in dirty.chunks(per_chunk).zip(&chunks) {
+                for (i, &f) in frames.iter().enumerate() {
+                    if c.self_used[i] == pass {
+                        state.cache.put(f, current.page(f));
+                    }
+                }
+            }
+        }
+
+        Ok(EpochStats {
+            pages: dirty.len() as u64,
+            dropped: dropped.len() as u64,
+            raw_bytes: (dirty.len() * PAGE_SIZE) as u64,
+            out_bytes: (out.len() - start) as u64,
+            kinds,
+        })
+    }
+
+    fn reference_bytes(&self) -> usize {
+        self.state
+            .as_ref()
+            .map_or(0, |s| s.table.bytes() + s.cache.bytes())
+    }
+}

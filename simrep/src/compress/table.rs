@@ -1,0 +1,203 @@
+//! The content-addressable table (CAT) of the similarity codec.
+//!
+//! Two dimensions, as in the paper:
+//!
+//! * **by content**: `2^bits` buckets of `k` slots; a slot holds an area
+//!   index (`frame * areas_per_page + area`, a `u32`) and that area's full
+//!   32-bit hash, so that the candidates of a bucket can be ranked by hash
+//!   distance without touching their contents. A bucket is ordered most
+//!   recently inserted first; inserting into a full bucket evicts its last
+//!   (oldest) slot.
+//! * **by address**: per area, the hash it was filed under and a presence
+//!   bit, so that the entry of a dirtied area can be found and removed.
+//!
+//! Memory: `8 * k * 2^bits` bytes for the buckets plus `4` bytes and one bit
+//! per area of the image.
+
+/// An empty slot's area index.
+pub(crate) const EMPTY: u32 = u32::MAX;
+
+/// One bucket slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Slot {
+    /// Area index, or [`EMPTY`].
+    pub(crate) area: u32,
+    /// The area's full hash.
+    pub(crate) hash: u32,
+}
+
+const EMPTY_SLOT: Slot = Slot {
+    area: EMPTY,
+    hash: 0,
+};
+
+/// The content-addressable table.
+#[derive(Debug)]
+pub(crate) struct Table {
+    bits: u32,
+    k: usize,
+    slots: Vec<Slot>,
+    area_hash: Vec<u32>,
+    present: Vec<u64>,
+}
+
+impl Table {
+    /// A table of `2^bits` buckets of `k` slots, with room for `areas`
+    /// areas in the address dimension (grown on demand).
+    pub(crate) fn new(bits: u32, k: usize, areas: usize) -> Self {
+        let bits = bits.clamp(1, 30);
+        let k = k.max(1);
+        Self {
+            bits,
+            k,
+            slots: vec![EMPTY_SLOT; k << bits],
+            area_hash: vec![0; areas],
+            present: vec![0; areas.div_ceil(64)],
+        }
+    }
+
+    /// Makes room in the address dimension for areas `0..areas`.
+    pub(crate) fn ensure_areas(&mut self, areas: usize) {
+        if self.area_hash.len() < areas {
+            self.area_hash.resize(areas, 0);
+            self.present.resize(areas.div_ceil(64), 0);
+        }
+    }
+
+    /// Bytes held.
+    pub(crate) fn bytes(&self) -> usize {
+        self.slots.capacity() * std::mem::size_of::<Slot>()
+            + self.area_hash.capacity() * 4
+            + self.present.capacity() * 8
+    }
+
+    #[inline]
+    fn bucket(&self, hash: u32) -> usize {
+        let mixed = hash.wrapping_mul(0x9e37_79b1) ^ (hash >> 15).wrapping_mul(0x85eb_ca6b);
+        (mixed >> (32 - self.bits)) as usize * self.k
+    }
+
+    /// The slots of the bucket for `hash` (most recent first; empty slots,
+    /// if any, at the end).
+    #[inline]
+    pub(crate) fn candidates(&self, hash: u32) -> &[Slot] {
+        let b = self.bucket(hash);
+        &self.slots[b..b + self.k]
+    }
+
+    /// Whether `area` has an entry.
+    #[inline]
+    pub(crate) fn is_present(&self, area: u32) -> bool {
+        let a = area as usize;
+        self.present
+            .get(a / 64)
+            .is_some_and(|w| w & (1 << (a % 64)) != 0)
+    }
+
+    /// The hash `area` was last filed under (meaningful if it was ever
+    /// inserted).
+    #[inline]
+    pub(crate) fn stored_hash(&self, area: u32) -> u32 {
+        self.area_hash.get(area as usize).copied().unwrap_or(0)
+    }
+
+    #[inline]
+    fn set_present(&mut self, area: u32, on: bool) {
+        let a = area as usize;
+        if let Some(w) = self.present.get_mut(a / 64) {
+            if on {
+                *w |= 1 << (a % 64);
+            } else {
+                *w &= !(1 << (a % 64));
+            }
+        }
+    }
+
+    /// Removes `area`'s entry, if any.
+    #[inline]
+    pub(crate) fn remove(&mut self, area: u32) {
+        if !self.is_present(area) {
+            return;
+        }
+        let b = self.bucket(self.area_hash[area as usize]);
+        let bucket = &mut self.slots[b..b + self.k];
+        if let Some(i) = bucket.iter().position(|s| s.area == area) {
+            bucket.copy_within(i + 1.., i);
+            bucket[self.k - 1] = EMPTY_SLOT;
+        }
+        self.set_present(area, false);
+    }
+
+    /// Removes the entries of `count` consecutive areas starting at `first`.
+    pub(crate) fn remove_range(&mut self, first: u32, count: u32) {
+        for a in first..first + count {
+            self.remove(a);
+        }
+    }
+
+    /// Files `area` under `hash` (replacing its previous entry).
+    #[inline]
+    pub(crate) fn insert(&mut self, area: u32, hash: u32) {
+        if area as usize >= self.area_hash.len() {
+            return; // callers size the table first; ignore rather than panic
+        }
+        self.remove(area);
+        let b = self.bucket(hash);
+        let k = self.k;
+        let bucket = &mut self.slots[b..b + k];
+        // Drop the last slot (the oldest, or empty).
+        let evicted = bucket[k - 1].area;
+        bucket.copy_within(0..k - 1, 1);
+        bucket[0] = Slot { area, hash };
+        if evicted != EMPTY {
+            self.set_present(evicted, false);
+        }
+        self.area_hash[area as usize] = hash;
+        self.set_present(area, true);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn insert_lookup_remove() {
+        let mut t = Table::new(4, 4, 100);
+        t.insert(5, 0xabcd);
+        t.insert(6, 0x1234);
+        assert!(t.candidates(0xabcd).iter().any(|s| s.area == 5));
+        assert!(t.is_present(5));
+        t.remove(5);
+        assert!(!t.is_present(5));
+        assert!(!t.candidates(0xabcd).iter().any(|s| s.area == 5));
+        // Re-insert under another hash moves it.
+        t.insert(6, 0xabcd);
+        assert!(t.candidates(0xabcd).iter().any(|s| s.area == 6));
+        assert_eq!(t.stored_hash(6), 0xabcd);
+    }
+
+    #[test]
+    fn full_bucket_evicts_oldest() {
+        let mut t = Table::new(1, 3, 100);
+        // With one bit there are two buckets; find hashes in one bucket.
+        let hashes: Vec<u32> = (0..1000u32).filter(|&h| t.bucket(h) == 0).take(5).collect();
+        for (i, &h) in hashes.iter().take(3).enumerate() {
+            t.insert(i as u32, h);
+        }
+        t.insert(10, hashes[3]);
+        assert!(!t.is_present(0), "oldest evicted");
+        let areas: Vec<u32> = t.candidates(hashes[0]).iter().map(|s| s.area).collect();
+        assert_eq!(areas, vec![10, 2, 1]);
+        t.insert(11, hashes[1]);
+        assert!(!t.is_present(1));
+        let areas: Vec<u32> = t.candidates(hashes[0]).iter().map(|s| s.area).collect();
+        assert_eq!(areas, vec![11, 10, 2]);
+        t.remove_range(10, 2);
+        let areas: Vec<u32> = t.candidates(hashes[0]).iter().map(|s| s.area).collect();
+        assert_eq!(areas, vec![2, EMPTY, EMPTY]);
+        // Out-of-range inserts are ignored.
+        t.insert(1000, 1);
+        assert!(!t.is_present(1000));
+    }
+}
