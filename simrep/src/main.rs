@@ -222,13 +222,8 @@ fn progress_bar(len: u64, what: &str) -> ProgressBar {
 }
 
 fn cmd_analyze(args: AnalyzeArgs) -> Result<ExitCode, Failure> {
-    let file_len = std::fs::metadata(&args.trace)
-        .map_err(|e| anyhow::Error::new(simrep::trace::TraceError::from(e)))
-        .with_context(|| format!("opening {}", args.trace.display()))?
-        .len();
-    let replay = Replay::open(&args.trace)
-        .map_err(AnalysisError::from)
-        .with_context(|| format!("reading {}", args.trace.display()))?;
+    let replay = Replay::open(&args.trace).map_err(AnalysisError::from)?;
+    let file_len = std::fs::metadata(&args.trace).map_or(0, |m| m.len());
     let opts = AnalyzeOptions {
         codecs: args
             .codecs

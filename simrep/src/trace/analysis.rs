@@ -123,8 +123,7 @@ pub struct AnalyzeOptions {
 /// The codecs `simrep analyze` runs when none are named: the default
 /// similarity codec, the paper's own configurations, and the baselines.
 ///
-/// The XBZRLE baseline is given the memory budget of the default codec
-/// (decided once the first image is known, see [`analyze`]).
+/// The XBZRLE baseline gets the memory budget of the default codec.
 pub fn default_codecs() -> Vec<CodecChoice> {
     let mut v = vec![CodecChoice {
         spec: CodecSpec::Similarity(Default::default()),
@@ -133,6 +132,8 @@ pub fn default_codecs() -> Vec<CodecChoice> {
     for s in [
         "similarity:hash=fraction80,stage=none,cache=5120",
         "similarity:hash=median,stage=none,cache=5120",
+        // cache=0: the default similarity codec's memory budget.
+        "xbzrle",
         "zstd",
         "lz4",
         "raw",
@@ -562,38 +563,6 @@ pub fn analyze<R: Read>(
             }
         })
         .collect();
-    if opts.codecs.is_empty() {
-        // XBZRLE gets the memory budget of the default codec.
-        if let Some(budget) = runs
-            .iter()
-            .find(|r| r.choice.default)
-            .map(|r| r.encoder.reference_budget())
-        {
-            let spec = CodecSpec::Xbzrle {
-                cache_bytes: budget,
-            };
-            let mut encoder = spec.build(1);
-            encoder.init(&prev);
-            runs.insert(
-                1,
-                CodecRun {
-                    choice: CodecChoice {
-                        spec,
-                        default: false,
-                    },
-                    encoder,
-                    buf: Vec::new(),
-                    raw_bytes: 0,
-                    out_bytes: 0,
-                    encode_ns: 0,
-                    decode_ns: 0,
-                    reference_bytes: 0,
-                    kinds: KindCountsJson::default(),
-                    epochs: Vec::new(),
-                },
-            );
-        }
-    }
     let mut fig1: Vec<SimIndex> = opts
         .fig1_sizes
         .par_iter()
