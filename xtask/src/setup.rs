@@ -50,6 +50,11 @@ enum Probe {
     Absent(String),
 }
 
+/// Checks whether an item is present and working.
+type ProbeFn = Box<dyn Fn(&Context) -> Result<Probe>>;
+/// Installs an item.
+type InstallFn = Box<dyn Fn(&Context) -> Result<()>>;
+
 /// One thing the machine needs.
 struct Item {
     /// What is printed on the item's line.
@@ -57,9 +62,9 @@ struct Item {
     /// Installing it needs root (apt, mount).
     needs_root: bool,
     /// Cheap check whether the item is present and working.
-    probe: Box<dyn Fn(&Context) -> Result<Probe>>,
+    probe: ProbeFn,
     /// Installs the item.
-    install: Box<dyn Fn(&Context) -> Result<()>>,
+    install: InstallFn,
 }
 
 /// State shared by the items during one run.
