@@ -12,7 +12,9 @@
 //! in the array map [`CONFIG_MAP`] and, for user page faults of the
 //! configured thread group, bumps per-CPU `u64` counters in the per-CPU array
 //! [`FAULT_COUNTERS_MAP`], indexed by [`Counter`]. User space sums the
-//! counters over CPUs.
+//! counters over CPUs. Both maps are BTF-defined, so
+//! `bpftool map dump pinned /sys/fs/bpf/simrep/<name>/<map>` shows typed
+//! values.
 #![no_std]
 
 /// Name of the array map (one entry, index 0) holding the [`FaultConfig`].

@@ -10,9 +10,9 @@
 #![no_main]
 
 use aya_ebpf::{
+    btf_maps::{Array, PerCpuArray},
     helpers::bpf_get_current_pid_tgid,
-    macros::{map, tracepoint},
-    maps::{Array, PerCpuArray},
+    macros::{btf_map, tracepoint},
     programs::TracePointContext,
 };
 use aya_log_ebpf::error;
@@ -22,13 +22,15 @@ use simrep_common::{
     PF_ERROR_WRITE,
 };
 
+// BTF-defined maps, so that `bpftool map dump` shows typed values.
+
 /// The program's configuration, entry 0, written by user space.
-#[map]
-static SIMREP_CONFIG: Array<FaultConfig> = Array::with_max_entries(1, 0);
+#[btf_map]
+static SIMREP_CONFIG: Array<FaultConfig, 1> = Array::new();
 
 /// Per-CPU `u64` fault counters, indexed by [`Counter`].
-#[map]
-static SIMREP_FAULTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
+#[btf_map]
+static SIMREP_FAULTS: PerCpuArray<u64, { Counter::COUNT as usize }> = PerCpuArray::new();
 
 /// Byte-wise string equality usable in constants.
 const fn str_eq(a: &str, b: &str) -> bool {
