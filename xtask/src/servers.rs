@@ -104,7 +104,7 @@ pub fn trace_server(
     epochs: u32,
     epoch_ms: u32,
 ) -> Result<()> {
-    let secs = (u64::from(epochs) * u64::from(epoch_ms)) / 1000 + 60;
+    let secs = (u64::from(epochs) * u64::from(epoch_ms)) / 1000 + 90;
     let tmpdir = tempfile::Builder::new()
         .prefix(&format!("simrep-{}-", server.name()))
         .tempdir()?;
@@ -126,7 +126,7 @@ pub fn trace_server(
                     "-U",
                     "0",
                     "-m",
-                    "1024",
+                    "512",
                     "-t",
                     "2",
                 ]),
@@ -150,7 +150,7 @@ pub fn trace_server(
             (
                 pid,
                 format!(
-                    "memcached 1 GiB, 2 threads, under memaslap (2 threads, 32 connections, 30% overwrites), {epoch_ms} ms epochs"
+                    "memcached (512 MiB cache, 2 threads), under memaslap (2 threads, 32 connections, 30% overwrites), {epoch_ms} ms epochs"
                 ),
             )
         }
@@ -247,8 +247,14 @@ pub fn trace_server(
             )
         }
     };
-    // Let the load reach a steady state before tracing.
-    sleep(Duration::from_secs(3));
+    // Let the load fill the server's memory and reach a steady state.
+    let warm = match server {
+        Server::Memcached => 12,
+        Server::Redis => 10,
+        Server::Mariadb => 8,
+    };
+    eprintln!("warming {} up under load for {warm} s", server.name());
+    sleep(Duration::from_secs(warm));
     procs.check_alive()?;
     sh(Command::new(simrep)
         .args(["trace", "capture", "--pid", &pid.to_string()])
