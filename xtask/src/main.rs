@@ -120,10 +120,10 @@ fn test(root: &Path, args: &TestArgs) -> Result<()> {
     if !args.no_setup {
         setup::run(&setup::SetupOptions::default())?;
     }
-    sh(cargo().args(["build", "--workspace", "--all-targets"]))?;
+    sh(cargo().args(["build", "--all-targets"]))?;
     let bin = root.join("target/debug/simrep");
     let mut t = cargo();
-    t.args(["test", "--workspace"]).env("SIMREP_BIN", &bin);
+    t.args(["test"]).env("SIMREP_BIN", &bin);
     if let Some(f) = &args.filter {
         t.arg(f);
     }
