@@ -44,6 +44,7 @@
 //! | [`SYS_EXCEPTION`]           | 8     | W   | GPA of an [`ExceptionReport`]; the vCPU stops with a guest-exception error |
 //! | [`SYS_TIME_NS`]             | 8     | R   | host monotonic clock in ns |
 //! | [`SYS_NOP`]                 | 8     | W   | ignored: measures the MMIO exit round trip |
+//! | [`SYS_IDLE`]                | 8     | W   | idle this vCPU for up to this many ns (capped at [`SYS_IDLE_MAX_NS`]); the VMM waits on the vCPU thread, so a pause or stop ends the wait early |
 //!
 //! A whole console line costs one exit: the guest formats it in its own
 //! memory and writes one 8-byte doorbell value carrying the line's address
@@ -128,6 +129,11 @@ pub const SYS_EXCEPTION: u64 = SYS_BASE + 0x8;
 pub const SYS_TIME_NS: u64 = SYS_BASE + 0x10;
 /// System: ignored write (exit round-trip measurement).
 pub const SYS_NOP: u64 = SYS_BASE + 0x18;
+/// System: idle for up to this many ns (8-byte write). CPL3 cannot `hlt`;
+/// this keeps a rate-limited workload from burning a host CPU.
+pub const SYS_IDLE: u64 = SYS_BASE + 0x20;
+/// Longest idle the VMM grants per [`SYS_IDLE`] write (100 ms).
+pub const SYS_IDLE_MAX_NS: u64 = 100_000_000;
 
 /// GDT selectors. The VMM writes the GDT; the TSS descriptors point at the
 /// per-vCPU TSSes and are marked busy because the VMM loads `TR` directly.

@@ -61,6 +61,8 @@ pub enum MmioAction {
     Exit(u64),
     /// The guest reported an exception: stop the vCPU with an error.
     Exception(ExceptionReport),
+    /// The guest asked to idle this long (already capped).
+    Idle(std::time::Duration),
 }
 
 /// A line the guest wrote on its console.
@@ -225,6 +227,13 @@ impl MmioBus {
                 return Ok(MmioAction::Exception(report));
             }
             abi::SYS_NOP => {}
+            abi::SYS_IDLE => {
+                if len != 8 {
+                    return Err(bad("SYS_IDLE"));
+                }
+                let ns = u64_of(data).min(abi::SYS_IDLE_MAX_NS);
+                return Ok(MmioAction::Idle(std::time::Duration::from_nanos(ns)));
+            }
             _ => {
                 return Err(DeviceError::UnknownAddress {
                     gpa,

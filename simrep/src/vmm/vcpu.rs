@@ -251,12 +251,19 @@ struct VcpuThread {
     commands: Receiver<VcpuCommand>,
     acks: Sender<VcpuAck>,
     state: Arc<AtomicU8>,
+    /// The last `KVM_RUN` returned an exit that KVM has not completed yet
+    /// (it does so at the next `KVM_RUN`).
+    exit_pending: bool,
 }
 
-/// Why the run loop stopped running the guest.
+/// What the run loop does after one `KVM_RUN`, besides running again.
 enum Stop {
+    /// End the thread without error.
     Outcome(VcpuOutcome),
+    /// End the thread with an error.
     Error(VcpuError),
+    /// Wait for a command for at most this long, then run again.
+    Idle(Duration),
 }
 
 impl VcpuHandle {
@@ -288,6 +295,7 @@ impl VcpuHandle {
                     commands: cmd_rx,
                     acks: ack_tx,
                     state: thread_state,
+                    exit_pending: false,
                 };
                 let result = t.main();
                 t.state.store(VcpuState::Exited as u8, Ordering::Release);
@@ -362,10 +370,40 @@ impl VcpuThread {
         self.state.store(s as u8, Ordering::Release);
     }
 
+    /// Lets KVM finish the last exit (an MMIO read's data lands in its
+    /// register, RIP moves past the instruction) without entering the
+    /// guest, so that a paused vCPU's state is complete.
+    fn complete_pending_exit(&mut self) -> Result<(), VcpuError> {
+        if !self.exit_pending {
+            return Ok(());
+        }
+        self.exit_pending = false;
+        self.fd.set_kvm_immediate_exit(1);
+        let r = self.fd.run().map(|_| ());
+        self.fd.set_kvm_immediate_exit(0);
+        match r {
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(()),
+            Ok(()) => Ok(()),
+            Err(source) => Err(VcpuError::Kvm {
+                vcpu: self.id,
+                what: "KVM_RUN (completing an exit)",
+                source,
+            }),
+        }
+    }
+
     /// Handles one command; `Some` when the thread must end.
-    fn command(&mut self, cmd: VcpuCommand, running: &mut bool) -> Option<VcpuOutcome> {
+    fn command(
+        &mut self,
+        cmd: VcpuCommand,
+        running: &mut bool,
+    ) -> Result<Option<VcpuOutcome>, VcpuError> {
         match cmd {
             VcpuCommand::Pause => {
+                self.complete_pending_exit()?;
+                // A kick that arrives after this point only costs one
+                // spurious EINTR after the resume.
+                self.fd.set_kvm_immediate_exit(0);
                 *running = false;
                 self.set_state(VcpuState::Paused);
                 let _ = self.acks.send(VcpuAck::Paused);
@@ -375,41 +413,48 @@ impl VcpuThread {
                 self.set_state(VcpuState::Running);
                 let _ = self.acks.send(VcpuAck::Resumed);
             }
-            VcpuCommand::Exit => return Some(VcpuOutcome::Stopped),
+            VcpuCommand::Exit => return Ok(Some(VcpuOutcome::Stopped)),
         }
-        None
+        Ok(None)
     }
 
     fn run_loop(&mut self) -> Result<VcpuOutcome, VcpuError> {
+        use std::sync::mpsc::{RecvTimeoutError, TryRecvError};
         let mut running = false;
         loop {
-            if !running {
+            let cmd = if !running {
                 // Paused: block until told otherwise; a closed channel
                 // means the controller is gone.
-                let Ok(cmd) = self.commands.recv() else {
-                    return Ok(VcpuOutcome::Stopped);
-                };
-                if let Some(out) = self.command(cmd, &mut running) {
+                match self.commands.recv() {
+                    Ok(cmd) => Some(cmd),
+                    Err(_) => return Ok(VcpuOutcome::Stopped),
+                }
+            } else {
+                match self.commands.try_recv() {
+                    Ok(cmd) => Some(cmd),
+                    Err(TryRecvError::Empty) => None,
+                    Err(TryRecvError::Disconnected) => return Ok(VcpuOutcome::Stopped),
+                }
+            };
+            if let Some(cmd) = cmd {
+                if let Some(out) = self.command(cmd, &mut running)? {
                     return Ok(out);
                 }
                 continue;
             }
-            match self.commands.try_recv() {
-                Ok(cmd) => {
-                    if let Some(out) = self.command(cmd, &mut running) {
-                        return Ok(out);
+            match self.run_once()? {
+                None => {}
+                Some(Stop::Outcome(o)) => return Ok(o),
+                Some(Stop::Error(e)) => return Err(e),
+                Some(Stop::Idle(d)) => match self.commands.recv_timeout(d) {
+                    Ok(cmd) => {
+                        if let Some(out) = self.command(cmd, &mut running)? {
+                            return Ok(out);
+                        }
                     }
-                    continue;
-                }
-                Err(std::sync::mpsc::TryRecvError::Empty) => {}
-                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
-                    return Ok(VcpuOutcome::Stopped)
-                }
-            }
-            match self.run_once() {
-                Ok(None) => {}
-                Ok(Some(Stop::Outcome(o))) => return Ok(o),
-                Ok(Some(Stop::Error(e))) | Err(e) => return Err(e),
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => return Ok(VcpuOutcome::Stopped),
+                },
             }
         }
     }
@@ -421,6 +466,7 @@ impl VcpuThread {
     /// One `KVM_RUN` and the handling of its exit.
     fn run_once(&mut self) -> Result<Option<Stop>, VcpuError> {
         let id = self.id;
+        self.exit_pending = false;
         let exit = match self.fd.run() {
             Ok(exit) => exit,
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
@@ -435,6 +481,7 @@ impl VcpuThread {
                 })
             }
         };
+        self.exit_pending = true;
         let dispatched = match exit {
             VcpuExit::MmioWrite(gpa, data) => self.bus.write(id, gpa, data, &self.mem),
             VcpuExit::MmioRead(gpa, data) => {
@@ -477,6 +524,7 @@ impl VcpuThread {
         };
         match dispatched {
             Ok(MmioAction::Continue) => Ok(None),
+            Ok(MmioAction::Idle(d)) => Ok(Some(Stop::Idle(d))),
             Ok(MmioAction::Exit(status)) => Ok(Some(Stop::Outcome(VcpuOutcome::GuestExit(status)))),
             Ok(MmioAction::Exception(report)) => Ok(Some(Stop::Error(VcpuError::GuestException {
                 vcpu: id,

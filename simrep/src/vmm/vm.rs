@@ -285,7 +285,7 @@ impl Vm {
             .map_err(|source| VmError::Thread { vcpu: id, source })?;
             self.vcpus.push(handle);
         }
-        self.resume_all()
+        self.resume_all_and_wait()
     }
 
     /// Number of started vCPUs.
@@ -298,10 +298,12 @@ impl Vm {
         self.vcpus.iter().map(VcpuHandle::state).collect()
     }
 
+    /// Sends `cmd` to every live vCPU; with `wait`, returns when each has
+    /// answered it (acks of earlier resumes are skipped) or ended.
     fn broadcast(
         &self,
         cmd: VcpuCommand,
-        want: VcpuAck,
+        wait: Option<VcpuAck>,
         what: &'static str,
     ) -> Result<(), VmError> {
         // Only vCPUs that have not ended take part; one that ends meanwhile
@@ -311,17 +313,23 @@ impl Vm {
             .iter()
             .filter(|v| v.state() != VcpuState::Exited && v.send(cmd))
             .collect();
+        let Some(want) = wait else {
+            return Ok(());
+        };
+        let deadline = Instant::now() + ACK_TIMEOUT;
         for v in live {
-            match v.wait_ack(ACK_TIMEOUT) {
-                Some(a) if a == want => {}
-                Some(_) => {}
-                None if v.state() == VcpuState::Exited => {}
-                None => {
-                    return Err(VmError::NoAck {
-                        vcpu: v.id(),
-                        what,
-                        timeout: ACK_TIMEOUT,
-                    })
+            loop {
+                match v.wait_ack(deadline.saturating_duration_since(Instant::now())) {
+                    Some(a) if a == want => break,
+                    Some(_) => continue,
+                    None if v.state() == VcpuState::Exited => break,
+                    None => {
+                        return Err(VmError::NoAck {
+                            vcpu: v.id(),
+                            what,
+                            timeout: ACK_TIMEOUT,
+                        })
+                    }
                 }
             }
         }
@@ -329,23 +337,36 @@ impl Vm {
     }
 
     /// Stops every vCPU at its next instruction boundary and returns when
-    /// all are out of `KVM_RUN` (or have ended). Guest memory and vCPU state
-    /// are then stable until [`Vm::resume_all`].
+    /// all are out of `KVM_RUN` with their last exit completed (or have
+    /// ended). Guest memory and vCPU state are then stable until
+    /// [`Vm::resume_all`].
     ///
     /// # Errors
     ///
-    /// [`VmError::NoAck`] when a vCPU does not answer.
+    /// [`VmError::NoAck`] when a vCPU does not answer within 2 s.
     pub fn pause_all(&self) -> Result<(), VmError> {
-        self.broadcast(VcpuCommand::Pause, VcpuAck::Paused, "pause")
+        self.broadcast(VcpuCommand::Pause, Some(VcpuAck::Paused), "pause")
     }
 
-    /// Lets every paused vCPU run again; returns when all have answered.
+    /// Lets every paused vCPU run again. Returns once the commands are
+    /// sent: the vCPU threads wake on their own (the caller's work, such as
+    /// compressing the epoch, need not wait for the scheduler to run them).
     ///
     /// # Errors
     ///
-    /// [`VmError::NoAck`] when a vCPU does not answer.
+    /// None today; the `Result` keeps room for a failing resume path.
     pub fn resume_all(&self) -> Result<(), VmError> {
-        self.broadcast(VcpuCommand::Resume, VcpuAck::Resumed, "resume")
+        self.broadcast(VcpuCommand::Resume, None, "resume")
+    }
+
+    /// [`Vm::resume_all`], then waits until every vCPU has left the Paused
+    /// state.
+    ///
+    /// # Errors
+    ///
+    /// [`VmError::NoAck`] when a vCPU does not answer within 2 s.
+    pub fn resume_all_and_wait(&self) -> Result<(), VmError> {
+        self.broadcast(VcpuCommand::Resume, Some(VcpuAck::Resumed), "resume")
     }
 
     /// Waits up to `timeout` for a vCPU to end.
