@@ -46,6 +46,9 @@
 //! | [`SYS_NOP`]                 | 8     | W   | ignored: measures the MMIO exit round trip |
 //! | [`SYS_IDLE`]                | 8     | W   | idle this vCPU for up to this many ns (capped at [`SYS_IDLE_MAX_NS`]); the VMM waits on the vCPU thread, so a pause or stop ends the wait early |
 //!
+//! While a vCPU idles through [`SYS_IDLE`] it is outside `KVM_RUN`, so
+//! periodic timer interrupts that fall in the idle are coalesced into one.
+//!
 //! A whole console line costs one exit: the guest formats it in its own
 //! memory and writes one 8-byte doorbell value carrying the line's address
 //! and length.
@@ -155,10 +158,17 @@ pub mod gdt {
     }
 }
 
+/// IDT vector of the LAPIC timer.
+pub const TIMER_VECTOR: u8 = 0x20;
+/// IDT vector of spurious LAPIC interrupts.
+pub const SPURIOUS_VECTOR: u8 = 0xff;
+/// Byte offset of [`VcpuStatus::ticks`].
+pub const STATUS_TICKS_OFFSET: u64 = 16;
+
 /// `"SIMREPBP"` as a little-endian `u64`.
 pub const BOOT_MAGIC: u64 = u64::from_le_bytes(*b"SIMREPBP");
 /// Version of [`BootParams`]; bumped on any layout change.
-pub const BOOT_VERSION: u32 = 1;
+pub const BOOT_VERSION: u32 = 2;
 
 /// Workload codes for [`BootParams::workload`].
 pub mod workload {
@@ -228,8 +238,10 @@ pub struct BootParams {
     pub tsc_khz: u64,
     /// The workload (a [`workload`] code).
     pub workload: u32,
-    /// Explicit padding; zero.
-    pub reserved: u32,
+    /// LAPIC timer initial count for a periodic tick on vector
+    /// [`TIMER_VECTOR`] (x2APIC, divide by 1; KVM's APIC bus runs at
+    /// 1 GHz), or 0 for no timer.
+    pub lapic_timer_count: u32,
     /// Parameters of `churn`.
     pub churn: ChurnParams,
     /// Parameters of `selftest`.
@@ -244,8 +256,10 @@ pub struct VcpuStatus {
     pub progress: u64,
     /// Nonzero once the vCPU reached CPL3.
     pub started: u64,
+    /// LAPIC timer interrupts taken (incremented by the CPL0 handler).
+    pub ticks: u64,
     /// Padding to 64 bytes (one cache line per vCPU).
-    pub reserved: [u64; 6],
+    pub reserved: [u64; 5],
 }
 
 /// What the CPL0 exception handler records before it stops the vCPU.

@@ -68,6 +68,29 @@ isr_\n:
     ISR_ERR   30
     ISR_NOERR 31
 
+    // LAPIC timer: count the tick in this vCPU's status slot, EOI through
+    // the x2APIC MSR, return. About 15 emulated instructions.
+isr_timer:
+    push rax
+    push rcx
+    push rdx
+    str ax
+    movzx eax, ax
+    sub eax, {tss_base}
+    shl eax, 2
+    inc qword ptr [rax + {ticks}]
+    mov ecx, 0x80b
+    xor eax, eax
+    xor edx, edx
+    wrmsr
+    pop rdx
+    pop rcx
+    pop rax
+    iretq
+
+isr_spurious:
+    iretq
+
 isr_common:
     mov rdi, rsp
     and rsp, -16
@@ -81,14 +104,75 @@ isr_table:
     .irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
     .quad isr_\n
     .endr
+    .global isr_timer_addr
+isr_timer_addr:
+    .quad isr_timer
+    .global isr_spurious_addr
+isr_spurious_addr:
+    .quad isr_spurious
 "#,
     kmain = sym kmain,
     handler = sym exception_handler,
+    tss_base = const gdt::TSS_BASE,
+    ticks = const abi::STATUS_GPA + abi::STATUS_TICKS_OFFSET,
 );
 
 unsafe extern "C" {
     /// Addresses of the 32 exception stubs (defined in `global_asm!` above).
     static isr_table: [u64; 32];
+    /// Address of the LAPIC timer handler.
+    static isr_timer_addr: u64;
+    /// Address of the spurious-interrupt handler.
+    static isr_spurious_addr: u64;
+}
+
+/// Writes the interrupt gate for `vector` (present, DPL 0, kernel CS).
+fn set_gate(vector: u64, handler: u64) {
+    let low = (handler & 0xffff)
+        | (u64::from(gdt::KERNEL_CS) << 16)
+        | (0x8e00_u64 << 32)
+        | ((handler >> 16) & 0xffff) << 48;
+    let high = handler >> 32;
+    let gate = (abi::IDT_GPA + vector * 16) as *mut u64;
+    // SAFETY: the IDT page is guest RAM reserved for the IDT by the memory
+    // map and mapped writable at CPL0; every vCPU writes the same values,
+    // so concurrent writers agree.
+    unsafe { write_volatile(gate, low) };
+    // SAFETY: as above, second half of the same gate.
+    unsafe { write_volatile(gate.add(1), high) };
+}
+
+/// `wrmsr`.
+fn wrmsr(msr: u32, value: u64) {
+    // SAFETY: only called at CPL0 on x2APIC and APIC-base MSRs, with values
+    // that configure this vCPU's own LAPIC.
+    unsafe {
+        asm!("wrmsr", in("ecx") msr, in("eax") value as u32, in("edx") (value >> 32) as u32, options(nostack, preserves_flags))
+    };
+}
+
+/// `rdmsr`.
+fn rdmsr(msr: u32) -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: reads an architectural MSR at CPL0.
+    unsafe {
+        asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags))
+    };
+    u64::from(hi) << 32 | u64::from(lo)
+}
+
+/// Switches the LAPIC to x2APIC mode and starts a periodic timer.
+fn start_timer(count: u32) {
+    const IA32_APIC_BASE: u32 = 0x1b;
+    const X2APIC_SVR: u32 = 0x80f;
+    const X2APIC_LVT_TIMER: u32 = 0x832;
+    const X2APIC_TIMER_INIT: u32 = 0x838;
+    const X2APIC_TIMER_DIV: u32 = 0x83e;
+    wrmsr(IA32_APIC_BASE, rdmsr(IA32_APIC_BASE) | 1 << 11 | 1 << 10);
+    wrmsr(X2APIC_SVR, 0x100 | u64::from(abi::SPURIOUS_VECTOR));
+    wrmsr(X2APIC_TIMER_DIV, 0xb); // divide by 1
+    wrmsr(X2APIC_LVT_TIMER, 1 << 17 | u64::from(abi::TIMER_VECTOR)); // periodic
+    wrmsr(X2APIC_TIMER_INIT, u64::from(count));
 }
 
 /// CPL0 entry, called by `_start` with the vCPU index.
@@ -97,19 +181,18 @@ extern "C" fn kmain(cpu: u64) -> ! {
     // this file's assembly.
     let table = unsafe { &*addr_of!(isr_table) };
     for (vector, &handler) in table.iter().enumerate() {
-        // Interrupt gate (type 0xe), present, DPL 0, kernel code segment.
-        let low = (handler & 0xffff)
-            | (u64::from(gdt::KERNEL_CS) << 16)
-            | (0x8e00_u64 << 32)
-            | ((handler >> 16) & 0xffff) << 48;
-        let high = handler >> 32;
-        let gate = (abi::IDT_GPA + vector as u64 * 16) as *mut u64;
-        // SAFETY: the IDT page is guest RAM reserved for the IDT by the
-        // memory map and mapped writable at CPL0; every vCPU writes the same
-        // values, so concurrent writers agree.
-        unsafe { write_volatile(gate, low) };
-        // SAFETY: as above, second half of the same gate.
-        unsafe { write_volatile(gate.add(1), high) };
+        set_gate(vector as u64, handler);
+    }
+    // SAFETY: both are read-only addresses defined in this file's assembly.
+    let (timer, spurious) = unsafe { (*addr_of!(isr_timer_addr), *addr_of!(isr_spurious_addr)) };
+    set_gate(u64::from(abi::TIMER_VECTOR), timer);
+    set_gate(u64::from(abi::SPURIOUS_VECTOR), spurious);
+    // SAFETY: the VMM wrote the boot parameters before starting any vCPU;
+    // the page is mapped readable.
+    let count = unsafe { core::ptr::read_volatile(abi::BOOT_PARAMS_GPA as *const abi::BootParams) }
+        .lapic_timer_count;
+    if count != 0 {
+        start_timer(count);
     }
 
     let stack_top = abi::KERNEL_STACKS_GPA + (cpu + 1) * abi::KERNEL_STACK_SIZE;

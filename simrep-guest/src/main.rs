@@ -12,10 +12,12 @@
 //! CPL3 code, which runs natively:
 //!
 //! * [`kernel`] (CPL0, a few hundred instructions): fills the IDT with
-//!   exception gates, sets the TSS's `RSP0`, and `iretq`s to CPL3. Its
-//!   exception handler records the fault, writes a console line and stops
-//!   the vCPU through the system device. No SSE anywhere (the target is
-//!   soft-float), no `int n`, no `vmcall`.
+//!   exception gates, sets the TSS's `RSP0`, optionally starts a periodic
+//!   x2APIC timer (its handler only counts ticks), and `iretq`s to CPL3.
+//!   Its exception handler records the fault, writes a console line and
+//!   stops the vCPU through the system device. No SSE anywhere (the target
+//!   is soft-float), no `int n`, no `vmcall`. Measured under PVM: a timer
+//!   tick costs the guest about 130 us (1000 Hz took 13 % off `churn`).
 //! * [`user`] (CPL3): the workloads. They talk to the VMM only through
 //!   MMIO to the unbacked window at [`abi::MMIO_BASE`] (each access is one
 //!   `KVM_EXIT_MMIO`).

@@ -347,6 +347,12 @@ fn selftest(cpu: u64, bp: &BootParams) -> ! {
         (h1 - h0) / 1000
     );
 
+    if bp.lapic_timer_count != 0 {
+        // SAFETY: this vCPU's status slot, mapped readable at CPL3.
+        let ticks = unsafe { read_volatile(&raw const (*status(cpu)).ticks) };
+        println!("selftest cpu{cpu}: LAPIC timer ticks so far: {ticks}");
+    }
+
     match bp.selftest.fault {
         fault::NONE => {
             println!("selftest cpu{cpu}: ok");

@@ -56,6 +56,9 @@ struct RunArgs {
     /// selftest: deliberate fault: none, pf, ud, gp, de or mmio.
     #[arg(long, default_value = "pf")]
     fault: Fault,
+    /// Periodic LAPIC timer in Hz, handled by the guest's CPL0 stub (0: off).
+    #[arg(long, default_value_t = 0)]
+    timer_hz: u32,
     /// Stop with an error when the guest makes no progress for this many
     /// seconds (churn only; 0: off).
     #[arg(long, default_value_t = 0)]
@@ -116,6 +119,7 @@ fn main() -> ExitCode {
                     seconds: a.seconds,
                 },
                 fault: a.fault,
+                timer_hz: a.timer_hz,
                 watchdog: (a.watchdog > 0).then(|| std::time::Duration::from_secs(a.watchdog)),
                 ..Default::default()
             };

@@ -361,6 +361,51 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[i]
 }
 
+fn ticks(vm: &Vm, vcpus: u32) -> Vec<u64> {
+    (0..vcpus)
+        .map(|c| {
+            let gpa = abi::STATUS_GPA + u64::from(c) * 64 + abi::STATUS_TICKS_OFFSET;
+            vm.memory().load_u64(gpa).expect("ticks")
+        })
+        .collect()
+}
+
+#[test]
+fn lapic_timer_interrupts_reach_the_guest_and_return_to_cpl3() {
+    require_kvm();
+    let vcpus = 2;
+    let opts = RunOptions {
+        vcpus,
+        timer_hz: 1000,
+        ..small(Workload::Churn)
+    };
+    let mut vm = run::boot(&opts).expect("boot");
+    wait_for_progress(&vm, vcpus);
+    std::thread::sleep(Duration::from_millis(300));
+    vm.pause_all().expect("pause");
+    let (t1, p1) = (ticks(&vm, vcpus), progress(&vm, vcpus));
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        ticks(&vm, vcpus),
+        t1,
+        "no interrupt is delivered while paused"
+    );
+    vm.resume_all().expect("resume");
+    std::thread::sleep(Duration::from_millis(300));
+    let (t2, p2) = (ticks(&vm, vcpus), progress(&vm, vcpus));
+    eprintln!("LAPIC ticks at 1000 Hz: {t1:?} after ~0.3 s, {t2:?} after ~0.6 s");
+    for c in 0..vcpus as usize {
+        assert!(t1[c] > 10, "vCPU {c}: too few timer ticks: {t1:?}");
+        assert!(t2[c] > t1[c], "vCPU {c}: no ticks after resume");
+        assert!(
+            p2[c] > p1[c],
+            "vCPU {c}: the workload did not survive the interrupts"
+        );
+    }
+    assert!(vm.wait_exit(Duration::ZERO).is_none());
+    vm.shutdown();
+}
+
 fn summary(name: &str, mut v: Vec<Duration>) -> String {
     v.sort();
     format!(

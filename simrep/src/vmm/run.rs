@@ -133,6 +133,9 @@ pub struct RunOptions {
     pub fault: Fault,
     /// `selftest`'s count of timed MMIO round trips.
     pub mmio_round_trips: u32,
+    /// Periodic LAPIC timer rate in Hz (0: no timer). Each tick runs the
+    /// guest's CPL0 handler in the PVM emulator (tens of microseconds).
+    pub timer_hz: u32,
     /// Stop with [`VmmError::NoProgress`] when no vCPU's progress counter
     /// moves for this long (`None`: never). Only meaningful for `churn`.
     pub watchdog: Option<Duration>,
@@ -147,6 +150,7 @@ impl Default for RunOptions {
             churn: ChurnOptions::default(),
             fault: Fault::PageFault,
             mmio_round_trips: 1000,
+            timer_hz: 0,
             watchdog: None,
         }
     }
@@ -165,7 +169,12 @@ impl RunOptions {
                 Workload::Churn => workload::CHURN,
                 Workload::Selftest => workload::SELFTEST,
             },
-            reserved: 0,
+            lapic_timer_count: match self.timer_hz {
+                0 => 0,
+                hz => u32::try_from(LAPIC_BUS_HZ / u64::from(hz))
+                    .unwrap_or(u32::MAX)
+                    .max(1),
+            },
             churn: ChurnParams {
                 rate_mib_s: self.churn.rate_mib_s,
                 similarity_pct: self.churn.similarity_pct.min(100),
@@ -183,6 +192,9 @@ impl RunOptions {
         }
     }
 }
+
+/// KVM's emulated APIC bus frequency (`APIC_BUS_CYCLE_NS` = 1 by default).
+const LAPIC_BUS_HZ: u64 = 1_000_000_000;
 
 /// What a finished run reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
