@@ -78,9 +78,12 @@ mod exit {
 
 fn exit_code(e: &VmmError) -> u8 {
     match e {
-        VmmError::Vm(VmError::NoKvm(_) | VmError::NoPermission(_) | VmError::OpenKvm(_)) => {
-            exit::NO_KVM
-        }
+        VmmError::Vm(
+            VmError::NoKvm(_)
+            | VmError::NoPermission(_)
+            | VmError::OpenKvm(_)
+            | VmError::NotKvm { .. },
+        ) => exit::NO_KVM,
         VmmError::Vcpu(_) | VmmError::GuestFailed { .. } | VmmError::NoProgress { .. } => {
             exit::GUEST
         }

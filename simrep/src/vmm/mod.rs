@@ -16,7 +16,7 @@
 //! * [`devices`]: the MMIO dispatcher, console and system device.
 //! * [`boot`], [`elf`]: page tables, GDT, long-mode register state and the
 //!   ELF loader for the guest image.
-//! * [`run`]: `simrep run`: boot the guest with a workload and run it until
+//! * [`run`](mod@run): `simrep run`: boot the guest with a workload and run it until
 //!   it ends or the caller stops it.
 
 #[path = "../../../simrep-guest/src/abi.rs"]

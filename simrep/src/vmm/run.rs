@@ -251,11 +251,11 @@ pub fn boot(opts: &RunOptions) -> Result<Vm, VmmError> {
     boot_image(opts, GUEST_ELF)
 }
 
-/// [`boot`] with another guest image.
+/// [`boot()`] with another guest image.
 ///
 /// # Errors
 ///
-/// As [`boot`], plus [`VmmError::Config`] for a bad image.
+/// As [`boot()`], plus [`VmmError::Config`] for a bad image.
 pub fn boot_image(opts: &RunOptions, image: &[u8]) -> Result<Vm, VmmError> {
     boot::check_config(opts.mem_bytes, opts.vcpus)?;
     let t0 = Instant::now();
@@ -304,7 +304,7 @@ fn all_progress(vm: &Vm, vcpus: u32) -> Result<Vec<u64>, VmmError> {
 ///
 /// # Errors
 ///
-/// Setup errors as in [`boot`]; [`VmmError::Vcpu`] when a vCPU fails (the
+/// Setup errors as in [`boot()`]; [`VmmError::Vcpu`] when a vCPU fails (the
 /// guest faulted, shut down, touched an unknown MMIO address, or KVM
 /// failed); [`VmmError::GuestFailed`] for a nonzero guest exit status;
 /// [`VmmError::NoProgress`] when the watchdog fires.

@@ -38,6 +38,12 @@ pub enum VmError {
     /// Opening `/dev/kvm` failed otherwise.
     #[error("cannot open /dev/kvm")]
     OpenKvm(#[source] kvm_ioctls::Error),
+    /// The device answered `KVM_GET_API_VERSION` wrongly: not KVM.
+    #[error("/dev/kvm is not a KVM device (API version {version}, expected 12)")]
+    NotKvm {
+        /// What it answered (-1: the ioctl failed).
+        version: i32,
+    },
     /// KVM lacks a capability the VMM needs.
     #[error("KVM lacks the {0} capability")]
     MissingCapability(&'static str),
@@ -110,14 +116,31 @@ pub struct Vm {
 ///
 /// # Errors
 ///
-/// [`VmError::NoKvm`], [`VmError::NoPermission`] or [`VmError::OpenKvm`].
+/// [`VmError::NoKvm`], [`VmError::NoPermission`], [`VmError::OpenKvm`] or
+/// [`VmError::NotKvm`].
 pub fn open_kvm() -> Result<Kvm, VmError> {
-    Kvm::new().map_err(|e| match e.errno() {
+    open_kvm_at(c"/dev/kvm")
+}
+
+/// [`open_kvm`] for another device path (tests, odd containers).
+///
+/// # Errors
+///
+/// As [`open_kvm`].
+pub fn open_kvm_at(path: &std::ffi::CStr) -> Result<Kvm, VmError> {
+    let kvm = Kvm::new_with_path(path).map_err(|e| match e.errno() {
         libc::ENOENT | libc::ENODEV | libc::ENXIO => VmError::NoKvm(e),
         libc::EACCES | libc::EPERM => VmError::NoPermission(e),
         _ => VmError::OpenKvm(e),
-    })
+    })?;
+    match kvm.get_api_version() {
+        KVM_API_VERSION => Ok(kvm),
+        version => Err(VmError::NotKvm { version }),
+    }
 }
+
+/// The only KVM API version there has ever been.
+const KVM_API_VERSION: i32 = 12;
 
 impl Vm {
     /// Creates a VM (type 0) with `mem_size` bytes of pre-faulted guest RAM
@@ -408,4 +431,37 @@ fn vcpu_cpuid(supported: &CpuId, id: u32) -> CpuId {
         }
     }
     cpuid
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_device_is_no_kvm() {
+        assert!(matches!(
+            open_kvm_at(c"/nonexistent/kvm"),
+            Err(VmError::NoKvm(_))
+        ));
+    }
+
+    #[test]
+    fn a_device_that_is_not_kvm_is_refused() {
+        assert!(matches!(
+            open_kvm_at(c"/dev/null"),
+            Err(VmError::NotKvm { .. })
+        ));
+    }
+
+    #[test]
+    fn cpuid_carries_the_apic_id() {
+        let mut cpuid = CpuId::new(2).unwrap();
+        cpuid.as_mut_slice()[0].function = 1;
+        cpuid.as_mut_slice()[0].ebx = 0xff00_1234;
+        cpuid.as_mut_slice()[1].function = 0xb;
+        let c = vcpu_cpuid(&cpuid, 3);
+        assert_eq!(c.as_slice()[0].ebx, 0x0300_1234);
+        assert_ne!(c.as_slice()[0].ecx & (1 << 21), 0);
+        assert_eq!(c.as_slice()[1].edx, 3);
+    }
 }
