@@ -1,4 +1,5 @@
-//! Build script: builds the eBPF programs of `simrep-ebpf` for
+//! Build script: builds the bundled guest (`simrep-guest`, for
+//! `x86_64-unknown-none`, see `build_guest.rs`) and the eBPF programs of `simrep-ebpf` for
 //! `bpfel-unknown-none` with `aya-build` (nightly, `-Z build-std=core`,
 //! bpf-linker), as the aya-template does. The object lands in
 //! `$OUT_DIR/simrep-ebpf` and is embedded by `src/ebpf/mod.rs`.
@@ -15,10 +16,15 @@ use std::{
 
 use anyhow::{anyhow, bail, Context as _, Result};
 
+mod build_guest;
+
 /// The toolchain aya-build uses (it runs `rustup run nightly cargo build`).
 const TOOLCHAIN: &str = "nightly";
 
 fn main() -> Result<()> {
+    let guest = build_guest::build_guest()?;
+    println!("cargo:rustc-env=SIMREP_GUEST_ELF={}", guest.display());
+
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?);
     let workspace = manifest_dir
         .parent()

@@ -11,7 +11,10 @@
 //! * [`trace`]: the memory-trace format, capture of real processes and the
 //!   replay analysis behind `simrep analyze`.
 //! * [`ebpf`]: loading, attaching and reading simrep's eBPF programs.
+//! * [`vmm`]: the KVM VM, its vCPU threads and MMIO devices, and the
+//!   bundled guest it boots (`simrep run`).
 
 pub mod compress;
 pub mod ebpf;
 pub mod trace;
+pub mod vmm;

@@ -1,9 +1,6 @@
 //! The `simrep` command.
 //!
-//! Exit codes (also in `--help`): 0 success, 1 internal error, 2 bad usage,
-//! 3 bad or unreadable input, 4 verification failed (a codec decoded a page
-//! wrongly), 5 the capture target could not be traced, 6 output could not be
-//! written, 130 interrupted.
+//! Exit codes are listed in `--help` ([`EXIT_HELP`]).
 
 use std::fs::File;
 use std::io::{BufWriter, IsTerminal, Write};
@@ -20,17 +17,21 @@ use simrep::compress::CodecSpec;
 use simrep::trace::analysis::{self, AnalysisError, AnalyzeOptions, CodecChoice};
 use simrep::trace::capture::{self, CaptureError, CaptureOptions};
 use simrep::trace::replay::Replay;
+use simrep::vmm::run::{parse_size, ChurnOptions, Fault, Workload};
+use simrep::vmm::{vm::VmError, RunOptions, VmmError};
 
 const EXIT_HELP: &str = "\
 Exit codes:
-  0    success
+  0    success (also after Ctrl-C stopped a guest cleanly)
   1    internal error
-  2    bad usage (unknown flag, bad value)
+  2    bad usage or configuration (unknown flag, bad value)
   3    bad or unreadable input (missing file, malformed trace)
-  4    verification failed (a codec decoded a page wrongly)
+  4    the guest misbehaved (exception, triple fault, unknown MMIO, no
+       progress) or a codec decoded a page wrongly
   5    the capture target could not be traced (no such process, no permission)
   6    output could not be written
-  130  interrupted (Ctrl-C); whatever was captured so far is a valid trace
+  7    no usable KVM (/dev/kvm missing or not accessible)
+  130  capture interrupted (Ctrl-C); the epochs captured so far form a valid trace
 
 Logging: RUST_LOG (e.g. RUST_LOG=simrep=debug) or -v / -q.";
 
@@ -50,6 +51,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the bundled guest alone, without replication (the native
+    /// baseline). Guest console lines are logged; Ctrl-C stops it.
+    Run(RunArgs),
     /// Memory traces of real processes: capture.
     #[command(subcommand)]
     Trace(TraceCommand),
@@ -78,6 +82,45 @@ enum TraceCommand {
     /// changed, resume it (SIGCONT), let it run for one epoch, repeat. The
     /// target is always resumed, on Ctrl-C and on errors too.
     Capture(CaptureArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// Workload: churn (dirty memory at a rate) or selftest (checks, then a
+    /// deliberate fault).
+    #[arg(long, default_value = "churn")]
+    workload: Workload,
+    /// Guest RAM (a multiple of 2 MiB, at least 8M): 256M, 1G, ...
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    mem: u64,
+    /// Number of vCPUs (1..=32).
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    /// churn: dirty rate in MiB/s over all vCPUs (0 = as fast as possible).
+    #[arg(long, default_value_t = 100)]
+    rate: u32,
+    /// churn: share of each rewritten page that keeps its content, in %.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(0..=100))]
+    similarity: u32,
+    /// churn: bytes of guest memory to churn (default: all of the heap).
+    #[arg(long, value_parser = parse_size)]
+    buffer: Option<u64>,
+    /// churn: interval between progress lines in ms (0: none).
+    #[arg(long, default_value_t = 1000)]
+    report_ms: u32,
+    /// churn: stop after this many seconds (0: run until Ctrl-C).
+    #[arg(long, default_value_t = 0)]
+    seconds: u32,
+    /// selftest: deliberate fault: none, pf, ud, gp, de or mmio.
+    #[arg(long, default_value = "pf")]
+    fault: Fault,
+    /// Periodic LAPIC timer in Hz, handled by the guest's CPL0 stub (0: off).
+    #[arg(long, default_value_t = 0)]
+    timer_hz: u32,
+    /// Stop with an error when the guest makes no progress for this many
+    /// seconds (churn only; 0: off).
+    #[arg(long, default_value_t = 0)]
+    watchdog: u64,
 }
 
 #[derive(clap::Args)]
@@ -143,6 +186,21 @@ impl<E: Into<anyhow::Error>> From<E> for Failure {
 
 fn classify(error: &anyhow::Error) -> u8 {
     for cause in error.chain() {
+        if let Some(e) = cause.downcast_ref::<VmmError>() {
+            return match e {
+                VmmError::Vm(
+                    VmError::NoKvm(_)
+                    | VmError::NoPermission(_)
+                    | VmError::OpenKvm(_)
+                    | VmError::NotKvm { .. },
+                ) => 7,
+                VmmError::Vcpu(_) | VmmError::GuestFailed { .. } | VmmError::NoProgress { .. } => {
+                    4
+                }
+                VmmError::Config(_) => 2,
+                _ => 1,
+            };
+        }
         if let Some(e) = cause.downcast_ref::<AnalysisError>() {
             return match e {
                 AnalysisError::Mismatch { .. }
@@ -179,6 +237,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose, cli.quiet);
     let result = match cli.command {
+        Command::Run(args) => cmd_run(args),
         Command::Trace(TraceCommand::Capture(args)) => cmd_capture(args),
         Command::Analyze(args) => cmd_analyze(args),
     };
@@ -313,5 +372,38 @@ fn cmd_capture(args: CaptureArgs) -> Result<ExitCode, Failure> {
         eprintln!("interrupted: the trace holds the epochs captured so far");
         return Ok(ExitCode::from(130));
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_run(a: RunArgs) -> Result<ExitCode, Failure> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, Arc::clone(&stop))
+            .context("installing the Ctrl-C handler")?;
+    }
+    let opts = RunOptions {
+        workload: a.workload,
+        mem_bytes: a.mem,
+        vcpus: a.vcpus,
+        churn: ChurnOptions {
+            rate_mib_s: a.rate,
+            similarity_pct: a.similarity,
+            buffer_bytes: a.buffer,
+            report_ms: a.report_ms,
+            seconds: a.seconds,
+        },
+        fault: a.fault,
+        timer_hz: a.timer_hz,
+        watchdog: (a.watchdog > 0).then(|| std::time::Duration::from_secs(a.watchdog)),
+        ..Default::default()
+    };
+    let s = simrep::vmm::run(&opts, &stop)?;
+    tracing::info!(
+        elapsed = ?s.elapsed,
+        progress = ?s.progress,
+        outcomes = ?s.outcomes,
+        interrupted = s.interrupted,
+        "guest stopped"
+    );
     Ok(ExitCode::SUCCESS)
 }

@@ -6,3 +6,4 @@
 mod analyze;
 mod capture;
 mod ebpf;
+mod vmm;

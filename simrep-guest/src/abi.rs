@@ -1,0 +1,314 @@
+//! The contract between the VMM and the bundled guest: the guest memory map,
+//! the descriptor-table layout, the boot parameters and the MMIO registers.
+//!
+//! This file is compiled twice: into the guest (`simrep-guest`, for
+//! `x86_64-unknown-none`) and into the VMM (`simrep::vmm::abi`, through a
+//! `#[path]` include), so that both sides read one definition. It uses
+//! `core` only, and every structure is `#[repr(C)]` with explicit padding
+//! and fixed-width fields.
+//!
+//! # Guest memory map
+//!
+//! Guest RAM is one region at guest-physical address 0. The VMM identity-maps
+//! it (virtual address = guest-physical address) with 4 KiB pages in the
+//! first 2 MiB and 2 MiB pages above; the MMIO window is mapped uncached.
+//! "S" pages are supervisor-only, "U" pages are reachable from CPL3.
+//!
+//! | GPA range                   | what                                            | access |
+//! |-----------------------------|-------------------------------------------------|--------|
+//! | `0x0000_0000..0x0000_1000`  | not mapped (null guard)                         | -      |
+//! | `0x0000_1000..0x0000_2000`  | [`BootParams`], written by the VMM              | U, RO  |
+//! | `0x0000_2000..0x0000_3000`  | GDT, written by the VMM ([`gdt`])               | S, RW  |
+//! | `0x0000_3000..0x0000_4000`  | one 128-byte TSS per vCPU (guest sets RSP0)     | S, RW  |
+//! | `0x0000_4000..0x0000_5000`  | IDT (256 gates), filled by the guest            | S, RW  |
+//! | `0x0000_5000..0x0000_6000`  | [`VcpuStatus`] per vCPU (progress counters)     | U, RW  |
+//! | `0x0000_6000..0x0000_8000`  | [`ExceptionReport`] per vCPU, 256 bytes each    | S, RW  |
+//! | `0x0001_0000..0x0006_0000`  | page tables, written by the VMM                 | S, RW  |
+//! | `0x0006_0000..0x000e_0000`  | CPL0 stacks, 16 KiB per vCPU                    | S, RW  |
+//! | `0x0010_0000..0x0020_0000`  | the guest image (ELF `PT_LOAD` segments)        | U, RW  |
+//! | `0x0020_0000..0x0040_0000`  | CPL3 stacks, 64 KiB per vCPU                    | U, RW  |
+//! | `0x0040_0000..mem_size`     | workload heap                                   | U, RW  |
+//! | [`MMIO_BASE`]`..+2 MiB`     | MMIO window: no memory behind it (KVM exits)    | U, RW, uncached |
+//!
+//! # MMIO registers
+//!
+//! Every access in the window leaves `KVM_RUN` with `KVM_EXIT_MMIO`; an
+//! address no device claims stops the VM with an error. Accesses are
+//! little-endian and must use the width given.
+//!
+//! | address                     | width | dir | register |
+//! |-----------------------------|-------|-----|----------|
+//! | [`CONSOLE_LINE`]            | 8     | W   | `gpa \| len << 48`: the guest bytes `gpa..gpa+len` are one console line (no newline needed; `len <=` [`CONSOLE_MAX_LINE`]) |
+//! | [`CONSOLE_PUTC`]            | 1     | W   | one byte; the VMM buffers until `\n` (slow path, one exit a byte) |
+//! | [`SYS_EXIT`]                | 8     | W   | the workload finished with this status (0 = success); the vCPU stops |
+//! | [`SYS_EXCEPTION`]           | 8     | W   | GPA of an [`ExceptionReport`]; the vCPU stops with a guest-exception error |
+//! | [`SYS_TIME_NS`]             | 8     | R   | host monotonic clock in ns |
+//! | [`SYS_NOP`]                 | 8     | W   | ignored: measures the MMIO exit round trip |
+//! | [`SYS_IDLE`]                | 8     | W   | idle this vCPU for up to this many ns (capped at [`SYS_IDLE_MAX_NS`]); the VMM waits on the vCPU thread, so a pause or stop ends the wait early |
+//!
+//! While a vCPU idles through [`SYS_IDLE`] it is outside `KVM_RUN`, so
+//! periodic timer interrupts that fall in the idle are coalesced into one.
+//!
+//! A whole console line costs one exit: the guest formats it in its own
+//! memory and writes one 8-byte doorbell value carrying the line's address
+//! and length.
+
+/// Size of a small page.
+pub const PAGE_SIZE: u64 = 0x1000;
+/// Size of a large (2 MiB) page.
+pub const LARGE_PAGE_SIZE: u64 = 0x20_0000;
+
+/// GPA of the [`BootParams`] page.
+pub const BOOT_PARAMS_GPA: u64 = 0x1000;
+/// GPA of the GDT (see [`gdt`] for its entries).
+pub const GDT_GPA: u64 = 0x2000;
+/// GPA of the first TSS; vCPU `i` uses `TSS_GPA + i * TSS_STRIDE`.
+pub const TSS_GPA: u64 = 0x3000;
+/// Bytes between two TSSes (a 64-bit TSS is 104 bytes).
+pub const TSS_STRIDE: u64 = 0x80;
+/// Offset of `RSP0` inside a 64-bit TSS.
+pub const TSS_RSP0_OFFSET: u64 = 4;
+/// Limit of a 64-bit TSS (its size minus one).
+pub const TSS_LIMIT: u32 = 0x67;
+/// GPA of the IDT (256 gates of 16 bytes; filled by the guest).
+pub const IDT_GPA: u64 = 0x4000;
+/// Limit of the IDT.
+pub const IDT_LIMIT: u16 = 0xfff;
+/// GPA of the [`VcpuStatus`] array.
+pub const STATUS_GPA: u64 = 0x5000;
+/// GPA of the [`ExceptionReport`] array.
+pub const EXCEPTION_REPORT_GPA: u64 = 0x6000;
+/// Bytes between two exception reports (the report, then its text line).
+pub const EXCEPTION_REPORT_STRIDE: u64 = 0x100;
+/// GPA of the page-table area (PML4 first).
+pub const PAGE_TABLES_GPA: u64 = 0x1_0000;
+/// End of the page-table area.
+pub const PAGE_TABLES_END: u64 = 0x6_0000;
+/// GPA of the CPL0 stacks; vCPU `i`'s stack ends at
+/// `KERNEL_STACKS_GPA + (i + 1) * KERNEL_STACK_SIZE`.
+pub const KERNEL_STACKS_GPA: u64 = 0x6_0000;
+/// Size of one CPL0 stack.
+pub const KERNEL_STACK_SIZE: u64 = 0x4000;
+/// GPA at which the guest image is linked and loaded.
+pub const IMAGE_GPA: u64 = 0x10_0000;
+/// End of the guest image area.
+pub const IMAGE_END: u64 = 0x20_0000;
+/// GPA of the CPL3 stacks; vCPU `i`'s stack ends at
+/// `USER_STACKS_GPA + (i + 1) * USER_STACK_SIZE`.
+pub const USER_STACKS_GPA: u64 = 0x20_0000;
+/// Size of one CPL3 stack.
+pub const USER_STACK_SIZE: u64 = 0x1_0000;
+/// First byte of the workload heap.
+pub const HEAP_GPA: u64 = 0x40_0000;
+
+/// Most vCPUs the memory map has room for.
+pub const MAX_VCPUS: u32 = 32;
+/// Smallest guest RAM size.
+pub const MIN_MEM_SIZE: u64 = 8 << 20;
+/// Largest guest RAM size: RAM must end below the MMIO window.
+pub const MAX_MEM_SIZE: u64 = MMIO_BASE;
+
+/// GPA of the MMIO window (64 GiB, above any RAM).
+pub const MMIO_BASE: u64 = 0x10_0000_0000;
+/// Size of the MMIO window (one 2 MiB page in the guest page tables).
+pub const MMIO_SIZE: u64 = LARGE_PAGE_SIZE;
+/// Base of the console device's registers.
+pub const CONSOLE_BASE: u64 = MMIO_BASE;
+/// Console: one whole line, `gpa | len << 48` (8-byte write).
+pub const CONSOLE_LINE: u64 = CONSOLE_BASE;
+/// Console: one byte (1-byte write).
+pub const CONSOLE_PUTC: u64 = CONSOLE_BASE + 0x8;
+/// Longest console line the VMM accepts.
+pub const CONSOLE_MAX_LINE: u64 = 1024;
+/// Shift of the length in a [`CONSOLE_LINE`] value.
+pub const CONSOLE_LEN_SHIFT: u32 = 48;
+/// Base of the system-control device's registers.
+pub const SYS_BASE: u64 = MMIO_BASE + 0x1000;
+/// System: the workload finished with a status (8-byte write).
+pub const SYS_EXIT: u64 = SYS_BASE;
+/// System: GPA of an [`ExceptionReport`] (8-byte write).
+pub const SYS_EXCEPTION: u64 = SYS_BASE + 0x8;
+/// System: host monotonic time in ns (8-byte read).
+pub const SYS_TIME_NS: u64 = SYS_BASE + 0x10;
+/// System: ignored write (exit round-trip measurement).
+pub const SYS_NOP: u64 = SYS_BASE + 0x18;
+/// System: idle for up to this many ns (8-byte write). CPL3 cannot `hlt`;
+/// this keeps a rate-limited workload from burning a host CPU.
+pub const SYS_IDLE: u64 = SYS_BASE + 0x20;
+/// Longest idle the VMM grants per [`SYS_IDLE`] write (100 ms).
+pub const SYS_IDLE_MAX_NS: u64 = 100_000_000;
+
+/// GDT selectors. The VMM writes the GDT; the TSS descriptors point at the
+/// per-vCPU TSSes and are marked busy because the VMM loads `TR` directly.
+pub mod gdt {
+    /// 64-bit kernel code segment.
+    pub const KERNEL_CS: u16 = 0x08;
+    /// Kernel data segment.
+    pub const KERNEL_DS: u16 = 0x10;
+    /// User data segment (RPL 3 included).
+    pub const USER_DS: u16 = 0x18 | 3;
+    /// 64-bit user code segment (RPL 3 included).
+    pub const USER_CS: u16 = 0x20 | 3;
+    /// Selector of the first TSS descriptor (16 bytes each).
+    pub const TSS_BASE: u16 = 0x28;
+
+    /// The TSS selector of vCPU `cpu`.
+    pub const fn tss(cpu: u32) -> u16 {
+        TSS_BASE + 16 * cpu as u16
+    }
+}
+
+/// IDT vector of the LAPIC timer.
+pub const TIMER_VECTOR: u8 = 0x20;
+/// IDT vector of spurious LAPIC interrupts.
+pub const SPURIOUS_VECTOR: u8 = 0xff;
+/// Byte offset of [`VcpuStatus::ticks`].
+pub const STATUS_TICKS_OFFSET: u64 = 16;
+
+/// `"SIMREPBP"` as a little-endian `u64`.
+pub const BOOT_MAGIC: u64 = u64::from_le_bytes(*b"SIMREPBP");
+/// Version of [`BootParams`]; bumped on any layout change.
+pub const BOOT_VERSION: u32 = 2;
+
+/// Workload codes for [`BootParams::workload`].
+pub mod workload {
+    /// Dirty memory at a given rate with a given content similarity.
+    pub const CHURN: u32 = 1;
+    /// Exercise the console, measure an MMIO round trip, then fault on
+    /// purpose (see [`super::fault`]).
+    pub const SELFTEST: u32 = 2;
+}
+
+/// Fault kinds for [`SelftestParams::fault`].
+pub mod fault {
+    /// No fault: the selftest exits with status 0.
+    pub const NONE: u32 = 0;
+    /// Write to an unmapped page: `#PF`, vector 14.
+    pub const PAGE_FAULT: u32 = 1;
+    /// `ud2`: `#UD`, vector 6.
+    pub const INVALID_OPCODE: u32 = 2;
+    /// `hlt` at CPL3: `#GP(0)`, vector 13.
+    pub const GENERAL_PROTECTION: u32 = 3;
+    /// Write to an MMIO address no device claims.
+    pub const UNKNOWN_MMIO: u32 = 4;
+    /// Integer division by zero: `#DE`, vector 0.
+    pub const DIVIDE_ERROR: u32 = 5;
+}
+
+/// Parameters of the `churn` workload.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ChurnParams {
+    /// Target dirty rate in MiB/s over all vCPUs (0 = as fast as possible).
+    pub rate_mib_s: u32,
+    /// Share of each rewritten page that keeps its previous content, in %
+    /// (0..=100).
+    pub similarity_pct: u32,
+    /// Bytes of heap the workload churns (split between vCPUs).
+    pub buffer_bytes: u64,
+    /// Interval between progress lines in ms (0 = no progress lines).
+    pub report_ms: u32,
+    /// Run time in seconds, then exit with status 0 (0 = forever).
+    pub seconds: u32,
+}
+
+/// Parameters of the `selftest` workload.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SelftestParams {
+    /// The deliberate fault at the end (a [`fault`] code).
+    pub fault: u32,
+    /// MMIO round trips to time.
+    pub mmio_round_trips: u32,
+}
+
+/// What the VMM tells the guest, at [`BOOT_PARAMS_GPA`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BootParams {
+    /// [`BOOT_MAGIC`].
+    pub magic: u64,
+    /// [`BOOT_VERSION`].
+    pub version: u32,
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// Bytes of guest RAM, from GPA 0.
+    pub mem_size: u64,
+    /// TSC frequency in kHz (`KVM_GET_TSC_KHZ`).
+    pub tsc_khz: u64,
+    /// The workload (a [`workload`] code).
+    pub workload: u32,
+    /// LAPIC timer initial count for a periodic tick on vector
+    /// [`TIMER_VECTOR`] (x2APIC, divide by 1; KVM's APIC bus runs at
+    /// 1 GHz), or 0 for no timer.
+    pub lapic_timer_count: u32,
+    /// Parameters of `churn`.
+    pub churn: ChurnParams,
+    /// Parameters of `selftest`.
+    pub selftest: SelftestParams,
+}
+
+/// Per-vCPU status the guest keeps at `STATUS_GPA + cpu * size_of::<VcpuStatus>()`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VcpuStatus {
+    /// Monotonic work counter (churn: pages written), updated by CPL3.
+    pub progress: u64,
+    /// Nonzero once the vCPU reached CPL3.
+    pub started: u64,
+    /// LAPIC timer interrupts taken (incremented by the CPL0 handler).
+    pub ticks: u64,
+    /// Padding to 64 bytes (one cache line per vCPU).
+    pub reserved: [u64; 5],
+}
+
+/// What the CPL0 exception handler records before it stops the vCPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExceptionReport {
+    /// Exception vector (0..=31).
+    pub vector: u64,
+    /// Error code the CPU pushed (0 for vectors without one).
+    pub error_code: u64,
+    /// Faulting instruction pointer.
+    pub rip: u64,
+    /// Code segment at the fault (its low 2 bits are the CPL).
+    pub cs: u64,
+    /// RFLAGS at the fault.
+    pub rflags: u64,
+    /// Stack pointer at the fault.
+    pub rsp: u64,
+    /// Stack segment at the fault.
+    pub ss: u64,
+    /// CR2 (the faulting address of a `#PF`).
+    pub cr2: u64,
+    /// The vCPU that faulted.
+    pub cpu: u64,
+}
+
+/// The mnemonic of an exception vector (`"#PF"`), or `"#??"`.
+pub const fn exception_name(vector: u64) -> &'static str {
+    match vector {
+        0 => "#DE",
+        1 => "#DB",
+        2 => "NMI",
+        3 => "#BP",
+        4 => "#OF",
+        5 => "#BR",
+        6 => "#UD",
+        7 => "#NM",
+        8 => "#DF",
+        10 => "#TS",
+        11 => "#NP",
+        12 => "#SS",
+        13 => "#GP",
+        14 => "#PF",
+        16 => "#MF",
+        17 => "#AC",
+        18 => "#MC",
+        19 => "#XM",
+        20 => "#VE",
+        21 => "#CP",
+        _ => "#??",
+    }
+}

@@ -1,0 +1,91 @@
+//! The VMM: a KVM VM that runs simrep's bundled guest.
+//!
+//! KVM on the project's machines is PVM (see `ENVIRONMENT.md`): guest CPL3
+//! code runs natively, CPL0 code in KVM's instruction emulator. The bundled
+//! guest (`simrep-guest/`) is therefore a thin CPL0 stub plus workloads at
+//! CPL3 that reach the VMM through MMIO exits.
+//!
+//! * [`abi`]: the guest memory map, boot parameters and MMIO registers,
+//!   shared with the guest source.
+//! * [`memory`]: guest RAM (anonymous, THP, pre-faulted, accessed volatile
+//!   through vm-memory).
+//! * [`vm`]: the KVM VM, in-kernel irqchip and PIT, vCPU creation,
+//!   pause/resume of all vCPUs.
+//! * [`vcpu`]: one thread per vCPU, Paused / Running / Exited over
+//!   channels, kicked out of `KVM_RUN` with a signal + `immediate_exit`.
+//! * [`devices`]: the MMIO dispatcher, console and system device.
+//! * [`boot`], [`elf`]: page tables, GDT, long-mode register state and the
+//!   ELF loader for the guest image.
+//! * [`run`](mod@run): `simrep run`: boot the guest with a workload and run it until
+//!   it ends or the caller stops it.
+
+#[path = "../../../simrep-guest/src/abi.rs"]
+pub mod abi;
+pub mod boot;
+pub mod devices;
+pub mod elf;
+pub mod memory;
+pub mod run;
+pub mod vcpu;
+pub mod vm;
+
+pub use memory::GuestMemory;
+pub use run::{run, RunOptions, RunSummary};
+pub use vm::Vm;
+
+/// The bundled guest's ELF image, built by `build.rs` for
+/// `x86_64-unknown-none`.
+pub static GUEST_ELF: &[u8] = include_bytes!(env!("SIMREP_GUEST_ELF"));
+
+// SAFETY: `#[repr(C)]` structs of `u32`/`u64` fields laid out without
+// padding (checked by the size assertions below); every bit pattern is a
+// valid value.
+unsafe impl vm_memory::ByteValued for abi::BootParams {}
+// SAFETY: as above.
+unsafe impl vm_memory::ByteValued for abi::ChurnParams {}
+// SAFETY: as above.
+unsafe impl vm_memory::ByteValued for abi::SelftestParams {}
+// SAFETY: as above.
+unsafe impl vm_memory::ByteValued for abi::VcpuStatus {}
+// SAFETY: as above.
+unsafe impl vm_memory::ByteValued for abi::ExceptionReport {}
+
+const _: () = assert!(size_of::<abi::ChurnParams>() == 24);
+const _: () = assert!(size_of::<abi::SelftestParams>() == 8);
+const _: () = assert!(size_of::<abi::BootParams>() == 72);
+const _: () = assert!(size_of::<abi::VcpuStatus>() == 64);
+const _: () = assert!(size_of::<abi::ExceptionReport>() == 72);
+const _: () = assert!(size_of::<abi::ExceptionReport>() <= 0x60);
+
+/// Errors of running a VM, as `simrep run` reports them.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// The options do not make a valid VM.
+    #[error("invalid VM configuration")]
+    Config(#[from] boot::BootError),
+    /// Creating or driving the KVM VM failed (no `/dev/kvm`, no permission,
+    /// a failing ioctl, a vCPU that does not answer).
+    #[error(transparent)]
+    Vm(#[from] vm::VmError),
+    /// A vCPU stopped with an error: the guest faulted, triple-faulted, hit
+    /// an unknown MMIO address, or KVM failed.
+    #[error(transparent)]
+    Vcpu(#[from] vcpu::VcpuError),
+    /// The guest ended with a nonzero status.
+    #[error("guest on vCPU {vcpu} exited with status {status}")]
+    GuestFailed {
+        /// The vCPU.
+        vcpu: u32,
+        /// The status it wrote to `SYS_EXIT`.
+        status: u64,
+    },
+    /// Reading guest memory failed.
+    #[error("cannot read guest memory")]
+    Memory(#[from] memory::MemoryError),
+    /// The guest made no progress for too long.
+    #[error("guest made no progress for {seconds} s (runaway or hung guest)")]
+    NoProgress {
+        /// How long it was stuck.
+        seconds: u64,
+    },
+}
