@@ -177,7 +177,10 @@ fn analyze(simrep: &Path, trace: &Path, out: &Path) -> Result<()> {
 }
 
 fn figures(root: &Path, args: &FiguresArgs) -> Result<()> {
-    setup::run(&setup::SetupOptions::default())?;
+    setup::run(&setup::SetupOptions {
+        figures: true,
+        ..Default::default()
+    })?;
     let simrep = build_release(root)?;
     let list: Vec<servers::Server> = if args.servers.is_empty() {
         servers::Server::ALL.to_vec()

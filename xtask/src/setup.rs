@@ -40,7 +40,14 @@ pub struct SetupOptions {
     /// Exits non-zero if anything is missing.
     #[arg(long)]
     pub check: bool,
+    /// Also the servers and load tools that `cargo xtask figures` traces
+    /// (Redis, MariaDB, sysbench).
+    #[arg(long)]
+    pub figures: bool,
 }
+
+/// Debian packages only `cargo xtask figures` needs.
+const FIGURES_PACKAGES: &[&str] = &["redis-server", "redis-tools", "mariadb-server", "sysbench"];
 
 /// Result of probing one item.
 enum Probe {
@@ -81,7 +88,7 @@ pub fn run(opts: &SetupOptions) -> Result<()> {
     };
     let mut failures = Vec::new();
     let mut need_root = false;
-    for item in items() {
+    for item in items(opts.figures) {
         match handle(&item, &ctx, opts.check, root) {
             Ok(line) => println!("{line}"),
             Err(err) => {
@@ -128,7 +135,7 @@ fn handle(item: &Item, ctx: &Context, check_only: bool, root: bool) -> Result<St
 }
 
 /// Everything the project needs, in dependency order.
-fn items() -> Vec<Item> {
+fn items(figures: bool) -> Vec<Item> {
     let mut items = vec![
         Item {
             name: "nightly toolchain".into(),
@@ -177,6 +184,9 @@ fn items() -> Vec<Item> {
         },
     ];
     items.extend(APT_PACKAGES.iter().map(|&pkg| apt_package(pkg)));
+    if figures {
+        items.extend(FIGURES_PACKAGES.iter().map(|&pkg| apt_package(pkg)));
+    }
     items.push(mount_item("bpffs", "bpf", "/sys/fs/bpf"));
     items.push(mount_item("tracefs", "tracefs", "/sys/kernel/tracing"));
     items

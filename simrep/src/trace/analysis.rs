@@ -725,9 +725,12 @@ pub fn plot(r: &AnalysisReport, dir: &Path) -> Result<Vec<PathBuf>, AnalysisErro
             root.fill(&WHITE)?;
             let xs: Vec<f64> = r.fig1.iter().map(|p| (p.area_size as f64).log2()).collect();
             let (x0, x1) = (
-                xs.iter().cloned().fold(f64::MAX, f64::min) - 0.3,
-                xs.iter().cloned().fold(f64::MIN, f64::max) + 0.3,
+                xs.iter().cloned().fold(f64::MAX, f64::min) - 0.5,
+                xs.iter().cloned().fold(f64::MIN, f64::max) + 0.5,
             );
+            // One label per half step; only whole steps (powers of two) are
+            // printed.
+            let labels = ((x1 - x0) * 2.0).round() as usize + 1;
             let mut chart = ChartBuilder::on(&root)
                 .caption(
                     "Similarity of dirty areas to the backup's memory",
@@ -741,7 +744,15 @@ pub fn plot(r: &AnalysisReport, dir: &Path) -> Result<Vec<PathBuf>, AnalysisErro
                 .configure_mesh()
                 .x_desc("area size (bytes)")
                 .y_desc("% identical bytes with best match")
-                .x_label_formatter(&|x| format!("{}", 2f64.powf(*x).round()))
+                .x_labels(labels)
+                .x_label_formatter(&|x| {
+                    if (x - x.round()).abs() < 1e-6 {
+                        format!("{}", 2f64.powf(x.round()))
+                    } else {
+                        String::new()
+                    }
+                })
+                .y_label_formatter(&|y| format!("{y:.0}"))
                 .draw()?;
             let pts: Vec<(f64, f64)> = r
                 .fig1
@@ -784,25 +795,27 @@ pub fn plot(r: &AnalysisReport, dir: &Path) -> Result<Vec<PathBuf>, AnalysisErro
             .flat_map(|c| c.epochs.iter().map(|e| e.epoch))
             .max()
             .unwrap_or(1);
-        let max_kib = r
+        const MIB: f64 = (1 << 20) as f64;
+        let max_mib = r
             .codecs
             .iter()
-            .flat_map(|c| c.epochs.iter().map(|e| e.out_bytes as f64 / 1024.0))
-            .fold(1.0, f64::max);
+            .flat_map(|c| c.epochs.iter().map(|e| e.out_bytes as f64 / MIB))
+            .fold(0.01, f64::max);
         let mut chart = ChartBuilder::on(&root)
             .caption("Bytes sent per epoch", ("sans-serif", 20))
             .margin(12)
             .x_label_area_size(40)
             .y_label_area_size(64)
-            .build_cartesian_2d(0u32..max_epoch + 1, 0.0..max_kib * 1.05)?;
+            .build_cartesian_2d(0u32..max_epoch + 1, 0.0..max_mib * 1.05)?;
         chart
             .configure_mesh()
             .x_desc("epoch")
-            .y_desc("KiB")
+            .y_desc("MiB sent")
+            .y_label_formatter(&|y| format!("{y:.1}"))
             .draw()?;
         for (i, c) in r.codecs.iter().enumerate() {
             let color = Palette99::pick(i).to_rgba();
-            let pts = c.epochs.iter().map(|e| (e.epoch, e.out_bytes as f64 / 1024.0));
+            let pts = c.epochs.iter().map(|e| (e.epoch, e.out_bytes as f64 / MIB));
             chart
                 .draw_series(LineSeries::new(pts, color.stroke_width(2)))?
                 .label(c.spec.clone())
