@@ -77,5 +77,8 @@ pub fn run(cmd: &mut Command) -> Output {
 pub fn require_root(what: &str) {
     // SAFETY: geteuid has no preconditions and cannot fail.
     let euid = unsafe { libc::geteuid() };
-    assert_eq!(euid, 0, "{what} needs root (run the tests as root, as CI does)");
+    assert_eq!(
+        euid, 0,
+        "{what} needs root (run the tests as root, as CI does)"
+    );
 }

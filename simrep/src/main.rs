@@ -194,9 +194,7 @@ fn classify(error: &anyhow::Error) -> u8 {
                     | VmError::OpenKvm(_)
                     | VmError::NotKvm { .. },
                 ) => 7,
-                VmmError::Vcpu(_) | VmmError::GuestFailed { .. } | VmmError::NoProgress { .. } => {
-                    4
-                }
+                VmmError::Vcpu(_) | VmmError::GuestFailed { .. } | VmmError::NoProgress { .. } => 4,
                 VmmError::Config(_) => 2,
                 _ => 1,
             };

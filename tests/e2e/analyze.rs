@@ -37,7 +37,11 @@ fn codec<'a>(report: &'a Value, spec_prefix: &str) -> &'a Value {
         .as_array()
         .expect("codecs array")
         .iter()
-        .find(|c| c["spec"].as_str().is_some_and(|s| s.starts_with(spec_prefix)))
+        .find(|c| {
+            c["spec"]
+                .as_str()
+                .is_some_and(|s| s.starts_with(spec_prefix))
+        })
         .unwrap_or_else(|| panic!("no codec {spec_prefix} in {report:#}"))
 }
 
@@ -84,10 +88,16 @@ fn analyze_sample_reproduces_the_reference_baselines() {
     let zstd = percent(codec(&r, "zstd"));
     assert!((zstd - 31.3).abs() < 1.5, "zstd-1 per epoch {zstd} vs 31.3");
     let xbzrle = percent(codec(&r, "xbzrle"));
-    assert!((xbzrle - 23.4).abs() < 1.5, "xbzrle 64 MiB {xbzrle} vs 23.4");
+    assert!(
+        (xbzrle - 23.4).abs() < 1.5,
+        "xbzrle 64 MiB {xbzrle} vs 23.4"
+    );
     // Fig. 1 for every area size from 64 to 2048 B.
     let fig1 = r["fig1"].as_array().expect("fig1");
-    let sizes: Vec<u64> = fig1.iter().filter_map(|p| p["area_size"].as_u64()).collect();
+    let sizes: Vec<u64> = fig1
+        .iter()
+        .filter_map(|p| p["area_size"].as_u64())
+        .collect();
     assert_eq!(sizes, [64, 128, 256, 512, 1024, 2048]);
     for p in fig1 {
         let share = p["mean_identical_percent"].as_f64().expect("share");
@@ -109,7 +119,10 @@ fn analyze_sample_reproduces_the_papers_codec_figures() {
     let median = percent(&codecs[1]);
     // FORMAT.md: 93.6 % with the 80 % threshold, 26.5 % with the median.
     assert!((f80 - 93.6).abs() < 4.0, "80% threshold: {f80} vs 93.6");
-    assert!((median - 26.5).abs() < 4.0, "median threshold: {median} vs 26.5");
+    assert!(
+        (median - 26.5).abs() < 4.0,
+        "median threshold: {median} vs 26.5"
+    );
 }
 
 #[test]
@@ -137,7 +150,11 @@ fn analyze_rejects_bad_input_with_clear_errors() {
         .arg("analyze")
         .arg(sample_trace())
         .args(["--codec", "similarity:area=100"]));
-    assert_eq!(out.status.code(), Some(2), "bad codec spec is a usage error");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "bad codec spec is a usage error"
+    );
 }
 
 /// A real program that keeps rewriting part of a 16 MiB buffer.
@@ -211,14 +228,26 @@ fn capture_then_analyze_a_real_process() {
         .find(|c| c["default"] == true)
         .expect("default codec");
     // Each page changes in a single byte: the codec must find that out.
-    assert!(percent(def) < 10.0, "default codec sent {}% of raw", percent(def));
+    assert!(
+        percent(def) < 10.0,
+        "default codec sent {}% of raw",
+        percent(def)
+    );
 }
 
 #[test]
 fn capture_of_a_missing_process_fails_with_its_exit_code() {
     let dir = tempfile::tempdir().expect("tempdir");
     let out = run(simrep()
-        .args(["trace", "capture", "--pid", "2147483000", "--epochs", "1", "-o"])
+        .args([
+            "trace",
+            "capture",
+            "--pid",
+            "2147483000",
+            "--epochs",
+            "1",
+            "-o",
+        ])
         .arg(dir.path().join("x.trace")));
     assert_eq!(out.status.code(), Some(5));
     assert!(String::from_utf8_lossy(&out.stderr).contains("2147483000"));

@@ -103,9 +103,7 @@ fn workspace_root() -> Result<PathBuf> {
 pub(crate) fn sh(cmd: &mut Cmd) -> Result<()> {
     let line = format!("{cmd:?}");
     eprintln!("$ {line}");
-    let status = cmd
-        .status()
-        .with_context(|| format!("starting {line}"))?;
+    let status = cmd.status().with_context(|| format!("starting {line}"))?;
     if !status.success() {
         bail!("{line} failed: {status}");
     }

@@ -266,4 +266,3 @@ pub fn trace_server(
     procs.check_alive()?;
     Ok(())
 }
-

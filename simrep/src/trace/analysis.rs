@@ -311,13 +311,14 @@ impl CodecRun {
                 source,
             })?;
         let t1 = thread_cpu_ns();
-        let decoded = compress::decode_epoch(prev, &self.buf, truth.frame_count()).map_err(
-            |source| AnalysisError::Decode {
-                codec: name.clone(),
-                epoch: d.epoch,
-                source,
-            },
-        )?;
+        let decoded =
+            compress::decode_epoch(prev, &self.buf, truth.frame_count()).map_err(|source| {
+                AnalysisError::Decode {
+                    codec: name.clone(),
+                    epoch: d.epoch,
+                    source,
+                }
+            })?;
         let t2 = thread_cpu_ns();
         let mismatch = |what: String| AnalysisError::Mismatch {
             codec: name.clone(),
@@ -587,7 +588,10 @@ pub fn analyze<R: Read>(
                 runs.par_iter_mut()
                     .try_for_each(|run| run.epoch(&prev, truth, &d))
             },
-            || fig1.par_iter_mut().for_each(|ix| ix.epoch(&prev, truth, &d)),
+            || {
+                fig1.par_iter_mut()
+                    .for_each(|ix| ix.epoch(&prev, truth, &d))
+            },
         );
         codec_result?;
         for &frame in &d.dirty {
@@ -679,10 +683,16 @@ pub fn render_table(r: &AnalysisReport) -> String {
         &r.summary.best_baseline,
         r.summary.ratio_to_best_baseline,
     ) {
-        let _ = writeln!(s, "* default; {d} sends {ratio:.2}x the bytes of the best baseline ({b})");
+        let _ = writeln!(
+            s,
+            "* default; {d} sends {ratio:.2}x the bytes of the best baseline ({b})"
+        );
     }
     if !r.fig1.is_empty() {
-        let _ = writeln!(s, "\nFig. 1: similarity of dirty areas to the backup's memory");
+        let _ = writeln!(
+            s,
+            "\nFig. 1: similarity of dirty areas to the backup's memory"
+        );
         let _ = writeln!(
             s,
             "{:>10} {:>12} {:>18} {:>16}",
