@@ -105,6 +105,7 @@ mod baselines;
 mod cache;
 pub mod container;
 mod decode;
+pub mod fingerprint;
 pub mod hash;
 pub mod rle;
 mod similarity;

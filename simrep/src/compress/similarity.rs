@@ -28,6 +28,7 @@ use rayon::ThreadPool;
 
 use super::cache::PageCache;
 use super::container::{write_header, ChunkWriter, CodecId, Op};
+use super::fingerprint::Fingerprinter;
 use super::hash::bit_density_hash;
 use super::rle::{diff_count_bounded, diff_masks, is_zero, rle_encode};
 use super::table::{Table, EMPTY};
@@ -52,6 +53,10 @@ struct State {
     log2: u32,
     table: Table,
     cache: PageCache,
+    /// Fingerprint of every area of the committed image (empty when
+    /// fingerprints are off).
+    fps: Vec<u64>,
+    fingerprinter: Option<Fingerprinter>,
 }
 
 /// Read-only view shared by the chunk encoders.
@@ -65,6 +70,7 @@ struct Ctx<'a> {
     table: &'a Table,
     cache: &'a PageCache,
     current: &'a dyn PageView,
+    fingerprints: Option<(&'a Fingerprinter, &'a [u64])>,
 }
 
 /// What a chunk encoder hands back for the sequential update.
@@ -72,6 +78,8 @@ struct ChunkOut {
     bytes: Vec<u8>,
     /// Hash of every area (meaningless for zero areas).
     hashes: Vec<u32>,
+    /// Fingerprint of every area (when fingerprints are on).
+    fps: Vec<u64>,
     /// Per frame: bit per non-zero area.
     nonzero: Vec<u64>,
     /// Per frame: bit per unchanged area.
@@ -109,6 +117,11 @@ impl Ctx<'_> {
         let mut out = ChunkOut {
             bytes: Vec::new(),
             hashes: Vec::with_capacity(frames.len() * per_page),
+            fps: Vec::with_capacity(if self.fingerprints.is_some() {
+                frames.len() * per_page
+            } else {
+                0
+            }),
             nonzero: Vec::with_capacity(frames.len()),
             unchanged: Vec::with_capacity(frames.len()),
             self_used: Vec::with_capacity(frames.len()),
@@ -130,6 +143,9 @@ impl Ctx<'_> {
                 if is_zero(area) {
                     w.op(Op::Zero);
                     out.hashes.push(0);
+                    if self.fingerprints.is_some() {
+                        out.fps.push(0);
+                    }
                     out.kinds.zero += 1;
                     continue;
                 }
@@ -142,6 +158,9 @@ impl Ctx<'_> {
                     if nz == 0 {
                         w.op(Op::Unchanged);
                         out.hashes.push(self.table.stored_hash(gid));
+                        if let Some((_, fps)) = self.fingerprints {
+                            out.fps.push(fps.get(gid as usize).copied().unwrap_or(0));
+                        }
                         unch_bits |= 1 << a;
                         self_used = true;
                         out.kinds.unchanged += 1;
@@ -149,6 +168,17 @@ impl Ctx<'_> {
                     }
                     best = Cand::SelfPrev;
                     best_nz = nz;
+                }
+                if let Some((fingerprinter, fps)) = self.fingerprints {
+                    let fp = fingerprinter.fingerprint(area);
+                    out.fps.push(fp);
+                    if prev.is_none() && fps.get(gid as usize) == Some(&fp) {
+                        w.op(Op::Unchanged);
+                        out.hashes.push(self.table.stored_hash(gid));
+                        unch_bits |= 1 << a;
+                        out.kinds.unchanged += 1;
+                        continue;
+                    }
                 }
                 let h = bit_density_hash(area, self.hash);
                 out.hashes.push(h);
@@ -283,13 +313,22 @@ impl EpochEncoder for SimilarityEncoder {
             self.cfg.bucket_candidates,
             frames * per_page,
         );
+        let fingerprinter = self.cfg.fingerprints.then(|| Fingerprinter::random(size));
+        let mut fps = Vec::new();
+        if fingerprinter.is_some() {
+            fps.reserve_exact(frames * per_page);
+        }
         for f in 0..image.frame_count() {
             for (a, area) in image.page(f).chunks_exact(size).enumerate() {
-                if !is_zero(area) {
+                let zero = is_zero(area);
+                if !zero {
                     table.insert(
                         (f << page_shift) + a as u32,
                         bit_density_hash(area, self.cfg.hash),
                     );
+                }
+                if let Some(fp) = &fingerprinter {
+                    fps.push(if zero { 0 } else { fp.fingerprint(area) });
                 }
             }
         }
@@ -297,6 +336,8 @@ impl EpochEncoder for SimilarityEncoder {
             log2,
             table,
             cache: PageCache::new(self.cfg.resolved_cache_pages(frames)),
+            fps,
+            fingerprinter,
         });
     }
 
@@ -318,6 +359,10 @@ impl EpochEncoder for SimilarityEncoder {
             .max()
             .map_or(0, |&m| m as usize + 1);
         state.table.ensure_areas(max_frame * per_page);
+        if state.fingerprinter.is_some() && state.fps.len() < max_frame * per_page {
+            // Frames beyond the image read as zero: fingerprint 0.
+            state.fps.resize(max_frame * per_page, 0);
+        }
 
         // Forget what the encoder can no longer read as I(k-1).
         for &f in dropped {
@@ -340,6 +385,10 @@ impl EpochEncoder for SimilarityEncoder {
             table: &state.table,
             cache: &state.cache,
             current,
+            fingerprints: state
+                .fingerprinter
+                .as_ref()
+                .map(|f| (f, state.fps.as_slice())),
         };
         let per_chunk = self.cfg.chunk_frames.max(1);
         let chunks = map_chunks(self.pool.as_ref(), dirty, per_chunk, |c| {
@@ -370,6 +419,23 @@ impl EpochEncoder for SimilarityEncoder {
         // Sequential update: table entries of the new contents, then the
         // cache (frames whose previous contents proved useful last, so they
         // are the last to be evicted).
+        if state.fingerprinter.is_some() {
+            for &f in dropped {
+                let at = (f as usize) << page_shift;
+                if let Some(s) = state.fps.get_mut(at..at + per_page) {
+                    s.fill(0);
+                }
+            }
+            for (frames, c) in dirty.chunks(per_chunk).zip(&chunks) {
+                for (i, &f) in frames.iter().enumerate() {
+                    let at = (f as usize) << page_shift;
+                    let new = &c.fps[i * per_page..(i + 1) * per_page];
+                    if let Some(s) = state.fps.get_mut(at..at + per_page) {
+                        s.copy_from_slice(new);
+                    }
+                }
+            }
+        }
         for (frames, c) in dirty.chunks(per_chunk).zip(&chunks) {
             for (i, &f) in frames.iter().enumerate() {
                 let base = f << page_shift;
@@ -403,8 +469,11 @@ impl EpochEncoder for SimilarityEncoder {
     }
 
     fn reference_bytes(&self) -> usize {
-        self.state
-            .as_ref()
-            .map_or(0, |s| s.table.bytes() + s.cache.bytes())
+        self.state.as_ref().map_or(0, |s| {
+            s.table.bytes()
+                + s.cache.bytes()
+                + s.fps.capacity() * 8
+                + s.fingerprinter.as_ref().map_or(0, Fingerprinter::bytes)
+        })
     }
 }

@@ -16,7 +16,7 @@
 //! `bucket=1..16` (candidates per bucket), `cache=auto|PAGES|SIZE` (SIZE
 //! with a `KiB`/`MiB`/`GiB` suffix), `stage=none|lz4|zstd|zstdN`,
 //! `depth=1..16` (bucket candidates examined per area), `chunk=1..4096`
-//! (dirty frames per chunk).
+//! (dirty frames per chunk), `fp=on|off` (area fingerprints).
 //!
 //! `Display` prints the canonical form, which `FromStr` reads back: only
 //! parameters that differ from the defaults are printed.
@@ -116,6 +116,13 @@ pub struct SimilarityConfig {
     /// Dirty frames per chunk (1..=4096): the unit of parallel encoding,
     /// of independent decoding and of the second stage.
     pub chunk_frames: usize,
+    /// Keep a 61-bit keyed universal-hash fingerprint of every area of the
+    /// committed image (8 bytes per area), so that areas of dirty pages
+    /// that are not in the cache can still be sent as unchanged. Such an
+    /// area is wrongly taken as unchanged with probability at most 2^-61
+    /// (see [`fingerprint`](super::fingerprint)); cached pages are always
+    /// compared exactly. Off: only exact comparisons.
+    pub fingerprints: bool,
 }
 
 impl Default for SimilarityConfig {
@@ -129,6 +136,7 @@ impl Default for SimilarityConfig {
             second_stage: SecondStage::Lz4,
             search_depth: 4,
             chunk_frames: 256,
+            fingerprints: true,
         }
     }
 }
@@ -159,12 +167,13 @@ impl SimilarityConfig {
         buckets.ilog2().clamp(8, 24)
     }
 
-    /// Bytes of the content table for an image of `frames` frames.
+    /// Bytes of the content table (and fingerprints) for an image of `frames` frames.
     pub fn table_bytes(&self, frames: usize) -> usize {
         let areas = frames * (PAGE_SIZE / self.area_size.max(1));
         ((8 * self.bucket_candidates.max(1)) << self.resolved_table_bits(frames))
             + 4 * areas
             + areas.div_ceil(64) * 8
+            + if self.fingerprints { 8 * areas } else { 0 }
     }
 
     /// Cache pages to use for an image of `frames` frames.
@@ -329,6 +338,17 @@ fn parse_similarity(params: &[(&str, &str)]) -> Result<SimilarityConfig, ParseSp
             "bucket" => cfg.bucket_candidates = num(v)?,
             "depth" => cfg.search_depth = num(v)?,
             "chunk" => cfg.chunk_frames = num(v)?,
+            "fp" => {
+                cfg.fingerprints = match v {
+                    "on" => true,
+                    "off" => false,
+                    _ => {
+                        return Err(ParseSpecError::new(format!(
+                            "fp must be on or off, got {v:?}"
+                        )))
+                    }
+                }
+            }
             "cache" => {
                 cfg.cache_pages = if v == "auto" {
                     CachePages::Auto
@@ -441,6 +461,9 @@ impl fmt::Display for CodecSpec {
                 if c.chunk_frames != d.chunk_frames {
                     parts.push(format!("chunk={}", c.chunk_frames));
                 }
+                if c.fingerprints != d.fingerprints {
+                    parts.push(format!("fp={}", if c.fingerprints { "on" } else { "off" }));
+                }
                 if parts.is_empty() {
                     f.write_str("similarity")
                 } else {
@@ -491,7 +514,7 @@ mod tests {
             "xbzrle:cache=64MiB",
             "similarity",
             "similarity:area=256,hash=fraction80,stage=zstd",
-            "similarity:table=12,bucket=4,cache=100,stage=none,depth=2,chunk=64",
+            "similarity:table=12,bucket=4,cache=100,stage=none,depth=2,chunk=64,fp=off",
             "similarity:stage=zstd-3",
         ] {
             let spec: CodecSpec = s.parse().unwrap();

@@ -130,17 +130,21 @@ fn similarity_config() -> impl Strategy<Value = SimilarityConfig> {
         ],
         1usize..=8,
         1usize..=9,
+        any::<bool>(),
     )
         .prop_map(
-            |(log2, hash, table_bits, bucket, cache, stage, depth, chunk)| SimilarityConfig {
-                area_size: 1 << log2,
-                hash,
-                table_bits,
-                bucket_candidates: bucket,
-                cache_pages: cache,
-                second_stage: stage,
-                search_depth: depth,
-                chunk_frames: chunk,
+            |(log2, hash, table_bits, bucket, cache, stage, depth, chunk, fingerprints)| {
+                SimilarityConfig {
+                    area_size: 1 << log2,
+                    hash,
+                    table_bits,
+                    bucket_candidates: bucket,
+                    cache_pages: cache,
+                    second_stage: stage,
+                    search_depth: depth,
+                    chunk_frames: chunk,
+                    fingerprints,
+                }
             },
         )
 }
