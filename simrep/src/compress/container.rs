@@ -87,6 +87,8 @@ pub enum Op {
     XorNext = 7,
     /// lz4 block of the area: varint length, then that many literal bytes.
     Lz4 = 8,
+    /// Runs against the all-zero area (a sparse area's non-zero bytes).
+    Sparse = 9,
 }
 
 impl Op {
@@ -103,6 +105,7 @@ impl Op {
             6 => Self::IdenticalNext,
             7 => Self::XorNext,
             8 => Self::Lz4,
+            9 => Self::Sparse,
             _ => return None,
         })
     }

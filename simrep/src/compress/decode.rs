@@ -522,6 +522,7 @@ fn decode_chunk(
                         rle_apply(out, &mut c, &mut l).map_err(run_err)?;
                     }
                 }
+                Op::Sparse => rle_apply(out, &mut c, &mut l).map_err(run_err)?,
                 Op::Lz4 => {
                     let n = c.varint().ok_or(cut("control", frame, offset))? as usize;
                     let src = l.bytes(n).ok_or(cut("literal", frame, offset))?;

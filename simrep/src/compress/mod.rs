@@ -87,6 +87,7 @@
 //! | 6 identical-next | | copy of the predicted area |
 //! | 7 xor-next | runs | XOR against the predicted area |
 //! | 8 lz4 | varint n, n literal bytes | lz4 block decoding to exactly `S` bytes |
+//! | 9 sparse | runs | runs against the all-zero area |
 //!
 //! A reference names the area index `frame * (4096 / S) + area` in
 //! `I(k-1)`; it is coded as the difference to the *predicted* index (the

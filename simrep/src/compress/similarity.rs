@@ -34,7 +34,7 @@ use super::rle::{diff_count_bounded, diff_masks, is_zero, rle_encode};
 use super::table::{Table, EMPTY};
 use super::{
     check_sets, make_pool, map_chunks, EncodeError, EpochEncoder, EpochStats, HashThreshold,
-    KindCounts, PageView, SecondStage, SimilarityConfig, PAGE_SIZE,
+    KindCounts, PageView, SecondStage, SimilarityConfig, PAGE_SIZE, ZERO_PAGE,
 };
 
 /// Zero gaps shorter than this inside a literal run are absorbed into it
@@ -94,6 +94,8 @@ enum Cand {
     None,
     SelfPrev,
     Ref(u32),
+    /// The all-zero area (the area is sparse).
+    Zero,
 }
 
 impl Ctx<'_> {
@@ -224,11 +226,20 @@ impl Ctx<'_> {
                         }
                     }
                 }
+                if best_nz > good_enough {
+                    let zero = &ZERO_PAGE[..size];
+                    let nz = diff_count_bounded(area, zero, best_nz);
+                    if nz < best_nz {
+                        best = Cand::Zero;
+                        best_nz = nz;
+                    }
+                }
                 // Emit.
                 let reference = match best {
                     Cand::None => None,
                     Cand::SelfPrev => prev.map(|p| &p[a * size..(a + 1) * size]),
                     Cand::Ref(c) => Some(self.area(c)),
+                    Cand::Zero => Some(&ZERO_PAGE[..size]),
                 };
                 let Some(reference) = reference.filter(|_| best_nz < size - size / 8) else {
                     w.op(Op::Raw);
@@ -247,6 +258,7 @@ impl Ctx<'_> {
                 let mark = w.mark();
                 match best {
                     Cand::Ref(c) => w.op_ref(false, c),
+                    Cand::Zero => w.op(Op::Sparse),
                     _ => w.op(Op::XorSelf),
                 }
                 diff_masks(area, reference, &mut masks);
@@ -270,6 +282,7 @@ impl Ctx<'_> {
                         pred = Some(c + 1);
                         out.kinds.xor_other += 1;
                     }
+                    Cand::Zero => out.kinds.raw += 1,
                     _ => {
                         self_used = true;
                         out.kinds.xor_self += 1;
