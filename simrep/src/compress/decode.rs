@@ -4,7 +4,7 @@ use super::container::{
     ChunkEncoding, CodecId, Op, CHUNK_HEADER_LEN, HEADER_LEN, MAGIC, MAX_CHUNK_FRAMES,
     MAX_CHUNK_RAW, VERSION,
 };
-use super::rle::{rle_apply, unzigzag, Reader, RleError};
+use super::rle::{rle_apply, rle_patch, unzigzag, Reader, RleError};
 use super::{Image, Page, PageView, PAGE_SIZE};
 
 /// The decoded contents of one epoch, not yet applied.
@@ -220,6 +220,7 @@ struct ChunkRef<'a> {
     index: u32,
     stored: &'a [u8],
     raw_len: usize,
+    control_len: usize,
     frames: usize,
     encoding: ChunkEncoding,
 }
@@ -301,7 +302,7 @@ fn parse_layout(input: &[u8], max_frames: u32) -> Result<Layout<'_>, DecodeError
             .bytes(CHUNK_HEADER_LEN)
             .ok_or(truncated("chunk header", r.pos()))?;
         let le = |at: usize| u32::from_le_bytes([h[at], h[at + 1], h[at + 2], h[at + 3]]);
-        let (stored_len, raw_len, n) = (le(0), le(4), le(8));
+        let (stored_len, raw_len, n, control_len) = (le(0), le(4), le(8), le(12));
         let bad = |reason| DecodeError::BadChunkHeader {
             chunk: index,
             reason,
@@ -312,7 +313,10 @@ fn parse_layout(input: &[u8], max_frames: u32) -> Result<Layout<'_>, DecodeError
         if raw_len > MAX_CHUNK_RAW {
             return Err(bad("decompressed size over the limit"));
         }
-        let encoding = match h[12] {
+        if control_len > raw_len {
+            return Err(bad("control stream longer than the payload"));
+        }
+        let encoding = match h[16] {
             0 => ChunkEncoding::Stored,
             1 => ChunkEncoding::Lz4,
             2 => ChunkEncoding::Zstd,
@@ -335,6 +339,7 @@ fn parse_layout(input: &[u8], max_frames: u32) -> Result<Layout<'_>, DecodeError
             index,
             stored,
             raw_len: raw_len as usize,
+            control_len: control_len as usize,
             frames: n as usize,
             encoding,
         });
@@ -428,7 +433,10 @@ fn decode_chunk(
     let ci = chunk.index;
     let mut buf = Vec::new();
     let payload = payload(chunk, &mut buf)?;
-    let mut r = Reader::new(payload);
+    // Payload: frame list, literals, control (its length in the header).
+    let split = payload.len() - chunk.control_len.min(payload.len());
+    let (head, control) = payload.split_at(split);
+    let mut r = Reader::new(head);
     let cut = |stream, frame, offset| DecodeError::ChunkTruncated {
         chunk: ci,
         frame,
@@ -460,8 +468,6 @@ fn decode_chunk(
         *slot = f as u32;
         prev = f;
     }
-    let control_len = r.varint().ok_or(cut("frame list", 0, r.pos()))? as usize;
-    let control = r.bytes(control_len).ok_or(cut("control", 0, r.pos()))?;
     let literals = r.bytes(r.remaining()).unwrap_or(&[]);
     let mut c = Reader::new(control);
     let mut l = Reader::new(literals);
@@ -523,6 +529,10 @@ fn decode_chunk(
                     }
                 }
                 Op::Sparse => rle_apply(out, &mut c, &mut l).map_err(run_err)?,
+                Op::PatchSelf => {
+                    out.copy_from_slice(own_area);
+                    rle_patch(out, &mut c, &mut l).map_err(run_err)?;
+                }
                 Op::Lz4 => {
                     let n = c.varint().ok_or(cut("control", frame, offset))? as usize;
                     let src = l.bytes(n).ok_or(cut("literal", frame, offset))?;
@@ -738,13 +748,13 @@ mod tests {
 
     fn raw_chunk(frames_payload: &[u8], control: &[u8], literals: &[u8], n: u32) -> Vec<u8> {
         let mut payload = frames_payload.to_vec();
-        payload.push(control.len() as u8);
-        payload.extend_from_slice(control);
         payload.extend_from_slice(literals);
+        payload.extend_from_slice(control);
         let mut v = Vec::new();
         v.extend_from_slice(&(payload.len() as u32).to_le_bytes());
         v.extend_from_slice(&(payload.len() as u32).to_le_bytes());
         v.extend_from_slice(&n.to_le_bytes());
+        v.extend_from_slice(&(control.len() as u32).to_le_bytes());
         v.push(0);
         v.extend_from_slice(&payload);
         v

@@ -54,8 +54,8 @@
 //! header := "SRCE" version:u8=1 codec:u8 area_log2:u8 flags:u8
 //!           n_frames:u32 n_dropped:u32 n_chunks:u32            (20 bytes)
 //! dropped:= frame:u32                     strictly increasing, < max_frames
-//! chunk  := stored_len:u32 raw_len:u32 frames:u32 encoding:u8  (13 bytes)
-//!           stored[stored_len]
+//! chunk  := stored_len:u32 raw_len:u32 frames:u32 control_len:u32
+//!           encoding:u8 stored[stored_len]                     (17 + stored_len)
 //! ```
 //!
 //! * `codec`: [`CodecId`](container::CodecId) (1 raw, 2 lz4, 3 zstd,
@@ -68,10 +68,11 @@
 //!   ([`MAX_CHUNK_RAW`](container::MAX_CHUNK_RAW)). A chunk holds 1..=4096
 //!   frames; the chunks' frames must add up to `n_frames`
 //!   (<= `max_frames`), and nothing may follow the last chunk.
-//! * payload: `varint frame`, then `frames - 1` varint deltas (>= 1, so
-//!   the frames of the whole epoch are strictly increasing), `varint
-//!   control_len`, the control stream, and the literal stream (the rest).
-//!   Varints are unsigned LEB128.
+//! * payload (`raw_len` bytes): `varint frame`, then `frames - 1` varint
+//!   deltas (>= 1, so the frames of the whole epoch are strictly
+//!   increasing), then the literal stream, then the control stream (its
+//!   last `control_len` bytes, `control_len <= raw_len`). Varints are
+//!   unsigned LEB128.
 //! * control stream: per frame, per area, one op byte
 //!   ([`Op`](container::Op)) and its operands; literal bytes live in the
 //!   literal stream:
@@ -88,6 +89,7 @@
 //! | 7 xor-next | runs | XOR against the predicted area |
 //! | 8 lz4 | varint n, n literal bytes | lz4 block decoding to exactly `S` bytes |
 //! | 9 sparse | runs | runs against the all-zero area |
+//! | 10 patch-self | runs | same area of the same frame, literal runs replaced by the literal bytes |
 //!
 //! A reference names the area index `frame * (4096 / S) + area` in
 //! `I(k-1)`; it is coded as the difference to the *predicted* index (the
@@ -118,7 +120,7 @@ mod tests;
 pub use decode::{decode_epoch, decode_epoch_parallel, DecodeError, DecodedEpoch};
 pub use hash::bit_density_hash;
 pub use spec::{
-    CachePages, CodecSpec, HashThreshold, ParseSpecError, SecondStage, SimilarityConfig,
+    CachePages, CodecSpec, HashThreshold, ParseSpecError, SecondStage, SimilarityConfig, FP_BLOCK,
 };
 
 /// Bytes in a page (frame).
@@ -356,22 +358,52 @@ pub(crate) fn make_pool(threads: usize) -> Option<rayon::ThreadPool> {
 }
 
 /// Runs `f` on consecutive chunks of `frames` (in parallel on `pool` when
-/// given), returning the results in order.
-pub(crate) fn map_chunks<T, F>(
+/// given), each writing its chunk record to the buffer it is handed;
+/// the records end up in `out` in order, and the per-chunk results are
+/// returned in order. Single-threaded, records go straight into `out`.
+pub(crate) fn encode_chunks<T, F>(
     pool: Option<&rayon::ThreadPool>,
     frames: &[u32],
     per_chunk: usize,
+    out: &mut Vec<u8>,
     f: F,
 ) -> Result<Vec<T>, EncodeError>
 where
     T: Send,
-    F: Fn(&[u32]) -> Result<T, EncodeError> + Sync,
+    F: Fn(&[u32], &mut Vec<u8>) -> Result<T, EncodeError> + Sync,
 {
     match pool {
         Some(pool) if frames.len() > per_chunk => {
             use rayon::prelude::*;
-            pool.install(|| frames.par_chunks(per_chunk).map(&f).collect())
+            let parts: Vec<(Vec<u8>, T)> = pool.install(|| {
+                frames
+                    .par_chunks(per_chunk)
+                    .map(|c| {
+                        let mut bytes = Vec::new();
+                        f(c, &mut bytes).map(|t| (bytes, t))
+                    })
+                    .collect::<Result<_, _>>()
+            })?;
+            out.reserve(parts.iter().map(|p| p.0.len()).sum());
+            Ok(parts
+                .into_iter()
+                .map(|(bytes, t)| {
+                    out.extend_from_slice(&bytes);
+                    t
+                })
+                .collect())
         }
-        _ => frames.chunks(per_chunk).map(f).collect(),
+        _ => frames.chunks(per_chunk).map(|c| f(c, out)).collect(),
     }
+}
+
+/// Number of chunks [`encode_chunks`] makes.
+pub(crate) fn chunk_count(frames: usize, per_chunk: usize) -> u32 {
+    frames.div_ceil(per_chunk.max(1)) as u32
+}
+
+thread_local! {
+    /// Per-thread chunk writer, reused across chunks and epochs.
+    pub(crate) static WRITER: std::cell::RefCell<container::ChunkWriter> =
+        std::cell::RefCell::new(container::ChunkWriter::default());
 }

@@ -33,8 +33,9 @@ use super::hash::bit_density_hash;
 use super::rle::{diff_count_bounded, diff_masks, is_zero, rle_encode};
 use super::table::{Table, EMPTY};
 use super::{
-    check_sets, make_pool, map_chunks, EncodeError, EpochEncoder, EpochStats, HashThreshold,
-    KindCounts, PageView, SecondStage, SimilarityConfig, PAGE_SIZE, ZERO_PAGE,
+    check_sets, chunk_count, encode_chunks, make_pool, EncodeError, EpochEncoder, EpochStats,
+    HashThreshold, KindCounts, PageView, SecondStage, SimilarityConfig, PAGE_SIZE, WRITER,
+    ZERO_PAGE,
 };
 
 /// Zero gaps shorter than this inside a literal run are absorbed into it
@@ -71,14 +72,15 @@ struct Ctx<'a> {
     cache: &'a PageCache,
     current: &'a dyn PageView,
     fingerprints: Option<(&'a Fingerprinter, &'a [u64])>,
+    /// Fingerprint blocks per area.
+    fp_blocks: usize,
 }
 
 /// What a chunk encoder hands back for the sequential update.
 struct ChunkOut {
-    bytes: Vec<u8>,
     /// Hash of every area (meaningless for zero areas).
     hashes: Vec<u32>,
-    /// Fingerprint of every area (when fingerprints are on).
+    /// Fingerprint of every block of every area (when fingerprints are on).
     fps: Vec<u64>,
     /// Per frame: bit per non-zero area.
     nonzero: Vec<u64>,
@@ -96,6 +98,8 @@ enum Cand {
     Ref(u32),
     /// The all-zero area (the area is sparse).
     Zero,
+    /// Own blocks whose fingerprint did not change, new bytes elsewhere.
+    Patch,
 }
 
 impl Ctx<'_> {
@@ -111,16 +115,23 @@ impl Ctx<'_> {
         &page[at..at + self.size]
     }
 
-    fn encode_chunk(&self, frames: &[u32]) -> Result<ChunkOut, EncodeError> {
+    fn encode_chunk(&self, frames: &[u32], dest: &mut Vec<u8>) -> Result<ChunkOut, EncodeError> {
+        WRITER.with(|w| self.encode_chunk_with(&mut w.borrow_mut(), frames, dest))
+    }
+
+    fn encode_chunk_with(
+        &self,
+        w: &mut ChunkWriter,
+        frames: &[u32],
+        dest: &mut Vec<u8>,
+    ) -> Result<ChunkOut, EncodeError> {
         let (size, per_page) = (self.size, self.per_page);
         let good_enough = size / 32;
-        let mut w = ChunkWriter::with_capacity(frames.len(), size);
-        w.frames.extend_from_slice(frames);
+        w.start(frames);
         let mut out = ChunkOut {
-            bytes: Vec::new(),
             hashes: Vec::with_capacity(frames.len() * per_page),
             fps: Vec::with_capacity(if self.fingerprints.is_some() {
-                frames.len() * per_page
+                frames.len() * per_page * self.fp_blocks
             } else {
                 0
             }),
@@ -146,7 +157,7 @@ impl Ctx<'_> {
                     w.op(Op::Zero);
                     out.hashes.push(0);
                     if self.fingerprints.is_some() {
-                        out.fps.push(0);
+                        out.fps.extend(std::iter::repeat_n(0, self.fp_blocks));
                     }
                     out.kinds.zero += 1;
                     continue;
@@ -161,7 +172,11 @@ impl Ctx<'_> {
                         w.op(Op::Unchanged);
                         out.hashes.push(self.table.stored_hash(gid));
                         if let Some((_, fps)) = self.fingerprints {
-                            out.fps.push(fps.get(gid as usize).copied().unwrap_or(0));
+                            let at = gid as usize * self.fp_blocks;
+                            match fps.get(at..at + self.fp_blocks) {
+                                Some(old) => out.fps.extend_from_slice(old),
+                                None => out.fps.extend(std::iter::repeat_n(0, self.fp_blocks)),
+                            }
                         }
                         unch_bits |= 1 << a;
                         self_used = true;
@@ -171,10 +186,20 @@ impl Ctx<'_> {
                     best = Cand::SelfPrev;
                     best_nz = nz;
                 }
+                // Blocks whose fingerprint changed (all, without fingerprints).
+                let mut changed_blocks = u64::MAX;
                 if let Some((fingerprinter, fps)) = self.fingerprints {
-                    let fp = fingerprinter.fingerprint(area);
-                    out.fps.push(fp);
-                    if prev.is_none() && fps.get(gid as usize) == Some(&fp) {
+                    let g = size / self.fp_blocks;
+                    let at = gid as usize * self.fp_blocks;
+                    changed_blocks = 0;
+                    for (j, block) in area.chunks_exact(g).enumerate() {
+                        let fp = fingerprinter.fingerprint(block);
+                        out.fps.push(fp);
+                        if fps.get(at + j) != Some(&fp) {
+                            changed_blocks |= 1 << j;
+                        }
+                    }
+                    if prev.is_none() && changed_blocks == 0 {
                         w.op(Op::Unchanged);
                         out.hashes.push(self.table.stored_hash(gid));
                         unch_bits |= 1 << a;
@@ -182,18 +207,30 @@ impl Ctx<'_> {
                         continue;
                     }
                 }
+                // Without the old contents, an area whose other blocks are
+                // unchanged can be patched: own blocks kept, the changed
+                // ones sent as new bytes.
+                let patch_cost = if prev.is_none() && changed_blocks != u64::MAX {
+                    changed_blocks.count_ones() as usize * (size / self.fp_blocks) + 4
+                } else {
+                    usize::MAX
+                };
                 let h = bit_density_hash(area, self.hash);
                 out.hashes.push(h);
-                if best_nz > good_enough {
+                let raw_limit = size - size / 8;
+                // A cheap patch (at most half the area) is hard to beat:
+                // skip the search.
+                let searching = best_nz > good_enough && patch_cost > size / 2;
+                if searching {
                     if let Some(p) = this_pred {
-                        let nz = diff_count_bounded(area, self.area(p), best_nz);
+                        let nz = diff_count_bounded(area, self.area(p), best_nz.min(raw_limit));
                         if nz < best_nz {
                             best = Cand::Ref(p);
                             best_nz = nz;
                         }
                     }
                 }
-                if best_nz > good_enough {
+                if searching && best_nz > good_enough {
                     // Bucket candidates, closest full hash first.
                     let mut n = 0;
                     for s in self.table.candidates(h) {
@@ -216,7 +253,7 @@ impl Ctx<'_> {
                         }
                     }
                     for &(_, c) in ranked.iter().take(self.depth) {
-                        let nz = diff_count_bounded(area, self.area(c), best_nz);
+                        let nz = diff_count_bounded(area, self.area(c), best_nz.min(raw_limit));
                         if nz < best_nz {
                             best = Cand::Ref(c);
                             best_nz = nz;
@@ -224,11 +261,18 @@ impl Ctx<'_> {
                                 break;
                             }
                         }
+                        if best_nz > size / 2 {
+                            break; // even the closest hash is far off
+                        }
                     }
                 }
-                if best_nz > good_enough {
+                if patch_cost < best_nz.min(raw_limit) {
+                    best = Cand::Patch;
+                    best_nz = patch_cost;
+                }
+                if searching && best_nz > good_enough {
                     let zero = &ZERO_PAGE[..size];
-                    let nz = diff_count_bounded(area, zero, best_nz);
+                    let nz = diff_count_bounded(area, zero, best_nz.min(raw_limit));
                     if nz < best_nz {
                         best = Cand::Zero;
                         best_nz = nz;
@@ -239,9 +283,9 @@ impl Ctx<'_> {
                     Cand::None => None,
                     Cand::SelfPrev => prev.map(|p| &p[a * size..(a + 1) * size]),
                     Cand::Ref(c) => Some(self.area(c)),
-                    Cand::Zero => Some(&ZERO_PAGE[..size]),
+                    Cand::Zero | Cand::Patch => Some(&ZERO_PAGE[..size]),
                 };
-                let Some(reference) = reference.filter(|_| best_nz < size - size / 8) else {
+                let Some(reference) = reference.filter(|_| best_nz < raw_limit) else {
                     w.op(Op::Raw);
                     w.literals.extend_from_slice(area);
                     out.kinds.raw += 1;
@@ -259,9 +303,22 @@ impl Ctx<'_> {
                 match best {
                     Cand::Ref(c) => w.op_ref(false, c),
                     Cand::Zero => w.op(Op::Sparse),
+                    Cand::Patch => w.op(Op::PatchSelf),
                     _ => w.op(Op::XorSelf),
                 }
-                diff_masks(area, reference, &mut masks);
+                if best == Cand::Patch {
+                    // Byte mask of the changed blocks.
+                    let words = size / self.fp_blocks / 64;
+                    for (wi, m) in masks[..size / 64].iter_mut().enumerate() {
+                        *m = if changed_blocks & (1 << (wi / words.max(1))) != 0 {
+                            u64::MAX
+                        } else {
+                            0
+                        };
+                    }
+                } else {
+                    diff_masks(area, reference, &mut masks);
+                }
                 let n = rle_encode(
                     area,
                     reference,
@@ -282,7 +339,7 @@ impl Ctx<'_> {
                         pred = Some(c + 1);
                         out.kinds.xor_other += 1;
                     }
-                    Cand::Zero => out.kinds.raw += 1,
+                    Cand::Zero | Cand::Patch => out.kinds.raw += 1,
                     _ => {
                         self_used = true;
                         out.kinds.xor_self += 1;
@@ -293,8 +350,7 @@ impl Ctx<'_> {
             out.unchanged.push(unch_bits);
             out.self_used.push(self_used);
         }
-        let mut scratch = Vec::new();
-        w.finish(self.stage, &mut scratch, &mut out.bytes)?;
+        w.finish(self.stage, dest)?;
         Ok(out)
     }
 }
@@ -326,10 +382,12 @@ impl EpochEncoder for SimilarityEncoder {
             self.cfg.bucket_candidates,
             frames * per_page,
         );
-        let fingerprinter = self.cfg.fingerprints.then(|| Fingerprinter::random(size));
+        let fp_blocks = self.cfg.fp_blocks_per_area();
+        let g = size / fp_blocks;
+        let fingerprinter = self.cfg.fingerprints.then(|| Fingerprinter::random(g));
         let mut fps = Vec::new();
         if fingerprinter.is_some() {
-            fps.reserve_exact(frames * per_page);
+            fps.reserve_exact(frames * per_page * fp_blocks);
         }
         for f in 0..image.frame_count() {
             for (a, area) in image.page(f).chunks_exact(size).enumerate() {
@@ -341,7 +399,9 @@ impl EpochEncoder for SimilarityEncoder {
                     );
                 }
                 if let Some(fp) = &fingerprinter {
-                    fps.push(if zero { 0 } else { fp.fingerprint(area) });
+                    for block in area.chunks_exact(g) {
+                        fps.push(if zero { 0 } else { fp.fingerprint(block) });
+                    }
                 }
             }
         }
@@ -372,9 +432,11 @@ impl EpochEncoder for SimilarityEncoder {
             .max()
             .map_or(0, |&m| m as usize + 1);
         state.table.ensure_areas(max_frame * per_page);
-        if state.fingerprinter.is_some() && state.fps.len() < max_frame * per_page {
+        let fp_blocks = self.cfg.fp_blocks_per_area();
+        let fp_per_page = per_page * fp_blocks;
+        if state.fingerprinter.is_some() && state.fps.len() < max_frame * fp_per_page {
             // Frames beyond the image read as zero: fingerprint 0.
-            state.fps.resize(max_frame * per_page, 0);
+            state.fps.resize(max_frame * fp_per_page, 0);
         }
 
         // Forget what the encoder can no longer read as I(k-1).
@@ -402,12 +464,9 @@ impl EpochEncoder for SimilarityEncoder {
                 .fingerprinter
                 .as_ref()
                 .map(|f| (f, state.fps.as_slice())),
+            fp_blocks,
         };
         let per_chunk = self.cfg.chunk_frames.max(1);
-        let chunks = map_chunks(self.pool.as_ref(), dirty, per_chunk, |c| {
-            ctx.encode_chunk(c)
-        })?;
-
         let start = out.len();
         write_header(
             out,
@@ -416,11 +475,14 @@ impl EpochEncoder for SimilarityEncoder {
             self.cfg.second_stage,
             dirty.len() as u32,
             dropped,
-            chunks.len() as u32,
+            chunk_count(dirty.len(), per_chunk),
         );
+        let chunks = encode_chunks(self.pool.as_ref(), dirty, per_chunk, out, |c, dest| {
+            ctx.encode_chunk(c, dest)
+        });
+        let chunks = chunks.inspect_err(|_| out.truncate(start))?;
         let mut kinds = KindCounts::default();
         for c in &chunks {
-            out.extend_from_slice(&c.bytes);
             kinds.zero += c.kinds.zero;
             kinds.unchanged += c.kinds.unchanged;
             kinds.identical += c.kinds.identical;
@@ -434,16 +496,16 @@ impl EpochEncoder for SimilarityEncoder {
         // are the last to be evicted).
         if state.fingerprinter.is_some() {
             for &f in dropped {
-                let at = (f as usize) << page_shift;
-                if let Some(s) = state.fps.get_mut(at..at + per_page) {
+                let at = f as usize * fp_per_page;
+                if let Some(s) = state.fps.get_mut(at..at + fp_per_page) {
                     s.fill(0);
                 }
             }
             for (frames, c) in dirty.chunks(per_chunk).zip(&chunks) {
                 for (i, &f) in frames.iter().enumerate() {
-                    let at = (f as usize) << page_shift;
-                    let new = &c.fps[i * per_page..(i + 1) * per_page];
-                    if let Some(s) = state.fps.get_mut(at..at + per_page) {
+                    let at = f as usize * fp_per_page;
+                    let new = &c.fps[i * fp_per_page..(i + 1) * fp_per_page];
+                    if let Some(s) = state.fps.get_mut(at..at + fp_per_page) {
                         s.copy_from_slice(new);
                     }
                 }
@@ -462,14 +524,25 @@ impl EpochEncoder for SimilarityEncoder {
                 }
             }
         }
+        let mut order: Vec<u32> = Vec::with_capacity(dirty.len());
         for pass in [false, true] {
             for (frames, c) in dirty.chunks(per_chunk).zip(&chunks) {
                 for (i, &f) in frames.iter().enumerate() {
                     if c.self_used[i] == pass {
-                        state.cache.put(f, current.page(f));
+                        order.push(f);
                     }
                 }
             }
+        }
+        // Putting pages in `order` leaves exactly the last `capacity` of
+        // them when there are more: skip copying the others (but drop their
+        // stale copies).
+        let keep_from = order.len().saturating_sub(state.cache.capacity());
+        for &f in &order[..keep_from] {
+            state.cache.remove(f);
+        }
+        for &f in &order[keep_from..] {
+            state.cache.put(f, current.page(f));
         }
 
         Ok(EpochStats {
