@@ -8,13 +8,17 @@
 //! changes ~8 bytes), some are copies of other pages with changes, some
 //! are zero, new text or random. An encoder is initialised and runs one
 //! warm-up epoch in the (untimed) setup; the timed routine encodes the
-//! next epoch. Decoding is timed against the backup's image.
+//! next epoch. Decoding is timed against the backup's image, reusing the
+//! output buffers (`decode_epoch_into`, a backup's steady state), and for
+//! the default codec also into fresh buffers (`decode_epoch`).
 //!
 //! `cargo bench -p simrep --bench codec` (criterion; medians in
 //! `target/criterion`).
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use simrep::compress::{decode_epoch, CodecSpec, Image, PageView, PAGE_SIZE};
+use simrep::compress::{
+    decode_epoch, decode_epoch_into, CodecSpec, DecodedEpoch, Image, PageView, PAGE_SIZE,
+};
 
 const FRAMES: u32 = 4096;
 const DIRTY: u32 = 1024;
@@ -178,9 +182,19 @@ fn bench(c: &mut Criterion) {
             100.0 * stats.out_bytes as f64 / stats.raw_bytes as f64,
             enc.reference_bytes() / 1024
         );
+        // Steady state of a backup: output buffers reused epoch after epoch.
+        let mut decoded = DecodedEpoch::default();
         group.bench_function(format!("decode/{spec}"), |b| {
-            b.iter(|| decode_epoch(&img1, &out, img2.frame_count()).expect("decode"))
+            b.iter(|| {
+                decode_epoch_into(&img1, &out, img2.frame_count(), &mut decoded).expect("decode")
+            })
         });
+        if spec == CodecSpec::Similarity(Default::default()) {
+            // Fresh output buffers every time (first-touch page faults).
+            group.bench_function(format!("decode-fresh/{spec}"), |b| {
+                b.iter(|| decode_epoch(&img1, &out, img2.frame_count()).expect("decode"))
+            });
+        }
     }
     group.finish();
 }

@@ -365,6 +365,8 @@ fn parse_layout(input: &[u8], max_frames: u32) -> Result<Layout<'_>, DecodeError
 }
 
 thread_local! {
+    /// Per-thread buffer for decompressed chunk payloads.
+    static PAYLOAD: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     static ZSTD_DCTX: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
         const { std::cell::RefCell::new(None) };
 }
@@ -430,9 +432,26 @@ fn decode_chunk(
     frames_out: &mut [u32],
     data_out: &mut [u8],
 ) -> Result<(), DecodeError> {
+    PAYLOAD.with(|buf| {
+        let mut buf = buf.borrow_mut();
+        let payload = payload(chunk, &mut buf)?;
+        decode_payload(
+            reference, chunk, payload, area_log2, max_frames, frames_out, data_out,
+        )
+    })
+}
+
+/// Decodes a chunk's (decompressed) payload.
+fn decode_payload(
+    reference: &dyn PageView,
+    chunk: &ChunkRef<'_>,
+    payload: &[u8],
+    area_log2: u32,
+    max_frames: u32,
+    frames_out: &mut [u32],
+    data_out: &mut [u8],
+) -> Result<(), DecodeError> {
     let ci = chunk.index;
-    let mut buf = Vec::new();
-    let payload = payload(chunk, &mut buf)?;
     // Payload: frame list, literals, control (its length in the header).
     let split = payload.len() - chunk.control_len.min(payload.len());
     let (head, control) = payload.split_at(split);
@@ -575,7 +594,25 @@ pub fn decode_epoch(
     input: &[u8],
     max_frames: u32,
 ) -> Result<DecodedEpoch, DecodeError> {
-    decode_impl(reference, input, max_frames, None)
+    let mut out = DecodedEpoch::default();
+    decode_impl(reference, input, max_frames, None, &mut out)?;
+    Ok(out)
+}
+
+/// [`decode_epoch`] into `out`, reusing its buffers (no fresh memory to
+/// fault in when decoding epoch after epoch). On error `out` holds no
+/// meaningful epoch.
+///
+/// # Errors
+///
+/// As [`decode_epoch`].
+pub fn decode_epoch_into(
+    reference: &dyn PageView,
+    input: &[u8],
+    max_frames: u32,
+    out: &mut DecodedEpoch,
+) -> Result<(), DecodeError> {
+    decode_impl(reference, input, max_frames, None, out)
 }
 
 /// [`decode_epoch`] with the chunks decoded in parallel on `pool`.
@@ -589,7 +626,9 @@ pub fn decode_epoch_parallel(
     max_frames: u32,
     pool: &rayon::ThreadPool,
 ) -> Result<DecodedEpoch, DecodeError> {
-    decode_impl(reference, input, max_frames, Some(pool))
+    let mut out = DecodedEpoch::default();
+    decode_impl(reference, input, max_frames, Some(pool), &mut out)?;
+    Ok(out)
 }
 
 fn decode_impl(
@@ -597,11 +636,19 @@ fn decode_impl(
     input: &[u8],
     max_frames: u32,
     pool: Option<&rayon::ThreadPool>,
-) -> Result<DecodedEpoch, DecodeError> {
+    out: &mut DecodedEpoch,
+) -> Result<(), DecodeError> {
     let layout = parse_layout(input, max_frames)?;
     let n = layout.frames as usize;
-    let mut frames = vec![0u32; n];
-    let mut data = vec![0u8; n * PAGE_SIZE];
+    let DecodedEpoch {
+        frames,
+        data,
+        dropped,
+    } = out;
+    frames.clear();
+    frames.resize(n, 0);
+    data.clear();
+    data.resize(n * PAGE_SIZE, 0);
     // Split the outputs per chunk.
     let mut jobs = Vec::with_capacity(layout.chunks.len());
     let (mut f_rest, mut d_rest) = (&mut frames[..], &mut data[..]);
@@ -652,11 +699,8 @@ fn decode_impl(
             }
         }
     }
-    Ok(DecodedEpoch {
-        frames,
-        data,
-        dropped: layout.dropped,
-    })
+    *dropped = layout.dropped;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -37,13 +37,25 @@
 //!
 //! Each dirty page is cut into areas (64..=2048 bytes, default 512). Each
 //! area is sent as: zero; unchanged (equal to its own previous contents,
-//! known when the page is in the cache of recently dirtied pages); identical
-//! to another area of `I(k-1)`; the run-length encoded XOR against the most
-//! similar such area (fewest differing bytes), found through a
-//! content-addressable table keyed by the [bit-density hash](hash); or raw.
-//! A general-purpose second stage (lz4 by default, zstd, none) then
-//! compresses each chunk. Chunks of 256 dirty frames are encoded in
-//! parallel and decode independently.
+//! known exactly when the page is in the cache of recently dirtied pages,
+//! else through [fingerprints](fingerprint) of its 256-byte blocks);
+//! identical to another area of `I(k-1)`; the run-length encoded XOR
+//! against the most similar such area (fewest differing bytes), found
+//! through a content-addressable table keyed by the
+//! [bit-density hash](hash); a patch of its own previous contents (changed
+//! blocks only); sparse; or raw. A general-purpose second stage (lz4 by
+//! default, zstd, none) then compresses each chunk. Chunks of 256 dirty
+//! frames are encoded in parallel and decode independently. Reference
+//! memory (tables, fingerprints, cache) defaults to 64 MiB per GiB of
+//! image.
+//!
+//! **Fingerprints are probabilistic**: a changed block is taken as
+//! unchanged with probability below 2^-60 per changed block (a keyed
+//! universal hash; the contents cannot depend on the per-encoder random
+//! key). `fp=off` gives exact comparisons only, at a large cost in size
+//! when the cache cannot hold the dirty working set. The replication layer
+//! should checksum the *decoded* pages of each epoch so that even this
+//! event is detected.
 //!
 //! # Container format (version 1)
 //!
@@ -117,7 +129,9 @@ mod table;
 #[cfg(test)]
 mod tests;
 
-pub use decode::{decode_epoch, decode_epoch_parallel, DecodeError, DecodedEpoch};
+pub use decode::{
+    decode_epoch, decode_epoch_into, decode_epoch_parallel, DecodeError, DecodedEpoch,
+};
 pub use hash::bit_density_hash;
 pub use spec::{
     CachePages, CodecSpec, HashThreshold, ParseSpecError, SecondStage, SimilarityConfig, FP_BLOCK,

@@ -1,16 +1,23 @@
-//! The similarity encoder (paper section III).
+//! The similarity encoder (paper section III, plus fingerprints).
 //!
 //! Per dirty page, per area: zero; unchanged (equal to its own previous
-//! contents, when cached); identical to a candidate; XOR against the best
-//! candidate (fewest differing bytes) run-length encoded; raw when the RLE
-//! form is not smaller. Candidates, cheapest first, stopping as soon as one
-//! is good enough:
+//! contents: compared exactly when the page is in the RDP cache, else by
+//! block fingerprints); identical to a candidate; XOR against the best
+//! candidate (fewest differing bytes) run-length encoded; a patch of its
+//! own previous contents (unchanged fingerprint blocks kept, changed blocks
+//! sent as new bytes); sparse (runs against zero); raw when nothing is
+//! smaller. Candidates, cheapest first, stopping as soon as one is good
+//! enough (at most 1/32 of the area differs):
 //!
-//! 1. the same area's previous contents (when the page is in the RDP cache);
-//! 2. the *predicted* area: the one after the area the previous reference of
+//! 1. the same area's previous contents, when the page is cached;
+//! 2. the patch, when the page is not cached but fingerprints are on; when
+//!    at most half the area's blocks changed, the search stops here;
+//! 3. the *predicted* area: the one after the area the previous reference of
 //!    this page named (pages copied from elsewhere match area after area);
-//! 3. the bucket of the area's bit-density hash in the content table,
-//!    closest full hash first, at most `search_depth` of them.
+//! 4. the bucket of the area's bit-density hash in the content table,
+//!    closest full hash first, at most `search_depth` of them, giving up
+//!    when the closest one differs in more than half its bytes;
+//! 5. the all-zero area.
 //!
 //! # Reference bookkeeping
 //!
@@ -20,9 +27,20 @@
 //! is right only for frames not dirty in this epoch. So at the start of an
 //! epoch the table entries of dirty frames that are not cached, and of
 //! dropped frames, are removed; chunks are then encoded (in parallel) with
-//! the table and cache read-only; finally, sequentially, each dirty frame's
-//! entries are replaced by those of its new contents and its new contents
-//! go into the cache (least recently dirtied evicted).
+//! the table, cache and fingerprints read-only; finally, sequentially, each
+//! dirty frame's table entries and fingerprints are replaced by those of
+//! its new contents, dropped frames get zero fingerprints, and the new
+//! contents go into the cache (least recently dirtied evicted; among this
+//! epoch's pages, those whose previous contents served as a reference are
+//! inserted last, so they are the last to go).
+//!
+//! # Memory
+//!
+//! Per area a 4-byte hash and a presence bit; per 256-byte block an 8-byte
+//! fingerprint (3.1 % of the image); the buckets (8 bytes a slot); the
+//! cache. The defaults fit 64 MiB per GiB of image: for 1 GiB at 512-byte
+//! areas, 8 MiB of hashes, 32 MiB of fingerprints, a 2^17-bucket table
+//! (8 MiB) and ~3.7k cached pages.
 
 use rayon::ThreadPool;
 
@@ -82,7 +100,7 @@ struct ChunkOut {
     hashes: Vec<u32>,
     /// Fingerprint of every block of every area (when fingerprints are on).
     fps: Vec<u64>,
-    /// Per frame: bit per non-zero area.
+    /// Per frame: bit per non-zero area to file in the table.
     nonzero: Vec<u64>,
     /// Per frame: bit per unchanged area.
     unchanged: Vec<u64>,
@@ -147,6 +165,7 @@ impl Ctx<'_> {
             let prev = self.cache.get(f);
             let base = f << self.page_shift;
             let (mut nz_bits, mut unch_bits, mut self_used) = (0u64, 0u64, false);
+            let mut unfiled = 0u64;
             let mut pred: Option<u32> = None;
             for (a, area) in page.chunks_exact(size).enumerate() {
                 let gid = base + a as u32;
@@ -215,12 +234,21 @@ impl Ctx<'_> {
                 } else {
                     usize::MAX
                 };
-                let h = bit_density_hash(area, self.hash);
+                // A cheap patch (at most half the area) is hard to beat:
+                // skip the search. Such an area belongs to a hot page that
+                // is not cached: it will most likely be dirtied again, and
+                // its table entry removed, next epoch, so it is not hashed
+                // and not filed either.
+                let cheap_patch = patch_cost <= size / 2;
+                let h = if cheap_patch {
+                    unfiled |= 1 << a;
+                    0
+                } else {
+                    bit_density_hash(area, self.hash)
+                };
                 out.hashes.push(h);
                 let raw_limit = size - size / 8;
-                // A cheap patch (at most half the area) is hard to beat:
-                // skip the search.
-                let searching = best_nz > good_enough && patch_cost > size / 2;
+                let searching = best_nz > good_enough && !cheap_patch;
                 if searching {
                     if let Some(p) = this_pred {
                         let nz = diff_count_bounded(area, self.area(p), best_nz.min(raw_limit));
@@ -346,7 +374,7 @@ impl Ctx<'_> {
                     }
                 }
             }
-            out.nonzero.push(nz_bits);
+            out.nonzero.push(nz_bits & !unfiled);
             out.unchanged.push(unch_bits);
             out.self_used.push(self_used);
         }

@@ -45,7 +45,7 @@ pub enum CodecSpec {
     /// lz4 (lz4_flex block) of each page; raw if not smaller.
     Lz4Page,
     /// zstd over the epoch's concatenated pages (in chunks of at most
-    /// [`MAX_CHUNK_FRAMES`](super::container::MAX_CHUNK_FRAMES) pages).
+    /// [`MAX_CHUNK_FRAMES`] pages).
     ZstdEpoch {
         /// zstd compression level.
         level: i32,
@@ -130,6 +130,13 @@ pub struct SimilarityConfig {
     pub fingerprints: bool,
 }
 
+/// The measured default. On the sample trace (CPython + SQLite, 25 MiB,
+/// 8 epochs; 1.6 MiB of reference memory) the median threshold and the
+/// 80 % fraction give about the same size (the fingerprints and the patch
+/// do most of the work there), but on pages copied from elsewhere the
+/// median finds the copies and the fraction does not (synthetic bench:
+/// 17.8 % vs 22.1 % of raw), so the median is the default. 512-byte
+/// areas with 256-byte fingerprint blocks; lz4 second stage.
 impl Default for SimilarityConfig {
     fn default() -> Self {
         Self {

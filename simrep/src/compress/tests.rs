@@ -177,6 +177,7 @@ fn run(spec: &CodecSpec, threads: usize, sc: &Scenario) -> Vec<Vec<u8>> {
         .build()
         .unwrap();
     let mut encodings = Vec::new();
+    let mut reused = DecodedEpoch::default();
     for plan in &sc.epochs {
         let mut dirty = Vec::new();
         for (f, r) in &plan.writes {
@@ -206,6 +207,8 @@ fn run(spec: &CodecSpec, threads: usize, sc: &Scenario) -> Vec<Vec<u8>> {
         let decoded = decode_epoch(&backup, &out, MAX_TEST_FRAME).unwrap();
         let parallel = decode_epoch_parallel(&backup, &out, MAX_TEST_FRAME, &pool).unwrap();
         assert_eq!(decoded, parallel);
+        decode_epoch_into(&backup, &out, MAX_TEST_FRAME, &mut reused).unwrap();
+        assert_eq!(decoded, reused);
         assert_eq!(decoded.frames, dirty);
         assert_eq!(decoded.dropped, dropped);
         decoded.apply(&mut backup);
