@@ -60,6 +60,10 @@ use super::{
 /// (splitting would cost two varints).
 const MIN_GAP: usize = 3;
 
+/// Bucket candidates whose hash differs from the area's in more bits than
+/// this are not examined (unrelated areas that share the bucket).
+const MAX_DISTANCE: u32 = 8;
+
 /// The similarity codec's encoder.
 pub(crate) struct SimilarityEncoder {
     name: String,
@@ -265,10 +269,11 @@ impl Ctx<'_> {
                         if s.area == EMPTY {
                             break;
                         }
-                        if s.area == gid || Some(s.area) == this_pred {
+                        let distance = (s.hash ^ h).count_ones();
+                        if s.area == gid || Some(s.area) == this_pred || distance > MAX_DISTANCE {
                             continue;
                         }
-                        ranked[n] = ((s.hash ^ h).count_ones(), s.area);
+                        ranked[n] = (distance, s.area);
                         n += 1;
                     }
                     let ranked = &mut ranked[..n];
