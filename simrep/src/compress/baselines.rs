@@ -8,8 +8,8 @@ use super::container::{write_header, ChunkWriter, CodecId, Op, CHUNK_FRAMES, MAX
 use super::rle::{diff_masks, is_zero, rle_encode, varint_len};
 use super::spec::budget_bytes;
 use super::{
-    check_sets, make_pool, map_chunks, EncodeError, EpochEncoder, EpochStats, KindCounts, PageView,
-    SecondStage, PAGE_SIZE,
+    check_sets, chunk_count, encode_chunks, make_pool, EncodeError, EpochEncoder, EpochStats,
+    KindCounts, PageView, SecondStage, PAGE_SIZE, WRITER,
 };
 
 /// Page-granular area size (log2).
@@ -32,17 +32,6 @@ where
     F: Fn(u32, &mut ChunkWriter, &mut KindCounts) + Sync,
 {
     check_sets(dirty, dropped)?;
-    let chunks = map_chunks(pool, dirty, per_chunk, |frames| {
-        let mut w = ChunkWriter::with_capacity(frames.len(), PAGE_SIZE);
-        w.frames.extend_from_slice(frames);
-        let mut kinds = KindCounts::default();
-        for &f in frames {
-            page_op(f, &mut w, &mut kinds);
-        }
-        let (mut scratch, mut bytes) = (Vec::new(), Vec::new());
-        w.finish(stage, &mut scratch, &mut bytes)?;
-        Ok((bytes, kinds))
-    })?;
     let start = out.len();
     write_header(
         out,
@@ -51,11 +40,23 @@ where
         stage,
         dirty.len() as u32,
         dropped,
-        chunks.len() as u32,
+        chunk_count(dirty.len(), per_chunk),
     );
+    let chunks = encode_chunks(pool, dirty, per_chunk, out, |frames, dest| {
+        WRITER.with(|w| {
+            let mut w = w.borrow_mut();
+            w.start(frames);
+            let mut kinds = KindCounts::default();
+            for &f in frames {
+                page_op(f, &mut w, &mut kinds);
+            }
+            w.finish(stage, dest)?;
+            Ok(kinds)
+        })
+    });
+    let chunks = chunks.inspect_err(|_| out.truncate(start))?;
     let mut kinds = KindCounts::default();
-    for (bytes, k) in &chunks {
-        out.extend_from_slice(bytes);
+    for k in &chunks {
         kinds.zero += k.zero;
         kinds.unchanged += k.unchanged;
         kinds.xor_self += k.xor_self;

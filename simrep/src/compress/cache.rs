@@ -38,7 +38,6 @@ impl PageCache {
     }
 
     /// Maximum number of pages held.
-    #[cfg(test)]
     pub(crate) fn capacity(&self) -> usize {
         self.capacity
     }

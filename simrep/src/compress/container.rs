@@ -12,7 +12,7 @@ pub const VERSION: u8 = 1;
 /// Size of the epoch header in bytes.
 pub const HEADER_LEN: usize = 20;
 /// Size of a chunk header in bytes.
-pub const CHUNK_HEADER_LEN: usize = 13;
+pub const CHUNK_HEADER_LEN: usize = 17;
 /// Most frames in one chunk.
 pub const MAX_CHUNK_FRAMES: u32 = 4096;
 /// Largest decompressed chunk payload (16 MiB plus room for control bytes).
@@ -87,6 +87,11 @@ pub enum Op {
     XorNext = 7,
     /// lz4 block of the area: varint length, then that many literal bytes.
     Lz4 = 8,
+    /// Runs against the all-zero area (a sparse area's non-zero bytes).
+    Sparse = 9,
+    /// The same area of the same frame with its literal runs replaced by
+    /// the literal bytes (new bytes, not XOR).
+    PatchSelf = 10,
 }
 
 impl Op {
@@ -103,6 +108,8 @@ impl Op {
             6 => Self::IdenticalNext,
             7 => Self::XorNext,
             8 => Self::Lz4,
+            9 => Self::Sparse,
+            10 => Self::PatchSelf,
             _ => return None,
         })
     }
@@ -148,24 +155,42 @@ pub(crate) struct Mark {
     last_ref: u64,
 }
 
-/// Accumulates one chunk: its frames, control stream and literal stream.
-#[derive(Debug, Default)]
+/// Accumulates one chunk. The payload buffer starts with the frame list
+/// and then receives the literal stream directly; the control stream is
+/// kept apart and appended at the end (its length goes into the chunk
+/// header), so literals are never copied before the second stage.
+#[derive(Debug)]
 pub(crate) struct ChunkWriter {
-    pub(crate) frames: Vec<u32>,
+    frames: u32,
     pub(crate) control: Vec<u8>,
+    /// Frame list, then literals.
     pub(crate) literals: Vec<u8>,
     /// Last reference written (for delta coding), as in the decoder.
     last_ref: u64,
 }
 
-impl ChunkWriter {
-    /// An empty chunk with room for `frames` frames of `area_size` areas.
-    pub(crate) fn with_capacity(frames: usize, area_size: usize) -> Self {
+impl Default for ChunkWriter {
+    fn default() -> Self {
         Self {
-            frames: Vec::with_capacity(frames),
-            control: Vec::with_capacity(frames * (PAGE_SIZE / area_size) * 4),
-            literals: Vec::with_capacity(frames * PAGE_SIZE / 2),
+            frames: 0,
+            control: Vec::new(),
+            literals: Vec::new(),
             last_ref: u64::MAX, // predicted = last + 1 = 0
+        }
+    }
+}
+
+impl ChunkWriter {
+    /// Starts a chunk for `frames` (strictly increasing), reusing buffers.
+    pub(crate) fn start(&mut self, frames: &[u32]) {
+        self.control.clear();
+        self.literals.clear();
+        self.frames = frames.len() as u32;
+        self.last_ref = u64::MAX;
+        let mut prev = 0u32;
+        for (i, &f) in frames.iter().enumerate() {
+            put_varint(&mut self.literals, if i == 0 { f } else { f - prev });
+            prev = f;
         }
     }
 
@@ -213,29 +238,20 @@ impl ChunkWriter {
     }
 
     /// Builds the chunk record (header + payload, second stage applied)
-    /// and appends it to `out`.
+    /// and appends it to `out`. The writer must be restarted afterwards.
     pub(crate) fn finish(
-        &self,
+        &mut self,
         stage: SecondStage,
-        scratch: &mut Vec<u8>,
         out: &mut Vec<u8>,
     ) -> Result<(), EncodeError> {
-        // Payload: frames (first absolute, then deltas), control length,
-        // control, literals.
-        scratch.clear();
-        let mut prev = 0u32;
-        for (i, &f) in self.frames.iter().enumerate() {
-            put_varint(scratch, if i == 0 { f } else { f - prev });
-            prev = f;
-        }
-        put_varint(scratch, self.control.len() as u32);
-        scratch.extend_from_slice(&self.control);
-        scratch.extend_from_slice(&self.literals);
-        let raw_len = u32::try_from(scratch.len())
+        let control_len = self.control.len() as u32;
+        self.literals.extend_from_slice(&self.control);
+        let payload = &self.literals;
+        let raw_len = u32::try_from(payload.len())
             .ok()
             .filter(|&l| l <= MAX_CHUNK_RAW)
             .ok_or(EncodeError::ChunkTooLarge {
-                bytes: scratch.len(),
+                bytes: payload.len(),
             })?;
         let header_at = out.len();
         out.extend_from_slice(&[0; CHUNK_HEADER_LEN]);
@@ -243,10 +259,10 @@ impl ChunkWriter {
         let encoding = match stage {
             SecondStage::None => ChunkEncoding::Stored,
             SecondStage::Lz4 => {
-                let max = lz4_flex::block::get_maximum_output_size(scratch.len());
+                let max = lz4_flex::block::get_maximum_output_size(payload.len());
                 out.resize(body_at + max, 0);
-                match lz4_flex::block::compress_into(scratch, &mut out[body_at..]) {
-                    Ok(n) if n < scratch.len() => {
+                match lz4_flex::block::compress_into(payload, &mut out[body_at..]) {
+                    Ok(n) if n < payload.len() => {
                         out.truncate(body_at + n);
                         ChunkEncoding::Lz4
                     }
@@ -257,24 +273,29 @@ impl ChunkWriter {
                 }
             }
             SecondStage::Zstd { level } => {
-                let compressed = zstd_compress(scratch, level)?;
-                if compressed.len() < scratch.len() {
-                    out.extend_from_slice(&compressed);
-                    ChunkEncoding::Zstd
-                } else {
-                    ChunkEncoding::Stored
+                out.resize(body_at + zstd::zstd_safe::compress_bound(payload.len()), 0);
+                match zstd_compress(payload, level, &mut out[body_at..])? {
+                    n if n < payload.len() => {
+                        out.truncate(body_at + n);
+                        ChunkEncoding::Zstd
+                    }
+                    _ => {
+                        out.truncate(body_at);
+                        ChunkEncoding::Stored
+                    }
                 }
             }
         };
         if encoding == ChunkEncoding::Stored {
-            out.extend_from_slice(scratch);
+            out.extend_from_slice(payload);
         }
         let stored = (out.len() - body_at) as u32;
         let h = &mut out[header_at..body_at];
         h[0..4].copy_from_slice(&stored.to_le_bytes());
         h[4..8].copy_from_slice(&raw_len.to_le_bytes());
-        h[8..12].copy_from_slice(&(self.frames.len() as u32).to_le_bytes());
-        h[12] = encoding as u8;
+        h[8..12].copy_from_slice(&self.frames.to_le_bytes());
+        h[12..16].copy_from_slice(&control_len.to_le_bytes());
+        h[16] = encoding as u8;
         Ok(())
     }
 }
@@ -284,8 +305,9 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
 }
 
-/// zstd-compresses `data` with a per-thread reusable context.
-fn zstd_compress(data: &[u8], level: i32) -> Result<Vec<u8>, EncodeError> {
+/// zstd-compresses `data` into `dest` with a per-thread reusable context;
+/// returns the compressed size.
+fn zstd_compress(data: &[u8], level: i32, dest: &mut [u8]) -> Result<usize, EncodeError> {
     ZSTD_CCTX.with(|cell| {
         let mut slot = cell.borrow_mut();
         if slot.as_ref().map(|(l, _)| *l) != Some(level) {
@@ -293,7 +315,9 @@ fn zstd_compress(data: &[u8], level: i32) -> Result<Vec<u8>, EncodeError> {
             *slot = Some((level, c));
         }
         match slot.as_mut() {
-            Some((_, c)) => c.compress(data).map_err(EncodeError::Compress),
+            Some((_, c)) => c
+                .compress_to_buffer(data, dest)
+                .map_err(EncodeError::Compress),
             None => Err(EncodeError::Compress(std::io::Error::other(
                 "no zstd context",
             ))),
@@ -321,7 +345,8 @@ mod tests {
 
     #[test]
     fn ref_ops_use_next_form() {
-        let mut w = ChunkWriter::with_capacity(1, 512);
+        let mut w = ChunkWriter::default();
+        w.start(&[]);
         w.op_ref(true, 0);
         w.op_ref(false, 1);
         w.op_ref(true, 10);
@@ -338,12 +363,13 @@ mod tests {
 
     #[test]
     fn finish_falls_back_to_stored() {
-        let mut w = ChunkWriter::with_capacity(1, 4096);
-        w.frames.push(3);
+        let mut w = ChunkWriter::default();
+        w.start(&[3]);
         w.op(Op::Zero);
-        let (mut scratch, mut out) = (Vec::new(), Vec::new());
-        w.finish(SecondStage::Lz4, &mut scratch, &mut out).unwrap();
-        assert_eq!(out[12], ChunkEncoding::Stored as u8);
-        assert_eq!(&out[CHUNK_HEADER_LEN..], &[3, 1, 0]);
+        let mut out = Vec::new();
+        w.finish(SecondStage::Lz4, &mut out).unwrap();
+        assert_eq!(out[16], ChunkEncoding::Stored as u8);
+        assert_eq!(&out[12..16], &1u32.to_le_bytes());
+        assert_eq!(&out[CHUNK_HEADER_LEN..], &[3, 0]);
     }
 }

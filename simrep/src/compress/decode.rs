@@ -4,7 +4,7 @@ use super::container::{
     ChunkEncoding, CodecId, Op, CHUNK_HEADER_LEN, HEADER_LEN, MAGIC, MAX_CHUNK_FRAMES,
     MAX_CHUNK_RAW, VERSION,
 };
-use super::rle::{rle_apply, unzigzag, Reader, RleError};
+use super::rle::{rle_apply, rle_patch, unzigzag, Reader, RleError};
 use super::{Image, Page, PageView, PAGE_SIZE};
 
 /// The decoded contents of one epoch, not yet applied.
@@ -220,6 +220,7 @@ struct ChunkRef<'a> {
     index: u32,
     stored: &'a [u8],
     raw_len: usize,
+    control_len: usize,
     frames: usize,
     encoding: ChunkEncoding,
 }
@@ -301,7 +302,7 @@ fn parse_layout(input: &[u8], max_frames: u32) -> Result<Layout<'_>, DecodeError
             .bytes(CHUNK_HEADER_LEN)
             .ok_or(truncated("chunk header", r.pos()))?;
         let le = |at: usize| u32::from_le_bytes([h[at], h[at + 1], h[at + 2], h[at + 3]]);
-        let (stored_len, raw_len, n) = (le(0), le(4), le(8));
+        let (stored_len, raw_len, n, control_len) = (le(0), le(4), le(8), le(12));
         let bad = |reason| DecodeError::BadChunkHeader {
             chunk: index,
             reason,
@@ -312,7 +313,10 @@ fn parse_layout(input: &[u8], max_frames: u32) -> Result<Layout<'_>, DecodeError
         if raw_len > MAX_CHUNK_RAW {
             return Err(bad("decompressed size over the limit"));
         }
-        let encoding = match h[12] {
+        if control_len > raw_len {
+            return Err(bad("control stream longer than the payload"));
+        }
+        let encoding = match h[16] {
             0 => ChunkEncoding::Stored,
             1 => ChunkEncoding::Lz4,
             2 => ChunkEncoding::Zstd,
@@ -335,6 +339,7 @@ fn parse_layout(input: &[u8], max_frames: u32) -> Result<Layout<'_>, DecodeError
             index,
             stored,
             raw_len: raw_len as usize,
+            control_len: control_len as usize,
             frames: n as usize,
             encoding,
         });
@@ -360,6 +365,8 @@ fn parse_layout(input: &[u8], max_frames: u32) -> Result<Layout<'_>, DecodeError
 }
 
 thread_local! {
+    /// Per-thread buffer for decompressed chunk payloads.
+    static PAYLOAD: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     static ZSTD_DCTX: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
         const { std::cell::RefCell::new(None) };
 }
@@ -425,10 +432,30 @@ fn decode_chunk(
     frames_out: &mut [u32],
     data_out: &mut [u8],
 ) -> Result<(), DecodeError> {
+    PAYLOAD.with(|buf| {
+        let mut buf = buf.borrow_mut();
+        let payload = payload(chunk, &mut buf)?;
+        decode_payload(
+            reference, chunk, payload, area_log2, max_frames, frames_out, data_out,
+        )
+    })
+}
+
+/// Decodes a chunk's (decompressed) payload.
+fn decode_payload(
+    reference: &dyn PageView,
+    chunk: &ChunkRef<'_>,
+    payload: &[u8],
+    area_log2: u32,
+    max_frames: u32,
+    frames_out: &mut [u32],
+    data_out: &mut [u8],
+) -> Result<(), DecodeError> {
     let ci = chunk.index;
-    let mut buf = Vec::new();
-    let payload = payload(chunk, &mut buf)?;
-    let mut r = Reader::new(payload);
+    // Payload: frame list, literals, control (its length in the header).
+    let split = payload.len() - chunk.control_len.min(payload.len());
+    let (head, control) = payload.split_at(split);
+    let mut r = Reader::new(head);
     let cut = |stream, frame, offset| DecodeError::ChunkTruncated {
         chunk: ci,
         frame,
@@ -460,8 +487,6 @@ fn decode_chunk(
         *slot = f as u32;
         prev = f;
     }
-    let control_len = r.varint().ok_or(cut("frame list", 0, r.pos()))? as usize;
-    let control = r.bytes(control_len).ok_or(cut("control", 0, r.pos()))?;
     let literals = r.bytes(r.remaining()).unwrap_or(&[]);
     let mut c = Reader::new(control);
     let mut l = Reader::new(literals);
@@ -522,6 +547,11 @@ fn decode_chunk(
                         rle_apply(out, &mut c, &mut l).map_err(run_err)?;
                     }
                 }
+                Op::Sparse => rle_apply(out, &mut c, &mut l).map_err(run_err)?,
+                Op::PatchSelf => {
+                    out.copy_from_slice(own_area);
+                    rle_patch(out, &mut c, &mut l).map_err(run_err)?;
+                }
                 Op::Lz4 => {
                     let n = c.varint().ok_or(cut("control", frame, offset))? as usize;
                     let src = l.bytes(n).ok_or(cut("literal", frame, offset))?;
@@ -564,7 +594,25 @@ pub fn decode_epoch(
     input: &[u8],
     max_frames: u32,
 ) -> Result<DecodedEpoch, DecodeError> {
-    decode_impl(reference, input, max_frames, None)
+    let mut out = DecodedEpoch::default();
+    decode_impl(reference, input, max_frames, None, &mut out)?;
+    Ok(out)
+}
+
+/// [`decode_epoch`] into `out`, reusing its buffers (no fresh memory to
+/// fault in when decoding epoch after epoch). On error `out` holds no
+/// meaningful epoch.
+///
+/// # Errors
+///
+/// As [`decode_epoch`].
+pub fn decode_epoch_into(
+    reference: &dyn PageView,
+    input: &[u8],
+    max_frames: u32,
+    out: &mut DecodedEpoch,
+) -> Result<(), DecodeError> {
+    decode_impl(reference, input, max_frames, None, out)
 }
 
 /// [`decode_epoch`] with the chunks decoded in parallel on `pool`.
@@ -578,7 +626,9 @@ pub fn decode_epoch_parallel(
     max_frames: u32,
     pool: &rayon::ThreadPool,
 ) -> Result<DecodedEpoch, DecodeError> {
-    decode_impl(reference, input, max_frames, Some(pool))
+    let mut out = DecodedEpoch::default();
+    decode_impl(reference, input, max_frames, Some(pool), &mut out)?;
+    Ok(out)
 }
 
 fn decode_impl(
@@ -586,11 +636,19 @@ fn decode_impl(
     input: &[u8],
     max_frames: u32,
     pool: Option<&rayon::ThreadPool>,
-) -> Result<DecodedEpoch, DecodeError> {
+    out: &mut DecodedEpoch,
+) -> Result<(), DecodeError> {
     let layout = parse_layout(input, max_frames)?;
     let n = layout.frames as usize;
-    let mut frames = vec![0u32; n];
-    let mut data = vec![0u8; n * PAGE_SIZE];
+    let DecodedEpoch {
+        frames,
+        data,
+        dropped,
+    } = out;
+    frames.clear();
+    frames.resize(n, 0);
+    data.clear();
+    data.resize(n * PAGE_SIZE, 0);
     // Split the outputs per chunk.
     let mut jobs = Vec::with_capacity(layout.chunks.len());
     let (mut f_rest, mut d_rest) = (&mut frames[..], &mut data[..]);
@@ -641,11 +699,8 @@ fn decode_impl(
             }
         }
     }
-    Ok(DecodedEpoch {
-        frames,
-        data,
-        dropped: layout.dropped,
-    })
+    *dropped = layout.dropped;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -737,13 +792,13 @@ mod tests {
 
     fn raw_chunk(frames_payload: &[u8], control: &[u8], literals: &[u8], n: u32) -> Vec<u8> {
         let mut payload = frames_payload.to_vec();
-        payload.push(control.len() as u8);
-        payload.extend_from_slice(control);
         payload.extend_from_slice(literals);
+        payload.extend_from_slice(control);
         let mut v = Vec::new();
         v.extend_from_slice(&(payload.len() as u32).to_le_bytes());
         v.extend_from_slice(&(payload.len() as u32).to_le_bytes());
         v.extend_from_slice(&n.to_le_bytes());
+        v.extend_from_slice(&(control.len() as u32).to_le_bytes());
         v.push(0);
         v.extend_from_slice(&payload);
         v

@@ -53,6 +53,15 @@ pub fn section_popcounts(area: &[u8]) -> [u16; SECTIONS] {
 pub fn bit_density_hash(area: &[u8], threshold: HashThreshold) -> u32 {
     let pops = section_popcounts(area);
     match threshold {
+        // Sections of at most 31 bytes: popcounts fit in u8 lanes (one
+        // 32-lane vector instead of two).
+        HashThreshold::Median if area.len() / SECTIONS < 32 => {
+            let mut narrow = [0u8; SECTIONS];
+            for (n, &p) in narrow.iter_mut().zip(&pops) {
+                *n = p as u8;
+            }
+            median_bits_u8(&narrow)
+        }
         HashThreshold::Median => median_bits(&pops),
         HashThreshold::Fraction(percent) => {
             let bits = (area.len() / SECTIONS * 8) as u32;
@@ -69,14 +78,33 @@ pub fn bit_density_hash(area: &[u8], threshold: HashThreshold) -> u32 {
 /// Bit `i` set when section `i`'s popcount exceeds the lower median.
 #[inline]
 fn median_bits(pops: &[u16; SECTIONS]) -> u32 {
-    let mut h = 0u32;
-    for (i, &p) in pops.iter().enumerate() {
-        // Rank of p: how many sections are strictly sparser (vectorises).
-        let mut below = 0u16;
-        for &q in pops {
-            below += u16::from(q < p);
+    // below[i] = how many sections are strictly sparser than section i;
+    // the inner loop runs over all 32 sections at once (two AVX2 vectors).
+    let mut below = [0u16; SECTIONS];
+    for &q in pops {
+        for (b, &p) in below.iter_mut().zip(pops) {
+            *b += u16::from(q < p);
         }
-        h |= u32::from(below >= 16) << i;
+    }
+    let mut h = 0u32;
+    for (i, &b) in below.iter().enumerate() {
+        h |= u32::from(b >= 16) << i;
+    }
+    h
+}
+
+/// [`median_bits`] on u8 popcounts.
+#[inline]
+fn median_bits_u8(pops: &[u8; SECTIONS]) -> u32 {
+    let mut below = [0u8; SECTIONS];
+    for &q in pops {
+        for (b, &p) in below.iter_mut().zip(pops) {
+            *b += u8::from(q < p);
+        }
+    }
+    let mut h = 0u32;
+    for (i, &b) in below.iter().enumerate() {
+        h |= u32::from(b >= 16) << i;
     }
     h
 }

@@ -37,13 +37,25 @@
 //!
 //! Each dirty page is cut into areas (64..=2048 bytes, default 512). Each
 //! area is sent as: zero; unchanged (equal to its own previous contents,
-//! known when the page is in the cache of recently dirtied pages); identical
-//! to another area of `I(k-1)`; the run-length encoded XOR against the most
-//! similar such area (fewest differing bytes), found through a
-//! content-addressable table keyed by the [bit-density hash](hash); or raw.
-//! A general-purpose second stage (lz4 by default, zstd, none) then
-//! compresses each chunk. Chunks of 256 dirty frames are encoded in
-//! parallel and decode independently.
+//! known exactly when the page is in the cache of recently dirtied pages,
+//! else through [fingerprints](fingerprint) of its 256-byte blocks);
+//! identical to another area of `I(k-1)`; the run-length encoded XOR
+//! against the most similar such area (fewest differing bytes), found
+//! through a content-addressable table keyed by the
+//! [bit-density hash](hash); a patch of its own previous contents (changed
+//! blocks only); sparse; or raw. A general-purpose second stage (lz4 by
+//! default, zstd, none) then compresses each chunk. Chunks of 256 dirty
+//! frames are encoded in parallel and decode independently. Reference
+//! memory (tables, fingerprints, cache) defaults to 64 MiB per GiB of
+//! image.
+//!
+//! **Fingerprints are probabilistic**: a changed block is taken as
+//! unchanged with probability below 2^-60 per changed block (a keyed
+//! universal hash; the contents cannot depend on the per-encoder random
+//! key). `fp=off` gives exact comparisons only, at a large cost in size
+//! when the cache cannot hold the dirty working set. The replication layer
+//! should checksum the *decoded* pages of each epoch so that even this
+//! event is detected.
 //!
 //! # Container format (version 1)
 //!
@@ -54,8 +66,8 @@
 //! header := "SRCE" version:u8=1 codec:u8 area_log2:u8 flags:u8
 //!           n_frames:u32 n_dropped:u32 n_chunks:u32            (20 bytes)
 //! dropped:= frame:u32                     strictly increasing, < max_frames
-//! chunk  := stored_len:u32 raw_len:u32 frames:u32 encoding:u8  (13 bytes)
-//!           stored[stored_len]
+//! chunk  := stored_len:u32 raw_len:u32 frames:u32 control_len:u32
+//!           encoding:u8 stored[stored_len]                     (17 + stored_len)
 //! ```
 //!
 //! * `codec`: [`CodecId`](container::CodecId) (1 raw, 2 lz4, 3 zstd,
@@ -68,10 +80,11 @@
 //!   ([`MAX_CHUNK_RAW`](container::MAX_CHUNK_RAW)). A chunk holds 1..=4096
 //!   frames; the chunks' frames must add up to `n_frames`
 //!   (<= `max_frames`), and nothing may follow the last chunk.
-//! * payload: `varint frame`, then `frames - 1` varint deltas (>= 1, so
-//!   the frames of the whole epoch are strictly increasing), `varint
-//!   control_len`, the control stream, and the literal stream (the rest).
-//!   Varints are unsigned LEB128.
+//! * payload (`raw_len` bytes): `varint frame`, then `frames - 1` varint
+//!   deltas (>= 1, so the frames of the whole epoch are strictly
+//!   increasing), then the literal stream, then the control stream (its
+//!   last `control_len` bytes, `control_len <= raw_len`). Varints are
+//!   unsigned LEB128.
 //! * control stream: per frame, per area, one op byte
 //!   ([`Op`](container::Op)) and its operands; literal bytes live in the
 //!   literal stream:
@@ -87,6 +100,8 @@
 //! | 6 identical-next | | copy of the predicted area |
 //! | 7 xor-next | runs | XOR against the predicted area |
 //! | 8 lz4 | varint n, n literal bytes | lz4 block decoding to exactly `S` bytes |
+//! | 9 sparse | runs | runs against the all-zero area |
+//! | 10 patch-self | runs | same area of the same frame, literal runs replaced by the literal bytes |
 //!
 //! A reference names the area index `frame * (4096 / S) + area` in
 //! `I(k-1)`; it is coded as the difference to the *predicted* index (the
@@ -105,6 +120,7 @@ mod baselines;
 mod cache;
 pub mod container;
 mod decode;
+pub mod fingerprint;
 pub mod hash;
 pub mod rle;
 mod similarity;
@@ -113,10 +129,12 @@ mod table;
 #[cfg(test)]
 mod tests;
 
-pub use decode::{decode_epoch, decode_epoch_parallel, DecodeError, DecodedEpoch};
+pub use decode::{
+    decode_epoch, decode_epoch_into, decode_epoch_parallel, DecodeError, DecodedEpoch,
+};
 pub use hash::bit_density_hash;
 pub use spec::{
-    CachePages, CodecSpec, HashThreshold, ParseSpecError, SecondStage, SimilarityConfig,
+    CachePages, CodecSpec, HashThreshold, ParseSpecError, SecondStage, SimilarityConfig, FP_BLOCK,
 };
 
 /// Bytes in a page (frame).
@@ -354,22 +372,52 @@ pub(crate) fn make_pool(threads: usize) -> Option<rayon::ThreadPool> {
 }
 
 /// Runs `f` on consecutive chunks of `frames` (in parallel on `pool` when
-/// given), returning the results in order.
-pub(crate) fn map_chunks<T, F>(
+/// given), each writing its chunk record to the buffer it is handed;
+/// the records end up in `out` in order, and the per-chunk results are
+/// returned in order. Single-threaded, records go straight into `out`.
+pub(crate) fn encode_chunks<T, F>(
     pool: Option<&rayon::ThreadPool>,
     frames: &[u32],
     per_chunk: usize,
+    out: &mut Vec<u8>,
     f: F,
 ) -> Result<Vec<T>, EncodeError>
 where
     T: Send,
-    F: Fn(&[u32]) -> Result<T, EncodeError> + Sync,
+    F: Fn(&[u32], &mut Vec<u8>) -> Result<T, EncodeError> + Sync,
 {
     match pool {
         Some(pool) if frames.len() > per_chunk => {
             use rayon::prelude::*;
-            pool.install(|| frames.par_chunks(per_chunk).map(&f).collect())
+            let parts: Vec<(Vec<u8>, T)> = pool.install(|| {
+                frames
+                    .par_chunks(per_chunk)
+                    .map(|c| {
+                        let mut bytes = Vec::new();
+                        f(c, &mut bytes).map(|t| (bytes, t))
+                    })
+                    .collect::<Result<_, _>>()
+            })?;
+            out.reserve(parts.iter().map(|p| p.0.len()).sum());
+            Ok(parts
+                .into_iter()
+                .map(|(bytes, t)| {
+                    out.extend_from_slice(&bytes);
+                    t
+                })
+                .collect())
         }
-        _ => frames.chunks(per_chunk).map(f).collect(),
+        _ => frames.chunks(per_chunk).map(|c| f(c, out)).collect(),
     }
+}
+
+/// Number of chunks [`encode_chunks`] makes.
+pub(crate) fn chunk_count(frames: usize, per_chunk: usize) -> u32 {
+    frames.div_ceil(per_chunk.max(1)) as u32
+}
+
+thread_local! {
+    /// Per-thread chunk writer, reused across chunks and epochs.
+    pub(crate) static WRITER: std::cell::RefCell<container::ChunkWriter> =
+        std::cell::RefCell::new(container::ChunkWriter::default());
 }

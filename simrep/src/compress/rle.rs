@@ -348,6 +348,25 @@ pub(crate) fn rle_apply(
     control: &mut Reader<'_>,
     literals: &mut Reader<'_>,
 ) -> Result<(), RleError> {
+    rle_runs::<true>(out, control, literals)
+}
+
+/// Applies runs whose literal bytes *replace* the bytes of `out` (a patch).
+#[inline]
+pub(crate) fn rle_patch(
+    out: &mut [u8],
+    control: &mut Reader<'_>,
+    literals: &mut Reader<'_>,
+) -> Result<(), RleError> {
+    rle_runs::<false>(out, control, literals)
+}
+
+#[inline]
+fn rle_runs<const XOR: bool>(
+    out: &mut [u8],
+    control: &mut Reader<'_>,
+    literals: &mut Reader<'_>,
+) -> Result<(), RleError> {
     let len = out.len();
     let mut pos = 0usize;
     loop {
@@ -364,8 +383,12 @@ pub(crate) fn rle_apply(
             return Err(RleError::BadRun);
         }
         let lit = literals.bytes(l).ok_or(RleError::Truncated)?;
-        for (o, x) in out[pos..pos + l].iter_mut().zip(lit) {
-            *o ^= x;
+        if XOR {
+            for (o, x) in out[pos..pos + l].iter_mut().zip(lit) {
+                *o ^= x;
+            }
+        } else {
+            out[pos..pos + l].copy_from_slice(lit);
         }
         pos += l;
         if pos == len {

@@ -1,16 +1,23 @@
-//! The similarity encoder (paper section III).
+//! The similarity encoder (paper section III, plus fingerprints).
 //!
 //! Per dirty page, per area: zero; unchanged (equal to its own previous
-//! contents, when cached); identical to a candidate; XOR against the best
-//! candidate (fewest differing bytes) run-length encoded; raw when the RLE
-//! form is not smaller. Candidates, cheapest first, stopping as soon as one
-//! is good enough:
+//! contents: compared exactly when the page is in the RDP cache, else by
+//! block fingerprints); identical to a candidate; XOR against the best
+//! candidate (fewest differing bytes) run-length encoded; a patch of its
+//! own previous contents (unchanged fingerprint blocks kept, changed blocks
+//! sent as new bytes); sparse (runs against zero); raw when nothing is
+//! smaller. Candidates, cheapest first, stopping as soon as one is good
+//! enough (at most 1/32 of the area differs):
 //!
-//! 1. the same area's previous contents (when the page is in the RDP cache);
-//! 2. the *predicted* area: the one after the area the previous reference of
+//! 1. the same area's previous contents, when the page is cached;
+//! 2. the patch, when the page is not cached but fingerprints are on; when
+//!    at most half the area's blocks changed, the search stops here;
+//! 3. the *predicted* area: the one after the area the previous reference of
 //!    this page named (pages copied from elsewhere match area after area);
-//! 3. the bucket of the area's bit-density hash in the content table,
-//!    closest full hash first, at most `search_depth` of them.
+//! 4. the bucket of the area's bit-density hash in the content table,
+//!    closest full hash first, at most `search_depth` of them, giving up
+//!    when the closest one differs in more than half its bytes;
+//! 5. the all-zero area.
 //!
 //! # Reference bookkeeping
 //!
@@ -20,25 +27,42 @@
 //! is right only for frames not dirty in this epoch. So at the start of an
 //! epoch the table entries of dirty frames that are not cached, and of
 //! dropped frames, are removed; chunks are then encoded (in parallel) with
-//! the table and cache read-only; finally, sequentially, each dirty frame's
-//! entries are replaced by those of its new contents and its new contents
-//! go into the cache (least recently dirtied evicted).
+//! the table, cache and fingerprints read-only; finally, sequentially, each
+//! dirty frame's table entries and fingerprints are replaced by those of
+//! its new contents, dropped frames get zero fingerprints, and the new
+//! contents go into the cache (least recently dirtied evicted; among this
+//! epoch's pages, those whose previous contents served as a reference are
+//! inserted last, so they are the last to go).
+//!
+//! # Memory
+//!
+//! Per area a 4-byte hash and a presence bit; per 256-byte block an 8-byte
+//! fingerprint (3.1 % of the image); the buckets (8 bytes a slot); the
+//! cache. The defaults fit 64 MiB per GiB of image: for 1 GiB at 512-byte
+//! areas, 8 MiB of hashes, 32 MiB of fingerprints, a 2^17-bucket table
+//! (8 MiB) and ~3.7k cached pages.
 
 use rayon::ThreadPool;
 
 use super::cache::PageCache;
 use super::container::{write_header, ChunkWriter, CodecId, Op};
+use super::fingerprint::Fingerprinter;
 use super::hash::bit_density_hash;
 use super::rle::{diff_count_bounded, diff_masks, is_zero, rle_encode};
 use super::table::{Table, EMPTY};
 use super::{
-    check_sets, make_pool, map_chunks, EncodeError, EpochEncoder, EpochStats, HashThreshold,
-    KindCounts, PageView, SecondStage, SimilarityConfig, PAGE_SIZE,
+    check_sets, chunk_count, encode_chunks, make_pool, EncodeError, EpochEncoder, EpochStats,
+    HashThreshold, KindCounts, PageView, SecondStage, SimilarityConfig, PAGE_SIZE, WRITER,
+    ZERO_PAGE,
 };
 
 /// Zero gaps shorter than this inside a literal run are absorbed into it
 /// (splitting would cost two varints).
 const MIN_GAP: usize = 3;
+
+/// Bucket candidates whose hash differs from the area's in more bits than
+/// this are not examined (unrelated areas that share the bucket).
+const MAX_DISTANCE: u32 = 8;
 
 /// The similarity codec's encoder.
 pub(crate) struct SimilarityEncoder {
@@ -52,6 +76,10 @@ struct State {
     log2: u32,
     table: Table,
     cache: PageCache,
+    /// Fingerprint of every area of the committed image (empty when
+    /// fingerprints are off).
+    fps: Vec<u64>,
+    fingerprinter: Option<Fingerprinter>,
 }
 
 /// Read-only view shared by the chunk encoders.
@@ -65,14 +93,18 @@ struct Ctx<'a> {
     table: &'a Table,
     cache: &'a PageCache,
     current: &'a dyn PageView,
+    fingerprints: Option<(&'a Fingerprinter, &'a [u64])>,
+    /// Fingerprint blocks per area.
+    fp_blocks: usize,
 }
 
 /// What a chunk encoder hands back for the sequential update.
 struct ChunkOut {
-    bytes: Vec<u8>,
     /// Hash of every area (meaningless for zero areas).
     hashes: Vec<u32>,
-    /// Per frame: bit per non-zero area.
+    /// Fingerprint of every block of every area (when fingerprints are on).
+    fps: Vec<u64>,
+    /// Per frame: bit per non-zero area to file in the table.
     nonzero: Vec<u64>,
     /// Per frame: bit per unchanged area.
     unchanged: Vec<u64>,
@@ -86,6 +118,10 @@ enum Cand {
     None,
     SelfPrev,
     Ref(u32),
+    /// The all-zero area (the area is sparse).
+    Zero,
+    /// Own blocks whose fingerprint did not change, new bytes elsewhere.
+    Patch,
 }
 
 impl Ctx<'_> {
@@ -101,14 +137,26 @@ impl Ctx<'_> {
         &page[at..at + self.size]
     }
 
-    fn encode_chunk(&self, frames: &[u32]) -> Result<ChunkOut, EncodeError> {
+    fn encode_chunk(&self, frames: &[u32], dest: &mut Vec<u8>) -> Result<ChunkOut, EncodeError> {
+        WRITER.with(|w| self.encode_chunk_with(&mut w.borrow_mut(), frames, dest))
+    }
+
+    fn encode_chunk_with(
+        &self,
+        w: &mut ChunkWriter,
+        frames: &[u32],
+        dest: &mut Vec<u8>,
+    ) -> Result<ChunkOut, EncodeError> {
         let (size, per_page) = (self.size, self.per_page);
         let good_enough = size / 32;
-        let mut w = ChunkWriter::with_capacity(frames.len(), size);
-        w.frames.extend_from_slice(frames);
+        w.start(frames);
         let mut out = ChunkOut {
-            bytes: Vec::new(),
             hashes: Vec::with_capacity(frames.len() * per_page),
+            fps: Vec::with_capacity(if self.fingerprints.is_some() {
+                frames.len() * per_page * self.fp_blocks
+            } else {
+                0
+            }),
             nonzero: Vec::with_capacity(frames.len()),
             unchanged: Vec::with_capacity(frames.len()),
             self_used: Vec::with_capacity(frames.len()),
@@ -121,6 +169,7 @@ impl Ctx<'_> {
             let prev = self.cache.get(f);
             let base = f << self.page_shift;
             let (mut nz_bits, mut unch_bits, mut self_used) = (0u64, 0u64, false);
+            let mut unfiled = 0u64;
             let mut pred: Option<u32> = None;
             for (a, area) in page.chunks_exact(size).enumerate() {
                 let gid = base + a as u32;
@@ -130,6 +179,9 @@ impl Ctx<'_> {
                 if is_zero(area) {
                     w.op(Op::Zero);
                     out.hashes.push(0);
+                    if self.fingerprints.is_some() {
+                        out.fps.extend(std::iter::repeat_n(0, self.fp_blocks));
+                    }
                     out.kinds.zero += 1;
                     continue;
                 }
@@ -142,6 +194,13 @@ impl Ctx<'_> {
                     if nz == 0 {
                         w.op(Op::Unchanged);
                         out.hashes.push(self.table.stored_hash(gid));
+                        if let Some((_, fps)) = self.fingerprints {
+                            let at = gid as usize * self.fp_blocks;
+                            match fps.get(at..at + self.fp_blocks) {
+                                Some(old) => out.fps.extend_from_slice(old),
+                                None => out.fps.extend(std::iter::repeat_n(0, self.fp_blocks)),
+                            }
+                        }
                         unch_bits |= 1 << a;
                         self_used = true;
                         out.kinds.unchanged += 1;
@@ -150,28 +209,71 @@ impl Ctx<'_> {
                     best = Cand::SelfPrev;
                     best_nz = nz;
                 }
-                let h = bit_density_hash(area, self.hash);
+                // Blocks whose fingerprint changed (all, without fingerprints).
+                let mut changed_blocks = u64::MAX;
+                if let Some((fingerprinter, fps)) = self.fingerprints {
+                    let g = size / self.fp_blocks;
+                    let at = gid as usize * self.fp_blocks;
+                    changed_blocks = 0;
+                    for (j, block) in area.chunks_exact(g).enumerate() {
+                        let fp = fingerprinter.fingerprint(block);
+                        out.fps.push(fp);
+                        if fps.get(at + j) != Some(&fp) {
+                            changed_blocks |= 1 << j;
+                        }
+                    }
+                    if prev.is_none() && changed_blocks == 0 {
+                        w.op(Op::Unchanged);
+                        out.hashes.push(self.table.stored_hash(gid));
+                        unch_bits |= 1 << a;
+                        out.kinds.unchanged += 1;
+                        continue;
+                    }
+                }
+                // Without the old contents, an area whose other blocks are
+                // unchanged can be patched: own blocks kept, the changed
+                // ones sent as new bytes.
+                let patch_cost = if prev.is_none() && changed_blocks != u64::MAX {
+                    changed_blocks.count_ones() as usize * (size / self.fp_blocks) + 4
+                } else {
+                    usize::MAX
+                };
+                // A cheap patch (at most half the area) is hard to beat:
+                // skip the search. Such an area belongs to a hot page that
+                // is not cached: it will most likely be dirtied again, and
+                // its table entry removed, next epoch, so it is not hashed
+                // and not filed either.
+                let cheap_patch = patch_cost <= size / 2;
+                let h = if cheap_patch {
+                    unfiled |= 1 << a;
+                    0
+                } else {
+                    bit_density_hash(area, self.hash)
+                };
                 out.hashes.push(h);
-                if best_nz > good_enough {
+                let raw_limit = size - size / 8;
+                let searching = best_nz > good_enough && !cheap_patch;
+                if searching {
                     if let Some(p) = this_pred {
-                        let nz = diff_count_bounded(area, self.area(p), best_nz);
+                        let nz = diff_count_bounded(area, self.area(p), best_nz.min(raw_limit));
                         if nz < best_nz {
                             best = Cand::Ref(p);
                             best_nz = nz;
                         }
                     }
                 }
-                if best_nz > good_enough {
+                if searching && best_nz > good_enough {
                     // Bucket candidates, closest full hash first.
                     let mut n = 0;
                     for s in self.table.candidates(h) {
                         if s.area == EMPTY {
                             break;
                         }
-                        if s.area == gid || Some(s.area) == this_pred {
+                        let distance = (s.hash ^ h).count_ones();
+                        if s.area == gid || Some(s.area) == this_pred || distance > MAX_DISTANCE {
                             continue;
                         }
-                        ranked[n] = ((s.hash ^ h).count_ones(), s.area);
+                        ranked[n] = (distance, s.area);
                         n += 1;
                     }
                     let ranked = &mut ranked[..n];
@@ -184,7 +286,7 @@ impl Ctx<'_> {
                         }
                     }
                     for &(_, c) in ranked.iter().take(self.depth) {
-                        let nz = diff_count_bounded(area, self.area(c), best_nz);
+                        let nz = diff_count_bounded(area, self.area(c), best_nz.min(raw_limit));
                         if nz < best_nz {
                             best = Cand::Ref(c);
                             best_nz = nz;
@@ -192,6 +294,21 @@ impl Ctx<'_> {
                                 break;
                             }
                         }
+                        if best_nz > size / 2 {
+                            break; // even the closest hash is far off
+                        }
+                    }
+                }
+                if patch_cost < best_nz.min(raw_limit) {
+                    best = Cand::Patch;
+                    best_nz = patch_cost;
+                }
+                if searching && best_nz > good_enough {
+                    let zero = &ZERO_PAGE[..size];
+                    let nz = diff_count_bounded(area, zero, best_nz.min(raw_limit));
+                    if nz < best_nz {
+                        best = Cand::Zero;
+                        best_nz = nz;
                     }
                 }
                 // Emit.
@@ -199,8 +316,9 @@ impl Ctx<'_> {
                     Cand::None => None,
                     Cand::SelfPrev => prev.map(|p| &p[a * size..(a + 1) * size]),
                     Cand::Ref(c) => Some(self.area(c)),
+                    Cand::Zero | Cand::Patch => Some(&ZERO_PAGE[..size]),
                 };
-                let Some(reference) = reference.filter(|_| best_nz < size - size / 8) else {
+                let Some(reference) = reference.filter(|_| best_nz < raw_limit) else {
                     w.op(Op::Raw);
                     w.literals.extend_from_slice(area);
                     out.kinds.raw += 1;
@@ -217,9 +335,23 @@ impl Ctx<'_> {
                 let mark = w.mark();
                 match best {
                     Cand::Ref(c) => w.op_ref(false, c),
+                    Cand::Zero => w.op(Op::Sparse),
+                    Cand::Patch => w.op(Op::PatchSelf),
                     _ => w.op(Op::XorSelf),
                 }
-                diff_masks(area, reference, &mut masks);
+                if best == Cand::Patch {
+                    // Byte mask of the changed blocks.
+                    let words = size / self.fp_blocks / 64;
+                    for (wi, m) in masks[..size / 64].iter_mut().enumerate() {
+                        *m = if changed_blocks & (1 << (wi / words.max(1))) != 0 {
+                            u64::MAX
+                        } else {
+                            0
+                        };
+                    }
+                } else {
+                    diff_masks(area, reference, &mut masks);
+                }
                 let n = rle_encode(
                     area,
                     reference,
@@ -240,18 +372,18 @@ impl Ctx<'_> {
                         pred = Some(c + 1);
                         out.kinds.xor_other += 1;
                     }
+                    Cand::Zero | Cand::Patch => out.kinds.raw += 1,
                     _ => {
                         self_used = true;
                         out.kinds.xor_self += 1;
                     }
                 }
             }
-            out.nonzero.push(nz_bits);
+            out.nonzero.push(nz_bits & !unfiled);
             out.unchanged.push(unch_bits);
             out.self_used.push(self_used);
         }
-        let mut scratch = Vec::new();
-        w.finish(self.stage, &mut scratch, &mut out.bytes)?;
+        w.finish(self.stage, dest)?;
         Ok(out)
     }
 }
@@ -283,13 +415,26 @@ impl EpochEncoder for SimilarityEncoder {
             self.cfg.bucket_candidates,
             frames * per_page,
         );
+        let fp_blocks = self.cfg.fp_blocks_per_area();
+        let g = size / fp_blocks;
+        let fingerprinter = self.cfg.fingerprints.then(|| Fingerprinter::random(g));
+        let mut fps = Vec::new();
+        if fingerprinter.is_some() {
+            fps.reserve_exact(frames * per_page * fp_blocks);
+        }
         for f in 0..image.frame_count() {
             for (a, area) in image.page(f).chunks_exact(size).enumerate() {
-                if !is_zero(area) {
+                let zero = is_zero(area);
+                if !zero {
                     table.insert(
                         (f << page_shift) + a as u32,
                         bit_density_hash(area, self.cfg.hash),
                     );
+                }
+                if let Some(fp) = &fingerprinter {
+                    for block in area.chunks_exact(g) {
+                        fps.push(if zero { 0 } else { fp.fingerprint(block) });
+                    }
                 }
             }
         }
@@ -297,6 +442,8 @@ impl EpochEncoder for SimilarityEncoder {
             log2,
             table,
             cache: PageCache::new(self.cfg.resolved_cache_pages(frames)),
+            fps,
+            fingerprinter,
         });
     }
 
@@ -318,6 +465,12 @@ impl EpochEncoder for SimilarityEncoder {
             .max()
             .map_or(0, |&m| m as usize + 1);
         state.table.ensure_areas(max_frame * per_page);
+        let fp_blocks = self.cfg.fp_blocks_per_area();
+        let fp_per_page = per_page * fp_blocks;
+        if state.fingerprinter.is_some() && state.fps.len() < max_frame * fp_per_page {
+            // Frames beyond the image read as zero: fingerprint 0.
+            state.fps.resize(max_frame * fp_per_page, 0);
+        }
 
         // Forget what the encoder can no longer read as I(k-1).
         for &f in dropped {
@@ -340,12 +493,13 @@ impl EpochEncoder for SimilarityEncoder {
             table: &state.table,
             cache: &state.cache,
             current,
+            fingerprints: state
+                .fingerprinter
+                .as_ref()
+                .map(|f| (f, state.fps.as_slice())),
+            fp_blocks,
         };
         let per_chunk = self.cfg.chunk_frames.max(1);
-        let chunks = map_chunks(self.pool.as_ref(), dirty, per_chunk, |c| {
-            ctx.encode_chunk(c)
-        })?;
-
         let start = out.len();
         write_header(
             out,
@@ -354,11 +508,14 @@ impl EpochEncoder for SimilarityEncoder {
             self.cfg.second_stage,
             dirty.len() as u32,
             dropped,
-            chunks.len() as u32,
+            chunk_count(dirty.len(), per_chunk),
         );
+        let chunks = encode_chunks(self.pool.as_ref(), dirty, per_chunk, out, |c, dest| {
+            ctx.encode_chunk(c, dest)
+        });
+        let chunks = chunks.inspect_err(|_| out.truncate(start))?;
         let mut kinds = KindCounts::default();
         for c in &chunks {
-            out.extend_from_slice(&c.bytes);
             kinds.zero += c.kinds.zero;
             kinds.unchanged += c.kinds.unchanged;
             kinds.identical += c.kinds.identical;
@@ -370,6 +527,23 @@ impl EpochEncoder for SimilarityEncoder {
         // Sequential update: table entries of the new contents, then the
         // cache (frames whose previous contents proved useful last, so they
         // are the last to be evicted).
+        if state.fingerprinter.is_some() {
+            for &f in dropped {
+                let at = f as usize * fp_per_page;
+                if let Some(s) = state.fps.get_mut(at..at + fp_per_page) {
+                    s.fill(0);
+                }
+            }
+            for (frames, c) in dirty.chunks(per_chunk).zip(&chunks) {
+                for (i, &f) in frames.iter().enumerate() {
+                    let at = f as usize * fp_per_page;
+                    let new = &c.fps[i * fp_per_page..(i + 1) * fp_per_page];
+                    if let Some(s) = state.fps.get_mut(at..at + fp_per_page) {
+                        s.copy_from_slice(new);
+                    }
+                }
+            }
+        }
         for (frames, c) in dirty.chunks(per_chunk).zip(&chunks) {
             for (i, &f) in frames.iter().enumerate() {
                 let base = f << page_shift;
@@ -383,14 +557,25 @@ impl EpochEncoder for SimilarityEncoder {
                 }
             }
         }
+        let mut order: Vec<u32> = Vec::with_capacity(dirty.len());
         for pass in [false, true] {
             for (frames, c) in dirty.chunks(per_chunk).zip(&chunks) {
                 for (i, &f) in frames.iter().enumerate() {
                     if c.self_used[i] == pass {
-                        state.cache.put(f, current.page(f));
+                        order.push(f);
                     }
                 }
             }
+        }
+        // Putting pages in `order` leaves exactly the last `capacity` of
+        // them when there are more: skip copying the others (but drop their
+        // stale copies).
+        let keep_from = order.len().saturating_sub(state.cache.capacity());
+        for &f in &order[..keep_from] {
+            state.cache.remove(f);
+        }
+        for &f in &order[keep_from..] {
+            state.cache.put(f, current.page(f));
         }
 
         Ok(EpochStats {
@@ -403,8 +588,11 @@ impl EpochEncoder for SimilarityEncoder {
     }
 
     fn reference_bytes(&self) -> usize {
-        self.state
-            .as_ref()
-            .map_or(0, |s| s.table.bytes() + s.cache.bytes())
+        self.state.as_ref().map_or(0, |s| {
+            s.table.bytes()
+                + s.cache.bytes()
+                + s.fps.capacity() * 8
+                + s.fingerprinter.as_ref().map_or(0, Fingerprinter::bytes)
+        })
     }
 }

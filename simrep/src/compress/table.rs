@@ -145,10 +145,14 @@ impl Table {
         let b = self.bucket(hash);
         let k = self.k;
         let bucket = &mut self.slots[b..b + k];
-        // Drop the last slot (the oldest, or empty).
+        // Into the first empty slot; in a full bucket, into the middle,
+        // evicting the last: the older half (areas that stayed unchanged
+        // the longest, the most dependable references) is protected from
+        // the churn of recently dirtied areas.
+        let at = bucket.iter().position(|s| s.area == EMPTY).unwrap_or(k / 2);
         let evicted = bucket[k - 1].area;
-        bucket.copy_within(0..k - 1, 1);
-        bucket[0] = Slot { area, hash };
+        bucket.copy_within(at..k - 1, at + 1);
+        bucket[at] = Slot { area, hash };
         if evicted != EMPTY {
             self.set_present(evicted, false);
         }
@@ -178,24 +182,24 @@ mod tests {
     }
 
     #[test]
-    fn full_bucket_evicts_oldest() {
-        let mut t = Table::new(1, 3, 100);
+    fn full_bucket_protects_its_older_half() {
+        let mut t = Table::new(1, 4, 100);
         // With one bit there are two buckets; find hashes in one bucket.
-        let hashes: Vec<u32> = (0..1000u32).filter(|&h| t.bucket(h) == 0).take(5).collect();
-        for (i, &h) in hashes.iter().take(3).enumerate() {
+        let hashes: Vec<u32> = (0..1000u32).filter(|&h| t.bucket(h) == 0).take(6).collect();
+        for (i, &h) in hashes.iter().take(4).enumerate() {
             t.insert(i as u32, h);
         }
-        t.insert(10, hashes[3]);
-        assert!(!t.is_present(0), "oldest evicted");
-        let areas: Vec<u32> = t.candidates(hashes[0]).iter().map(|s| s.area).collect();
-        assert_eq!(areas, vec![10, 2, 1]);
-        t.insert(11, hashes[1]);
-        assert!(!t.is_present(1));
-        let areas: Vec<u32> = t.candidates(hashes[0]).iter().map(|s| s.area).collect();
-        assert_eq!(areas, vec![11, 10, 2]);
+        let areas =
+            |t: &Table| -> Vec<u32> { t.candidates(hashes[0]).iter().map(|s| s.area).collect() };
+        assert_eq!(areas(&t), vec![0, 1, 2, 3], "empty slots filled in order");
+        t.insert(10, hashes[4]);
+        assert!(!t.is_present(3), "last slot evicted");
+        assert_eq!(areas(&t), vec![0, 1, 10, 2]);
+        t.insert(11, hashes[5]);
+        assert_eq!(areas(&t), vec![0, 1, 11, 10]);
+        assert!(t.is_present(0) && t.is_present(1));
         t.remove_range(10, 2);
-        let areas: Vec<u32> = t.candidates(hashes[0]).iter().map(|s| s.area).collect();
-        assert_eq!(areas, vec![2, EMPTY, EMPTY]);
+        assert_eq!(areas(&t), vec![0, 1, EMPTY, EMPTY]);
         // Out-of-range inserts are ignored.
         t.insert(1000, 1);
         assert!(!t.is_present(1000));
