@@ -339,3 +339,52 @@ impl EpochEncoder for XbzrleEncoder {
         self.cache.bytes()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::{decode_epoch, CodecSpec, Image};
+    use super::*;
+
+    #[test]
+    fn xbzrle_sends_raw_on_a_miss_then_xor_from_its_cache() {
+        let img = Image::zeroed(4);
+        let mut enc = "xbzrle:cache=8KiB".parse::<CodecSpec>().unwrap().build(1);
+        enc.init(&img);
+        let mut cur = img.clone();
+        let mut backup = img.clone();
+        let mut kinds = Vec::new();
+        for (epoch, frame) in [(1u8, 0u32), (2, 0), (3, 1), (4, 2), (5, 0)] {
+            cur.page_mut(frame)[100] = epoch;
+            cur.page_mut(frame)[200] = epoch;
+            let mut out = Vec::new();
+            let s = enc.encode_epoch(&cur, &[frame], &[], &mut out).unwrap();
+            decode_epoch(&backup, &out, 4).unwrap().apply(&mut backup);
+            assert!(backup.page(frame) == cur.page(frame));
+            kinds.push((s.kinds.raw, s.kinds.xor_self));
+        }
+        // Miss, hit, miss, miss (evicts frame 0: 2 pages), miss again.
+        assert_eq!(kinds, vec![(1, 0), (0, 1), (1, 0), (1, 0), (1, 0)]);
+        assert!(enc.reference_bytes() >= 2 * PAGE_SIZE);
+    }
+
+    #[test]
+    fn lz4_and_zstd_fall_back_to_raw_on_incompressible_pages() {
+        let mut img = Image::zeroed(2);
+        let mut s = 1u64;
+        for b in img.page_mut(1).iter_mut() {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            *b = (s >> 56) as u8;
+        }
+        for spec in ["lz4", "zstd"] {
+            let mut enc = spec.parse::<CodecSpec>().unwrap().build(1);
+            enc.init(&img);
+            let mut out = Vec::new();
+            let st = enc.encode_epoch(&img, &[0, 1], &[], &mut out).unwrap();
+            assert!(st.out_bytes < (PAGE_SIZE + 200) as u64, "{spec}: {st:?}");
+            let d = decode_epoch(&Image::zeroed(2), &out, 2).unwrap();
+            assert!(d.page(1) == img.page(1));
+        }
+    }
+}

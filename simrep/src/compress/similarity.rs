@@ -596,3 +596,120 @@ impl EpochEncoder for SimilarityEncoder {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::{decode_epoch, CachePages, CodecSpec, Image, KindCounts};
+    use super::*;
+
+    fn noisy_image(frames: u32) -> Image {
+        let mut img = Image::zeroed(frames);
+        let mut s = 0x9e37_79b9_7f4a_7c15u64;
+        for f in 0..frames {
+            for w in img.page_mut(f).chunks_exact_mut(8) {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                w.copy_from_slice(&s.to_le_bytes());
+            }
+        }
+        img
+    }
+
+    /// Encodes one epoch, checks the round trip, returns the kinds.
+    fn epoch(cfg: &SimilarityConfig, edit: impl Fn(&mut Image)) -> (KindCounts, usize) {
+        let img = noisy_image(64);
+        let mut enc = CodecSpec::Similarity(cfg.clone()).build(1);
+        enc.init(&img);
+        let mut cur = img.clone();
+        edit(&mut cur);
+        let dirty: Vec<u32> = (0..64).filter(|&f| cur.page(f) != img.page(f)).collect();
+        let mut out = Vec::new();
+        let stats = enc.encode_epoch(&cur, &dirty, &[], &mut out).unwrap();
+        let mut backup = img.clone();
+        decode_epoch(&img, &out, 64).unwrap().apply(&mut backup);
+        for f in 0..64 {
+            assert!(backup.page(f) == cur.page(f));
+        }
+        (stats.kinds, out.len())
+    }
+
+    fn exact(cache: usize) -> SimilarityConfig {
+        SimilarityConfig {
+            cache_pages: CachePages::Pages(cache),
+            second_stage: SecondStage::None,
+            ..SimilarityConfig::default()
+        }
+    }
+
+    #[test]
+    fn uncached_page_with_one_changed_block_is_patched() {
+        let (k, len) = epoch(&exact(0), |img| img.page_mut(5)[1000] ^= 1);
+        assert_eq!(k.unchanged, 7, "{k:?}");
+        assert_eq!(k.raw, 1, "the patch");
+        assert!(len < 400, "{len}: one 256-byte block and a few op bytes");
+    }
+
+    #[test]
+    fn without_fingerprints_an_uncached_change_costs_the_page() {
+        let cfg = SimilarityConfig {
+            fingerprints: false,
+            ..exact(0)
+        };
+        let (k, len) = epoch(&cfg, |img| img.page_mut(5)[1000] ^= 1);
+        assert_eq!(k.unchanged, 0, "{k:?}");
+        assert!(len > PAGE_SIZE, "{len}");
+    }
+
+    #[test]
+    fn copies_are_identical_areas() {
+        let (k, len) = epoch(&exact(0), |img| {
+            let src = *img.page(7);
+            img.set_page(40, &src);
+        });
+        assert_eq!(k.identical, 8, "{k:?}");
+        assert!(len < 100, "{len}: one reference and seven 'next' ops");
+    }
+
+    #[test]
+    fn copies_with_a_change_are_xor_against_the_copy() {
+        let (k, _) = epoch(&exact(0), |img| {
+            let mut src = *img.page(7);
+            src[100] ^= 0xff;
+            img.set_page(40, &src);
+        });
+        assert_eq!((k.identical, k.xor_other), (7, 1), "{k:?}");
+    }
+
+    #[test]
+    fn zero_and_sparse_areas() {
+        let (k, _) = epoch(&exact(0), |img| {
+            let p = img.page_mut(9);
+            p.fill(0);
+            p[3000] = 7;
+        });
+        assert_eq!(k.zero, 7, "{k:?}");
+        assert_eq!(k.raw, 1, "the sparse area");
+    }
+
+    #[test]
+    fn cached_pages_are_compared_exactly_and_xored() {
+        // Epoch 1 dirties page 5 (cached afterwards); epoch 2 changes a byte.
+        let img = noisy_image(64);
+        let mut enc = CodecSpec::Similarity(exact(4)).build(1);
+        enc.init(&img);
+        let mut cur = img.clone();
+        let mut backup = img.clone();
+        let mut kinds = Vec::new();
+        for byte in [1000usize, 2000] {
+            cur.page_mut(5)[byte] ^= 1;
+            let mut out = Vec::new();
+            let s = enc.encode_epoch(&cur, &[5], &[], &mut out).unwrap();
+            decode_epoch(&backup, &out, 64).unwrap().apply(&mut backup);
+            assert!(backup.page(5) == cur.page(5));
+            kinds.push(s.kinds);
+        }
+        assert_eq!(kinds[1].unchanged, 7, "{:?}", kinds[1]);
+        assert_eq!(kinds[1].xor_self, 1, "{:?}", kinds[1]);
+    }
+}

@@ -225,7 +225,11 @@ fn run(spec: &CodecSpec, threads: usize, sc: &Scenario) -> Vec<Vec<u8>> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+    // 96 cases by default; PROPTEST_CASES overrides (longer soak runs).
+    #![proptest_config(ProptestConfig {
+        cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(96),
+        ..ProptestConfig::default()
+    })]
 
     #[test]
     fn every_codec_round_trips(spec in codec_spec(), threads in 1usize..=2, sc in scenario()) {
