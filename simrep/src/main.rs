@@ -65,12 +65,17 @@ enum Command {
 }
 
 const CODEC_HELP: &str = "\
-Codec specs (--codec, repeatable; default: the default similarity codec, the
-paper's two configurations, XBZRLE with the default codec's memory budget,
-zstd level 1 per epoch, lz4 per page, raw):
-  similarity[:key=value,...]   keys: area=64..2048, hash=median|fraction80,
-                               table=BITS, bucket=N, cache=PAGES, stage=lz4|zstd|none
+Codec specs (--codec, repeatable). Without --codec: the default similarity
+codec, the paper's plain codec (80 % and median thresholds), XBZRLE with the
+default codec's memory budget, zstd level 1 per epoch, lz4 per page, raw.
+  similarity[:key=value,...]   preset=fast|small|paper (fast: the default),
+                               area=64..2048, hash=median|fraction80,
+                               table=auto|BITS, bucket=N, depth=N,
+                               cache=auto|PAGES|SIZE, stage=lz4|zstd|none,
+                               fp=on|off (block fingerprints), chunk=N,
+                               search=full|plain
   xbzrle[:cache=64MiB]         same-address XOR with a bounded cache
+                               (no cache=: the default codec's budget)
   zstd[:level=1]               zstd over the whole epoch
   lz4                          lz4 per page
   raw                          pages verbatim";

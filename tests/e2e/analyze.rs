@@ -110,9 +110,9 @@ fn analyze_sample_reproduces_the_papers_codec_figures() {
     let r = analyze_json(&[
         "--no-fig1",
         "--codec",
-        "similarity:hash=fraction80,stage=none,cache=5120,bucket=8,area=512",
+        "similarity:preset=paper,hash=fraction80",
         "--codec",
-        "similarity:hash=median,stage=none,cache=5120,bucket=8,area=512",
+        "similarity:preset=paper",
     ]);
     let codecs = r["codecs"].as_array().expect("codecs");
     let f80 = percent(&codecs[0]);
@@ -123,6 +123,32 @@ fn analyze_sample_reproduces_the_papers_codec_figures() {
         (median - 26.5).abs() < 4.0,
         "median threshold: {median} vs 26.5"
     );
+}
+
+/// The size and memory targets on the sample, with the default codec set
+/// (deterministic: same trace, same codecs, same bytes).
+#[test]
+fn default_codec_beats_the_best_baseline_on_the_sample() {
+    let r = analyze_json(&["--no-fig1"]);
+    let def = r["codecs"]
+        .as_array()
+        .expect("codecs")
+        .iter()
+        .find(|c| c["default"] == true)
+        .expect("default codec");
+    let ratio = r["summary"]["ratio_to_best_baseline"]
+        .as_f64()
+        .expect("ratio");
+    assert!(ratio <= 0.8, "default sends {ratio:.2}x the best baseline");
+    let per_gib = def["reference_bytes_per_gib"].as_f64().expect("ref");
+    assert!(
+        per_gib <= 64.0 * 1024.0 * 1024.0,
+        "default holds {:.1} MiB per GiB",
+        per_gib / 1048576.0
+    );
+    // The XBZRLE baseline runs with the same budget.
+    let x = codec(&r, "xbzrle");
+    assert!(x["reference_bytes"].as_u64() <= def["reference_bytes"].as_u64().map(|b| b + 4096));
 }
 
 #[test]

@@ -89,6 +89,8 @@ struct Ctx<'a> {
     page_shift: u32,
     hash: HashThreshold,
     depth: usize,
+    /// The paper's plain bucket-only search.
+    plain: bool,
     stage: SecondStage,
     table: &'a Table,
     cache: &'a PageCache,
@@ -148,7 +150,8 @@ impl Ctx<'_> {
         dest: &mut Vec<u8>,
     ) -> Result<ChunkOut, EncodeError> {
         let (size, per_page) = (self.size, self.per_page);
-        let good_enough = size / 32;
+        // The plain search stops only at an identical match.
+        let good_enough = if self.plain { 0 } else { size / 32 };
         w.start(frames);
         let mut out = ChunkOut {
             hashes: Vec::with_capacity(frames.len() * per_page),
@@ -166,7 +169,9 @@ impl Ctx<'_> {
         let mut ranked: [(u32, u32); 16] = [(0, 0); 16];
         for &f in frames {
             let page = self.current.page(f);
-            let prev = self.cache.get(f);
+            // The plain search meets the page's own previous contents only
+            // through the table.
+            let prev = if self.plain { None } else { self.cache.get(f) };
             let base = f << self.page_shift;
             let (mut nz_bits, mut unch_bits, mut self_used) = (0u64, 0u64, false);
             let mut unfiled = 0u64;
@@ -174,7 +179,7 @@ impl Ctx<'_> {
             for (a, area) in page.chunks_exact(size).enumerate() {
                 let gid = base + a as u32;
                 // Advance the prediction; it never leaves its frame.
-                let this_pred = pred.filter(|p| p & (per_page as u32 - 1) != 0);
+                let this_pred = pred.filter(|p| !self.plain && p & (per_page as u32 - 1) != 0);
                 pred = this_pred.map(|p| p + 1);
                 if is_zero(area) {
                     w.op(Op::Zero);
@@ -270,7 +275,11 @@ impl Ctx<'_> {
                             break;
                         }
                         let distance = (s.hash ^ h).count_ones();
-                        if s.area == gid || Some(s.area) == this_pred || distance > MAX_DISTANCE {
+                        if !self.plain
+                            && (s.area == gid
+                                || Some(s.area) == this_pred
+                                || distance > MAX_DISTANCE)
+                        {
                             continue;
                         }
                         ranked[n] = (distance, s.area);
@@ -294,7 +303,7 @@ impl Ctx<'_> {
                                 break;
                             }
                         }
-                        if best_nz > size / 2 {
+                        if !self.plain && best_nz > size / 2 {
                             break; // even the closest hash is far off
                         }
                     }
@@ -303,7 +312,7 @@ impl Ctx<'_> {
                     best = Cand::Patch;
                     best_nz = patch_cost;
                 }
-                if searching && best_nz > good_enough {
+                if searching && !self.plain && best_nz > good_enough {
                     let zero = &ZERO_PAGE[..size];
                     let nz = diff_count_bounded(area, zero, best_nz.min(raw_limit));
                     if nz < best_nz {
@@ -468,8 +477,11 @@ impl EpochEncoder for SimilarityEncoder {
         let fp_blocks = self.cfg.fp_blocks_per_area();
         let fp_per_page = per_page * fp_blocks;
         if state.fingerprinter.is_some() && state.fps.len() < max_frame * fp_per_page {
-            // Frames beyond the image read as zero: fingerprint 0.
-            state.fps.resize(max_frame * fp_per_page, 0);
+            // Frames beyond the image read as zero: fingerprint 0. Exact
+            // growth: the fingerprints count against the memory budget.
+            let want = max_frame * fp_per_page;
+            state.fps.reserve_exact(want - state.fps.len());
+            state.fps.resize(want, 0);
         }
 
         // Forget what the encoder can no longer read as I(k-1).
@@ -489,6 +501,7 @@ impl EpochEncoder for SimilarityEncoder {
             page_shift,
             hash: self.cfg.hash,
             depth: self.cfg.search_depth,
+            plain: self.cfg.plain,
             stage: self.cfg.second_stage,
             table: &state.table,
             cache: &state.cache,

@@ -10,13 +10,14 @@
 //! | `xbzrle[:cache=SIZE]` | QEMU-style XBZRLE; without `cache`, the default similarity codec's memory budget for the image |
 //! | `similarity[:...]` | the similarity codec, keys below |
 //!
-//! Similarity keys: `preset=fast|small` (applied first, then the other
+//! Similarity keys: `preset=fast|small|paper` (applied first, then the other
 //! keys), `area=64..2048` (power of two), `hash=median|fractionP` (P in
 //! 1..=99, the paper's is `fraction80`), `table=auto|BITS` (8..=28),
 //! `bucket=1..16` (candidates per bucket), `cache=auto|PAGES|SIZE` (SIZE
 //! with a `KiB`/`MiB`/`GiB` suffix), `stage=none|lz4|zstd|zstdN`,
 //! `depth=1..16` (bucket candidates examined per area), `chunk=1..4096`
-//! (dirty frames per chunk), `fp=on|off` (area fingerprints).
+//! (dirty frames per chunk), `fp=on|off` (area fingerprints),
+//! `search=full|plain` (plain: the paper's bucket-only search).
 //!
 //! `Display` prints the canonical form, which `FromStr` reads back: only
 //! parameters that differ from the defaults are printed.
@@ -128,6 +129,12 @@ pub struct SimilarityConfig {
     /// (see [`fingerprint`](super::fingerprint)); cached pages are always
     /// compared exactly. Off: only exact comparisons.
     pub fingerprints: bool,
+    /// The paper's plain search (`search=plain`): candidates come from the
+    /// area's hash bucket only, the best of them (fewest differing bytes)
+    /// wins; no own-previous-contents candidate, no next-area prediction,
+    /// no hash-distance filter, no early stop short of an identical match,
+    /// no sparse op. For reproducing the paper's figures, not for use.
+    pub plain: bool,
 }
 
 /// The measured default. On the sample trace (CPython + SQLite, 25 MiB,
@@ -149,6 +156,7 @@ impl Default for SimilarityConfig {
             search_depth: 4,
             chunk_frames: 256,
             fingerprints: true,
+            plain: false,
         }
     }
 }
@@ -165,6 +173,23 @@ impl SimilarityConfig {
         Self {
             second_stage: SecondStage::Zstd { level: 1 },
             search_depth: 8,
+            ..Self::default()
+        }
+    }
+
+    /// The `paper` preset: the plain codec of the paper (section III) as
+    /// FORMAT.md's reference rows measure it: 18-bit table, 8 candidates
+    /// per bucket, all of them examined, a 5120-page cache, no
+    /// fingerprints, no second stage, plain search.
+    pub fn paper() -> Self {
+        Self {
+            table_bits: 18,
+            bucket_candidates: 8,
+            search_depth: 8,
+            cache_pages: CachePages::Pages(5120),
+            second_stage: SecondStage::None,
+            fingerprints: false,
+            plain: true,
             ..Self::default()
         }
     }
@@ -337,6 +362,7 @@ fn parse_similarity(params: &[(&str, &str)]) -> Result<SimilarityConfig, ParseSp
             cfg = match v {
                 "fast" => SimilarityConfig::fast(),
                 "small" => SimilarityConfig::small(),
+                "paper" => SimilarityConfig::paper(),
                 _ => return Err(ParseSpecError::new(format!("unknown preset {v:?}"))),
             };
         }
@@ -392,6 +418,17 @@ fn parse_similarity(params: &[(&str, &str)]) -> Result<SimilarityConfig, ParseSp
                 }
             }
             "stage" => cfg.second_stage = parse_stage(v)?,
+            "search" => {
+                cfg.plain = match v {
+                    "plain" => true,
+                    "full" => false,
+                    _ => {
+                        return Err(ParseSpecError::new(format!(
+                            "search must be plain or full, got {v:?}"
+                        )))
+                    }
+                }
+            }
             _ => return Err(ParseSpecError::new(format!("unknown similarity key {k:?}"))),
         }
     }
@@ -496,6 +533,9 @@ impl fmt::Display for CodecSpec {
                 }
                 if c.fingerprints != d.fingerprints {
                     parts.push(format!("fp={}", if c.fingerprints { "on" } else { "off" }));
+                }
+                if c.plain != d.plain {
+                    parts.push(format!("search={}", if c.plain { "plain" } else { "full" }));
                 }
                 if parts.is_empty() {
                     f.write_str("similarity")

@@ -59,8 +59,13 @@ impl Table {
     /// Makes room in the address dimension for areas `0..areas`.
     pub(crate) fn ensure_areas(&mut self, areas: usize) {
         if self.area_hash.len() < areas {
+            // Exact growth: these arrays count against the memory budget.
+            self.area_hash.reserve_exact(areas - self.area_hash.len());
             self.area_hash.resize(areas, 0);
-            self.present.resize(areas.div_ceil(64), 0);
+            let words = areas.div_ceil(64);
+            self.present
+                .reserve_exact(words.saturating_sub(self.present.len()));
+            self.present.resize(words, 0);
         }
     }
 

@@ -131,9 +131,10 @@ fn similarity_config() -> impl Strategy<Value = SimilarityConfig> {
         1usize..=8,
         1usize..=9,
         any::<bool>(),
+        any::<bool>(),
     )
         .prop_map(
-            |(log2, hash, table_bits, bucket, cache, stage, depth, chunk, fingerprints)| {
+            |(log2, hash, table_bits, bucket, cache, stage, depth, chunk, fingerprints, plain)| {
                 SimilarityConfig {
                     area_size: 1 << log2,
                     hash,
@@ -144,6 +145,7 @@ fn similarity_config() -> impl Strategy<Value = SimilarityConfig> {
                     search_depth: depth,
                     chunk_frames: chunk,
                     fingerprints,
+                    plain,
                 }
             },
         )

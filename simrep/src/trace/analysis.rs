@@ -130,8 +130,10 @@ pub fn default_codecs() -> Vec<CodecChoice> {
         default: true,
     }];
     for s in [
-        "similarity:hash=fraction80,stage=none,cache=5120",
-        "similarity:hash=median,stage=none,cache=5120",
+        // The paper's plain codec, with its 80 % threshold and with the
+        // median threshold (FORMAT.md's reference rows).
+        "similarity:preset=paper,hash=fraction80",
+        "similarity:preset=paper",
         // cache=0: the default similarity codec's memory budget.
         "xbzrle",
         "zstd",
