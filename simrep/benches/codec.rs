@@ -17,7 +17,8 @@
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use simrep::compress::{
-    decode_epoch, decode_epoch_into, CodecSpec, DecodedEpoch, Image, PageView, PAGE_SIZE,
+    decode_epoch, decode_epoch_into, decode_epoch_parallel, CodecSpec, DecodedEpoch, Image,
+    PageView, PAGE_SIZE,
 };
 
 const FRAMES: u32 = 4096;
@@ -199,6 +200,59 @@ fn bench(c: &mut Criterion) {
             });
         }
     }
+    group.finish();
+
+    // Scaling across cores: the default codec on 1 and 2 threads, wall
+    // clock. Compare the two medians of one run (the machine is shared).
+    let mut group = c.benchmark_group("scaling");
+    group.throughput(Throughput::Bytes(bytes));
+    group.sample_size(20);
+    group.measurement_time(std::time::Duration::from_secs(3));
+    group.warm_up_time(std::time::Duration::from_secs(1));
+    let spec = CodecSpec::Similarity(Default::default());
+    let mut encoded = Vec::new();
+    for threads in [1usize, 2] {
+        let setup = || {
+            let mut enc = spec.build(threads);
+            enc.init(&img0);
+            let mut out = Vec::new();
+            enc.encode_epoch(&img1, &dirty1, &[], &mut out)
+                .expect("encode");
+            let mut out = vec![0u8; 2 * bytes as usize];
+            out.clear();
+            (enc, out)
+        };
+        group.bench_function(format!("encode/{threads}-threads"), |b| {
+            b.iter_batched(
+                setup,
+                |(mut enc, mut out)| {
+                    enc.encode_epoch(&img2, &dirty2, &[], &mut out)
+                        .expect("encode");
+                    (enc, out)
+                },
+                BatchSize::PerIteration,
+            )
+        });
+        if encoded.is_empty() {
+            let (mut enc, mut out) = setup();
+            enc.encode_epoch(&img2, &dirty2, &[], &mut out)
+                .expect("encode");
+            encoded = out;
+        }
+    }
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .expect("thread pool");
+    // Both with fresh output buffers, so that they compare.
+    group.bench_function("decode/1-thread", |b| {
+        b.iter(|| decode_epoch(&img1, &encoded, img2.frame_count()).expect("decode"))
+    });
+    group.bench_function("decode/2-threads", |b| {
+        b.iter(|| {
+            decode_epoch_parallel(&img1, &encoded, img2.frame_count(), &pool).expect("decode")
+        })
+    });
     group.finish();
 }
 

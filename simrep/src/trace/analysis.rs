@@ -281,6 +281,8 @@ struct CodecRun {
     choice: CodecChoice,
     encoder: Box<dyn EpochEncoder>,
     buf: Vec<u8>,
+    /// Reused epoch after epoch, as a backup does.
+    decoded: compress::DecodedEpoch,
     raw_bytes: u64,
     out_bytes: u64,
     encode_ns: u64,
@@ -313,14 +315,13 @@ impl CodecRun {
                 source,
             })?;
         let t1 = thread_cpu_ns();
-        let decoded =
-            compress::decode_epoch(prev, &self.buf, truth.frame_count()).map_err(|source| {
-                AnalysisError::Decode {
-                    codec: name.clone(),
-                    epoch: d.epoch,
-                    source,
-                }
+        compress::decode_epoch_into(prev, &self.buf, truth.frame_count(), &mut self.decoded)
+            .map_err(|source| AnalysisError::Decode {
+                codec: name.clone(),
+                epoch: d.epoch,
+                source,
             })?;
+        let decoded = &self.decoded;
         let t2 = thread_cpu_ns();
         let mismatch = |what: String| AnalysisError::Mismatch {
             codec: name.clone(),
@@ -556,6 +557,7 @@ pub fn analyze<R: Read>(
                 choice,
                 encoder,
                 buf: Vec::new(),
+                decoded: compress::DecodedEpoch::default(),
                 raw_bytes: 0,
                 out_bytes: 0,
                 encode_ns: 0,
