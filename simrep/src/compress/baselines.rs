@@ -57,10 +57,7 @@ where
     let chunks = chunks.inspect_err(|_| out.truncate(start))?;
     let mut kinds = KindCounts::default();
     for k in &chunks {
-        kinds.zero += k.zero;
-        kinds.unchanged += k.unchanged;
-        kinds.xor_self += k.xor_self;
-        kinds.raw += k.raw;
+        kinds += k;
     }
     Ok(EpochStats {
         pages: dirty.len() as u64,

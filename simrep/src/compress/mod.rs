@@ -233,7 +233,7 @@ pub struct EpochStats {
 }
 
 /// Counts of areas by encoding kind.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct KindCounts {
     /// All-zero areas.
     pub zero: u64,
@@ -247,6 +247,17 @@ pub struct KindCounts {
     pub xor_other: u64,
     /// Areas sent raw (or compressed by a general-purpose compressor only).
     pub raw: u64,
+}
+
+impl std::ops::AddAssign<&KindCounts> for KindCounts {
+    fn add_assign(&mut self, k: &KindCounts) {
+        self.zero += k.zero;
+        self.unchanged += k.unchanged;
+        self.identical += k.identical;
+        self.xor_self += k.xor_self;
+        self.xor_other += k.xor_other;
+        self.raw += k.raw;
+    }
 }
 
 /// Encodes epochs for one codec. An encoder keeps whatever state its

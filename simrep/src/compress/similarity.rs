@@ -529,12 +529,7 @@ impl EpochEncoder for SimilarityEncoder {
         let chunks = chunks.inspect_err(|_| out.truncate(start))?;
         let mut kinds = KindCounts::default();
         for c in &chunks {
-            kinds.zero += c.kinds.zero;
-            kinds.unchanged += c.kinds.unchanged;
-            kinds.identical += c.kinds.identical;
-            kinds.xor_self += c.kinds.xor_self;
-            kinds.xor_other += c.kinds.xor_other;
-            kinds.raw += c.kinds.raw;
+            kinds += &c.kinds;
         }
 
         // Sequential update: table entries of the new contents, then the

@@ -187,37 +187,9 @@ pub struct CodecReport {
     /// The same per GiB of traced image.
     pub reference_bytes_per_gib: f64,
     /// Areas (or pages) by encoding kind.
-    pub kinds: KindCountsJson,
+    pub kinds: KindCounts,
     /// Per-epoch sizes.
     pub epochs: Vec<EpochRow>,
-}
-
-/// [`KindCounts`] as JSON.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct KindCountsJson {
-    /// All-zero areas.
-    pub zero: u64,
-    /// Identical to their own previous contents.
-    pub unchanged: u64,
-    /// Identical to another area.
-    pub identical: u64,
-    /// XOR against their own previous contents.
-    pub xor_self: u64,
-    /// XOR against another area.
-    pub xor_other: u64,
-    /// Raw.
-    pub raw: u64,
-}
-
-impl KindCountsJson {
-    fn add(&mut self, k: &KindCounts) {
-        self.zero += k.zero;
-        self.unchanged += k.unchanged;
-        self.identical += k.identical;
-        self.xor_self += k.xor_self;
-        self.xor_other += k.xor_other;
-        self.raw += k.raw;
-    }
 }
 
 /// One point of the paper's Fig. 1.
@@ -288,7 +260,7 @@ struct CodecRun {
     encode_ns: u64,
     decode_ns: u64,
     reference_bytes: u64,
-    kinds: KindCountsJson,
+    kinds: KindCounts,
     epochs: Vec<EpochRow>,
 }
 
@@ -351,7 +323,7 @@ impl CodecRun {
         self.reference_bytes = self
             .reference_bytes
             .max(self.encoder.reference_bytes() as u64);
-        self.kinds.add(&stats.kinds);
+        self.kinds += &stats.kinds;
         self.epochs.push(EpochRow {
             epoch: d.epoch,
             dirty_pages: d.dirty.len() as u64,
@@ -563,7 +535,7 @@ pub fn analyze<R: Read>(
                 encode_ns: 0,
                 decode_ns: 0,
                 reference_bytes: 0,
-                kinds: KindCountsJson::default(),
+                kinds: KindCounts::default(),
                 epochs: Vec::new(),
             }
         })
