@@ -223,8 +223,7 @@ fn classify(error: &anyhow::Error) -> u8 {
         if cause.downcast_ref::<simrep::trace::TraceError>().is_some() {
             return 3;
         }
-        if let Some(e) = cause.downcast_ref::<OutputError>() {
-            let _ = e;
+        if cause.downcast_ref::<OutputError>().is_some() {
             return 6;
         }
     }

@@ -820,3 +820,80 @@ pub fn plot(r: &AnalysisReport, dir: &Path) -> Result<Vec<PathBuf>, AnalysisErro
     written.push(path);
     Ok(written)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_codecs_all_parse_and_one_is_default() {
+        let v = default_codecs();
+        assert_eq!(v.len(), 7, "a built-in spec failed to parse");
+        assert_eq!(v.iter().filter(|c| c.default).count(), 1);
+    }
+
+    fn report(spec: &str, baseline: bool, default: bool, out: u64) -> CodecReport {
+        CodecReport {
+            name: spec.into(),
+            spec: spec.into(),
+            default,
+            baseline,
+            raw_bytes: 1000,
+            out_bytes: out,
+            percent_of_raw: 0.0,
+            encode_mb_s: 0.0,
+            decode_mb_s: 0.0,
+            reference_bytes: 0,
+            reference_bytes_per_gib: 0.0,
+            kinds: KindCounts::default(),
+            epochs: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn summary_compares_with_the_smallest_baseline_but_raw() {
+        let s = summarize(&[
+            report("similarity", false, true, 200),
+            report("raw", true, false, 100), // never the reference
+            report("zstd", true, false, 400),
+            report("lz4", true, false, 500),
+        ]);
+        assert_eq!(s.best_baseline.as_deref(), Some("zstd"));
+        assert_eq!(s.ratio_to_best_baseline, Some(0.5));
+    }
+
+    fn delta(epoch: u32, dirty: Vec<u32>) -> EpochDelta {
+        EpochDelta {
+            epoch,
+            dirty,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn fig1_finds_copies_and_own_previous_contents() {
+        let mut prev = Image::zeroed(4);
+        for (i, b) in prev.page_mut(0).iter_mut().enumerate() {
+            *b = (i * 7 % 251) as u8 + 1;
+        }
+        let mut truth = prev.clone();
+        // Frame 1 becomes a copy of frame 0; frame 2 is zero and stays out.
+        let copy = *prev.page(0);
+        truth.set_page(1, &copy);
+        let mut idx = SimIndex::new(512, &prev);
+        idx.epoch(&prev, &truth, &delta(1, vec![1, 2]));
+        let p = idx.point();
+        assert_eq!(p.areas, 8, "the 8 non-zero areas of frame 1");
+        assert_eq!(p.identical_match_percent, 100.0);
+        assert_eq!(p.mean_identical_percent, 100.0);
+        // The index now holds frame 1's contents: a one-byte change of
+        // them matches all but one byte.
+        let prev = truth.clone();
+        let mut next = truth.clone();
+        next.page_mut(1)[0] ^= 0xff;
+        idx.epoch(&prev, &next, &delta(2, vec![1]));
+        let p = idx.point();
+        assert_eq!(p.areas, 16);
+        assert!(p.mean_identical_percent < 100.0 && p.mean_identical_percent > 99.9);
+    }
+}
