@@ -17,8 +17,8 @@
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use simrep::compress::{
-    decode_epoch, decode_epoch_into, decode_epoch_parallel, CodecSpec, DecodedEpoch, Image,
-    PageView, PAGE_SIZE,
+    decode_epoch, decode_epoch_into, decode_epoch_parallel, CodecSpec, DecodedEpoch, EpochEncoder,
+    Image, PageView, PAGE_SIZE,
 };
 
 const FRAMES: u32 = 4096;
@@ -125,6 +125,27 @@ fn epoch(img: &mut Image, rng: &mut Rng) -> Vec<u32> {
     dirty
 }
 
+/// An encoder that has encoded `img1` after `img0` (so its tables and cache
+/// are warm) and an output buffer pre-faulted outside the timing, as a
+/// sender reuses its buffer.
+fn warm_encoder(
+    spec: &CodecSpec,
+    threads: usize,
+    img0: &Image,
+    img1: &Image,
+    dirty1: &[u32],
+    bytes: u64,
+) -> (Box<dyn EpochEncoder>, Vec<u8>) {
+    let mut enc = spec.build(threads);
+    enc.init(img0);
+    let mut out = Vec::new();
+    enc.encode_epoch(img1, dirty1, &[], &mut out)
+        .expect("encode");
+    let mut out = vec![0u8; 2 * bytes as usize];
+    out.clear();
+    (enc, out)
+}
+
 fn bench(c: &mut Criterion) {
     let mut rng = Rng(0x2545_f491_4f6c_dd1d);
     let img0 = image(&mut rng);
@@ -155,17 +176,7 @@ fn bench(c: &mut Criterion) {
     group.warm_up_time(std::time::Duration::from_secs(1));
     for spec in specs {
         let spec: CodecSpec = spec.parse().expect("valid spec");
-        let setup = || {
-            let mut enc = spec.build(1);
-            enc.init(&img0);
-            let mut out = Vec::new();
-            enc.encode_epoch(&img1, &dirty1, &[], &mut out)
-                .expect("encode");
-            // A sender reuses its buffer: pre-fault it outside the timing.
-            let mut out = vec![0u8; 2 * bytes as usize];
-            out.clear();
-            (enc, out)
-        };
+        let setup = || warm_encoder(&spec, 1, &img0, &img1, &dirty1, bytes);
         group.bench_function(format!("encode/{spec}"), |b| {
             b.iter_batched(
                 setup,
@@ -212,16 +223,7 @@ fn bench(c: &mut Criterion) {
     let spec = CodecSpec::Similarity(Default::default());
     let mut encoded = Vec::new();
     for threads in [1usize, 2] {
-        let setup = || {
-            let mut enc = spec.build(threads);
-            enc.init(&img0);
-            let mut out = Vec::new();
-            enc.encode_epoch(&img1, &dirty1, &[], &mut out)
-                .expect("encode");
-            let mut out = vec![0u8; 2 * bytes as usize];
-            out.clear();
-            (enc, out)
-        };
+        let setup = || warm_encoder(&spec, threads, &img0, &img1, &dirty1, bytes);
         group.bench_function(format!("encode/{threads}-threads"), |b| {
             b.iter_batched(
                 setup,

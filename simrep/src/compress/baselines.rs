@@ -68,22 +68,26 @@ where
     })
 }
 
-/// Pages verbatim.
-pub(crate) struct RawEncoder {
+/// The stateless page baselines: raw pages, or lz4 of each page (raw if
+/// not smaller).
+pub(crate) struct PageEncoder {
     name: String,
     pool: Option<ThreadPool>,
+    /// lz4 each page; otherwise send it raw.
+    lz4: bool,
 }
 
-impl RawEncoder {
-    pub(crate) fn new(name: String, threads: usize) -> Self {
+impl PageEncoder {
+    pub(crate) fn new(name: String, threads: usize, lz4: bool) -> Self {
         Self {
             name,
             pool: make_pool(threads),
+            lz4,
         }
     }
 }
 
-impl EpochEncoder for RawEncoder {
+impl EpochEncoder for PageEncoder {
     fn name(&self) -> String {
         self.name.clone()
     }
@@ -97,59 +101,10 @@ impl EpochEncoder for RawEncoder {
         dropped: &[u32],
         out: &mut Vec<u8>,
     ) -> Result<EpochStats, EncodeError> {
+        let lz4 = self.lz4;
         encode_pages(
             self.pool.as_ref(),
-            CodecId::Raw,
-            SecondStage::None,
-            CHUNK_FRAMES,
-            dirty,
-            dropped,
-            out,
-            |f, w, k| {
-                w.op(Op::Raw);
-                w.literals.extend_from_slice(current.page(f));
-                k.raw += 1;
-            },
-        )
-    }
-
-    fn reference_bytes(&self) -> usize {
-        0
-    }
-}
-
-/// lz4 of each page, raw if not smaller.
-pub(crate) struct Lz4PageEncoder {
-    name: String,
-    pool: Option<ThreadPool>,
-}
-
-impl Lz4PageEncoder {
-    pub(crate) fn new(name: String, threads: usize) -> Self {
-        Self {
-            name,
-            pool: make_pool(threads),
-        }
-    }
-}
-
-impl EpochEncoder for Lz4PageEncoder {
-    fn name(&self) -> String {
-        self.name.clone()
-    }
-
-    fn init(&mut self, _image: &dyn PageView) {}
-
-    fn encode_epoch(
-        &mut self,
-        current: &dyn PageView,
-        dirty: &[u32],
-        dropped: &[u32],
-        out: &mut Vec<u8>,
-    ) -> Result<EpochStats, EncodeError> {
-        encode_pages(
-            self.pool.as_ref(),
-            CodecId::Lz4Page,
+            if lz4 { CodecId::Lz4Page } else { CodecId::Raw },
             SecondStage::None,
             CHUNK_FRAMES,
             dirty,
@@ -157,23 +112,23 @@ impl EpochEncoder for Lz4PageEncoder {
             out,
             |f, w, k| {
                 let page = current.page(f);
-                let at = w.literals.len();
-                w.literals
-                    .resize(at + lz4_flex::block::get_maximum_output_size(PAGE_SIZE), 0);
-                match lz4_flex::block::compress_into(page, &mut w.literals[at..]) {
-                    Ok(n) if n + varint_len(n as u32) < PAGE_SIZE => {
-                        w.literals.truncate(at + n);
-                        w.op(Op::Lz4);
-                        super::rle::put_varint(&mut w.control, n as u32);
-                        k.raw += 1;
-                    }
-                    _ => {
-                        w.literals.truncate(at);
-                        w.op(Op::Raw);
-                        w.literals.extend_from_slice(page);
-                        k.raw += 1;
+                k.raw += 1;
+                if lz4 {
+                    let at = w.literals.len();
+                    w.literals
+                        .resize(at + lz4_flex::block::get_maximum_output_size(PAGE_SIZE), 0);
+                    match lz4_flex::block::compress_into(page, &mut w.literals[at..]) {
+                        Ok(n) if n + varint_len(n as u32) < PAGE_SIZE => {
+                            w.literals.truncate(at + n);
+                            w.op(Op::Lz4);
+                            super::rle::put_varint(&mut w.control, n as u32);
+                            return;
+                        }
+                        _ => w.literals.truncate(at),
                     }
                 }
+                w.op(Op::Raw);
+                w.literals.extend_from_slice(page);
             },
         )
     }

@@ -25,7 +25,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use super::baselines::{Lz4PageEncoder, RawEncoder, XbzrleEncoder, ZstdEpochEncoder};
+use super::baselines::{PageEncoder, XbzrleEncoder, ZstdEpochEncoder};
 use super::cache::PageCache;
 use super::container::MAX_CHUNK_FRAMES;
 use super::similarity::SimilarityEncoder;
@@ -557,8 +557,8 @@ impl CodecSpec {
             other => other.to_string(),
         };
         match self {
-            CodecSpec::Raw => Box::new(RawEncoder::new(name, threads)),
-            CodecSpec::Lz4Page => Box::new(Lz4PageEncoder::new(name, threads)),
+            CodecSpec::Raw => Box::new(PageEncoder::new(name, threads, false)),
+            CodecSpec::Lz4Page => Box::new(PageEncoder::new(name, threads, true)),
             CodecSpec::ZstdEpoch { level } => {
                 Box::new(ZstdEpochEncoder::new(name, *level, threads))
             }
