@@ -33,8 +33,11 @@
 // Shared with the VMM, which uses all of it; the guest uses a part.
 #[allow(dead_code)]
 mod abi;
+// The service protocol, shared with the host (`simrep::proto`).
 #[cfg(target_os = "none")]
 mod kernel;
+#[allow(dead_code)]
+mod proto;
 #[cfg(target_os = "none")]
 mod user;
 

@@ -13,8 +13,12 @@
 //! * [`ebpf`]: loading, attaching and reading simrep's eBPF programs.
 //! * [`vmm`]: the KVM VM, its vCPU threads and MMIO devices, and the
 //!   bundled guest it boots (`simrep run`).
+//! * [`proto`]: the wire protocol of the guest's `kv` and `bank` services,
+//!   shared with the guest source.
 
 pub mod compress;
 pub mod ebpf;
+#[path = "../../simrep-guest/src/proto.rs"]
+pub mod proto;
 pub mod trace;
 pub mod vmm;
