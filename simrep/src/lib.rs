@@ -13,6 +13,7 @@
 //! * [`ebpf`]: loading, attaching and reading simrep's eBPF programs.
 //! * [`vmm`]: the KVM VM, its vCPU threads and MMIO devices, and the
 //!   bundled guest it boots (`simrep run`).
+//! * [`replication`]: the replication wire protocol.
 //! * [`proto`]: the wire protocol of the guest's `kv` and `bank` services,
 //!   shared with the guest source.
 
@@ -20,5 +21,6 @@ pub mod compress;
 pub mod ebpf;
 #[path = "../../simrep-guest/src/proto.rs"]
 pub mod proto;
+pub mod replication;
 pub mod trace;
 pub mod vmm;
