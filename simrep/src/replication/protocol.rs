@@ -987,7 +987,7 @@ impl Message {
                 let has = r.u8()?;
                 let epoch = r.u64()?;
                 let committed_epoch = match has {
-                    0 => None,
+                    0 if epoch == 0 => None,
                     1 => Some(epoch),
                     _ => return Err(r.err("bad flag")),
                 };
