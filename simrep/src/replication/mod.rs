@@ -3,8 +3,12 @@
 //! * [`protocol`]: the wire protocol (handshake, authenticated encrypted
 //!   records, messages). Pure: no I/O, no VMM, no unsafe code, so it is
 //!   fast to test and fuzz.
+//! * [`apply`]: the backup's receive path without I/O: staging, the checks
+//!   an epoch must pass, atomic commit; and the primary's matching
+//!   message builders.
 //!
 //! The primary and backup engines (epochs, output commit, failover) build
 //! on it; see `issues show 4`.
 
+pub mod apply;
 pub mod protocol;
