@@ -127,7 +127,12 @@ fn test(root: &Path, args: &TestArgs) -> Result<()> {
     }
     sh(&mut t)?;
     if args.fuzz_seconds > 0 {
-        for target in ["decode_epoch", "trace_reader", "replication_record"] {
+        for target in [
+            "decode_epoch",
+            "trace_reader",
+            "replication_record",
+            "backup_receive",
+        ] {
             sh(Cmd::new("cargo")
                 .current_dir(root.join("fuzz"))
                 .args(["+nightly", "fuzz", "run", target, "--"])
