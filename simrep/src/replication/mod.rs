@@ -6,9 +6,12 @@
 //! * [`apply`]: the backup's receive path without I/O: staging, the checks
 //!   an epoch must pass, atomic commit; and the primary's matching
 //!   message builders.
+//! * [`transport`]: the protocol over TCP with tokio (handshake with
+//!   timeouts, record reader and writer halves).
 //!
 //! The primary and backup engines (epochs, output commit, failover) build
 //! on it; see `issues show 4`.
 
 pub mod apply;
 pub mod protocol;
+pub mod transport;

@@ -545,6 +545,12 @@ impl Session {
         }
     }
 
+    /// Splits the session into its sending and receiving halves, for a
+    /// writer task and a reader task.
+    pub fn split(self) -> (Sealer, Opener) {
+        (Sealer(self.send), Opener(self.recv))
+    }
+
     /// Records sent so far.
     pub fn sent(&self) -> u64 {
         self.send.seq
@@ -563,32 +569,7 @@ impl Session {
     /// [`ProtocolError::CounterExhausted`]; a message too large for one
     /// record is [`ProtocolError::BadRecordLength`] (chunk it first).
     pub fn seal(&mut self, msg: &Message, out: &mut Vec<u8>) -> Result<(), ProtocolError> {
-        let mut plain = Vec::with_capacity(msg.encoded_len_hint());
-        msg.encode(&mut plain);
-        let len = plain.len() + TAG_LEN;
-        if len > MAX_RECORD {
-            return Err(ProtocolError::BadRecordLength { len });
-        }
-        if self.send.seq == u64::MAX {
-            return Err(ProtocolError::CounterExhausted);
-        }
-        let prefix = (len as u32).to_le_bytes();
-        let nonce = self.send.nonce();
-        let sealed = self
-            .send
-            .cipher
-            .encrypt(
-                Nonce::from_slice(&nonce),
-                Payload {
-                    msg: &plain,
-                    aad: &prefix,
-                },
-            )
-            .map_err(|_| ProtocolError::BadRecordLength { len })?;
-        self.send.seq += 1;
-        out.extend_from_slice(&prefix);
-        out.extend_from_slice(&sealed);
-        Ok(())
+        seal(&mut self.send, msg, out)
     }
 
     /// Checks a record's length prefix; returns the body length to read.
@@ -597,11 +578,7 @@ impl Session {
     ///
     /// [`ProtocolError::BadRecordLength`].
     pub fn body_len(prefix: [u8; 4]) -> Result<usize, ProtocolError> {
-        let len = u32::from_le_bytes(prefix) as usize;
-        if !(TAG_LEN + 1..=MAX_RECORD).contains(&len) {
-            return Err(ProtocolError::BadRecordLength { len });
-        }
-        Ok(len)
+        body_len(prefix)
     }
 
     /// Opens the next record, given its prefix and body, and decodes the
@@ -612,25 +589,109 @@ impl Session {
     /// [`ProtocolError::BadRecordLength`], [`ProtocolError::RecordAuth`]
     /// or a decoding error. After any error the session must be dropped.
     pub fn open(&mut self, prefix: [u8; 4], body: &[u8]) -> Result<Message, ProtocolError> {
-        let len = Self::body_len(prefix)?;
-        if body.len() != len {
-            return Err(ProtocolError::BadRecordLength { len: body.len() });
-        }
-        let nonce = self.recv.nonce();
-        let plain = self
-            .recv
-            .cipher
-            .decrypt(
-                Nonce::from_slice(&nonce),
-                Payload {
-                    msg: body,
-                    aad: &prefix,
-                },
-            )
-            .map_err(|_| ProtocolError::RecordAuth { seq: self.recv.seq })?;
-        self.recv.seq += 1;
-        Message::decode(&plain)
+        open(&mut self.recv, prefix, body)
     }
+}
+
+/// The sending half of a [`Session`].
+pub struct Sealer(Direction);
+
+impl std::fmt::Debug for Sealer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Sealer({} sent)", self.0.seq)
+    }
+}
+
+impl Sealer {
+    /// As [`Session::seal`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Session::seal`].
+    pub fn seal(&mut self, msg: &Message, out: &mut Vec<u8>) -> Result<(), ProtocolError> {
+        seal(&mut self.0, msg, out)
+    }
+}
+
+/// The receiving half of a [`Session`].
+pub struct Opener(Direction);
+
+impl std::fmt::Debug for Opener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Opener({} received)", self.0.seq)
+    }
+}
+
+impl Opener {
+    /// As [`Session::open`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Session::open`].
+    pub fn open(&mut self, prefix: [u8; 4], body: &[u8]) -> Result<Message, ProtocolError> {
+        open(&mut self.0, prefix, body)
+    }
+}
+
+fn seal(send: &mut Direction, msg: &Message, out: &mut Vec<u8>) -> Result<(), ProtocolError> {
+    let mut plain = Vec::with_capacity(msg.encoded_len_hint());
+    msg.encode(&mut plain);
+    let len = plain.len() + TAG_LEN;
+    if len > MAX_RECORD {
+        return Err(ProtocolError::BadRecordLength { len });
+    }
+    if send.seq == u64::MAX {
+        return Err(ProtocolError::CounterExhausted);
+    }
+    let prefix = (len as u32).to_le_bytes();
+    let nonce = send.nonce();
+    let sealed = send
+        .cipher
+        .encrypt(
+            Nonce::from_slice(&nonce),
+            Payload {
+                msg: &plain,
+                aad: &prefix,
+            },
+        )
+        .map_err(|_| ProtocolError::BadRecordLength { len })?;
+    send.seq += 1;
+    out.extend_from_slice(&prefix);
+    out.extend_from_slice(&sealed);
+    Ok(())
+}
+
+/// Checks a record's length prefix; returns the body length to read.
+///
+/// # Errors
+///
+/// [`ProtocolError::BadRecordLength`].
+pub fn body_len(prefix: [u8; 4]) -> Result<usize, ProtocolError> {
+    let len = u32::from_le_bytes(prefix) as usize;
+    if !(TAG_LEN + 1..=MAX_RECORD).contains(&len) {
+        return Err(ProtocolError::BadRecordLength { len });
+    }
+    Ok(len)
+}
+
+fn open(recv: &mut Direction, prefix: [u8; 4], body: &[u8]) -> Result<Message, ProtocolError> {
+    let len = body_len(prefix)?;
+    if body.len() != len {
+        return Err(ProtocolError::BadRecordLength { len: body.len() });
+    }
+    let nonce = recv.nonce();
+    let plain = recv
+        .cipher
+        .decrypt(
+            Nonce::from_slice(&nonce),
+            Payload {
+                msg: body,
+                aad: &prefix,
+            },
+        )
+        .map_err(|_| ProtocolError::RecordAuth { seq: recv.seq })?;
+    recv.seq += 1;
+    Message::decode(&plain)
 }
 
 /// What the backup holds when a primary connects.
