@@ -234,13 +234,13 @@ impl DirtyRings {
     /// As [`DirtyRings::drain_full`].
     pub fn harvest(&self, out: &mut Vec<u64>) -> Result<(), DirtyError> {
         out.append(&mut lock(&self.pending));
-        let mut any = false;
         for ring in &self.rings {
-            any |= lock(ring).harvest(self.pages, out)? > 0;
+            lock(ring).harvest(self.pages, out)?;
         }
-        if any {
-            kvm::reset_dirty_rings(&self.vm)?;
-        }
+        // Reset even when the rings had nothing new: cheap (one VM ioctl),
+        // and it guarantees that no entry is left handed back but not yet
+        // re-armed when the guest resumes.
+        kvm::reset_dirty_rings(&self.vm)?;
         Ok(())
     }
 }
@@ -251,3 +251,4 @@ impl DirtyRings {
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
+
