@@ -130,9 +130,7 @@ pub fn touch(cpu: u64, bp: &BootParams) -> ! {
     }
     let head = log as *mut TouchLogHeader;
     let entries = (log + abi::TOUCH_LOG_ENTRIES_OFFSET) as *mut u64;
-    let mut rng = XorShift(
-        (p.seed ^ (cpu + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1,
-    );
+    let mut rng = XorShift((p.seed ^ (cpu + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1);
     let mut count: u64 = 0;
     let mut round: u64 = 0;
     loop {
@@ -245,7 +243,11 @@ pub fn random(cpu: u64, bp: &BootParams) -> ! {
             next_report = now + report_ticks;
         }
         if end_ticks != 0 && now >= end_ticks {
-            println!("random cpu{cpu}: done, {} pages ({} MiB) written", written, written >> 8);
+            println!(
+                "random cpu{cpu}: done, {} pages ({} MiB) written",
+                written,
+                written >> 8
+            );
             exit(0);
         }
         if burst == 0 && pages_per_s != 0 {
@@ -258,7 +260,8 @@ pub fn random(cpu: u64, bp: &BootParams) -> ! {
             if end_ticks != 0 {
                 wake = wake.min(end_ticks);
             }
-            let ns = (u128::from(wake.saturating_sub(now)) * 1_000_000 / u128::from(bp.tsc_khz)) as u64;
+            let ns =
+                (u128::from(wake.saturating_sub(now)) * 1_000_000 / u128::from(bp.tsc_khz)) as u64;
             if ns > 20_000 {
                 mmio_write(abi::SYS_IDLE, ns);
             } else {

@@ -56,7 +56,9 @@ fn read_log(vm: &Vm, p: &TouchParams, cpu: u32, from: u64) -> (u64, Vec<u64>) {
     );
     let base = log_gpa(p, cpu) + abi::TOUCH_LOG_ENTRIES_OFFSET;
     let mut buf = vec![0u8; p.log_entries as usize * 8];
-    vm.memory().read(base, &mut buf).expect("read the touch log");
+    vm.memory()
+        .read(base, &mut buf)
+        .expect("read the touch log");
     let at = |n: u64| {
         let i = (n % p.log_entries) as usize * 8;
         u64::from_le_bytes(buf[i..i + 8].try_into().unwrap())
@@ -369,14 +371,19 @@ fn harvest_after_nothing_ran_is_empty() {
         assert_eq!(first.len() as u64, (64 << 20) / PAGE, "{mode:?}");
         // Paused: nothing can run, so nothing is dirty.
         let h = tracker.harvest().expect("harvest");
-        assert!(h.is_empty(), "{mode:?}: paused guest dirtied {:x?}", h.as_slice());
+        assert!(
+            h.is_empty(),
+            "{mode:?}: paused guest dirtied {:x?}",
+            h.as_slice()
+        );
         // Resumed but idle (gated, no timer): it polls `go` through
         // SYS_IDLE. Only its stack may be dirtied.
         vm.resume_all().expect("resume");
         std::thread::sleep(Duration::from_millis(100));
         vm.pause_all().expect("pause");
         let h = tracker.harvest().expect("harvest");
-        let stack = abi::USER_STACKS_GPA / PAGE..(abi::USER_STACKS_GPA + abi::USER_STACK_SIZE) / PAGE;
+        let stack =
+            abi::USER_STACKS_GPA / PAGE..(abi::USER_STACKS_GPA + abi::USER_STACK_SIZE) / PAGE;
         assert!(
             h.iter().all(|g| stack.contains(&g)),
             "{mode:?}: idle guest dirtied {:x?} (allowed: its CPL3 stack {stack:x?})",

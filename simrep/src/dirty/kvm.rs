@@ -1,12 +1,12 @@
 //! Safe wrappers for the dirty-logging ioctls that kvm-ioctls 0.25 lacks.
 //!
-//! * [`enable_manual_protect`]: `KVM_ENABLE_CAP(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)`
+//! * [`enable_manual_protect`] wraps `KVM_ENABLE_CAP(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)`
 //!   with `KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET`.
-//! * [`get_dirty_log`]: `KVM_GET_DIRTY_LOG` into a caller-owned bitmap (the
+//! * [`get_dirty_log`] wraps `KVM_GET_DIRTY_LOG` into a caller-owned bitmap (the
 //!   kvm-ioctls version allocates a new one each call).
-//! * [`clear_dirty_log`]: `KVM_CLEAR_DIRTY_LOG` (ioctl nr 0xc0).
-//! * [`enable_dirty_ring`]: `KVM_ENABLE_CAP(KVM_CAP_DIRTY_LOG_RING_ACQ_REL)`.
-//! * [`reset_dirty_rings`]: `KVM_RESET_DIRTY_RINGS` (`_IO(0xAE, 0xc7)`).
+//! * [`clear_dirty_log`] wraps `KVM_CLEAR_DIRTY_LOG` (ioctl nr 0xc0).
+//! * [`enable_dirty_ring`] wraps `KVM_ENABLE_CAP(KVM_CAP_DIRTY_LOG_RING_ACQ_REL)`.
+//! * [`reset_dirty_rings`] wraps `KVM_RESET_DIRTY_RINGS` (`_IO(0xAE, 0xc7)`).
 //!
 //! Every wrapper checks its arguments before the ioctl, so that a caller's
 //! mistake is a typed error and not an `EINVAL` to puzzle over. The VM fd is
@@ -73,11 +73,10 @@ pub fn enable_manual_protect(vm: &VmFd) -> Result<(), DirtyError> {
         ..Default::default()
     };
     cap.args[0] = u64::from(want);
-    vm.enable_cap(&cap)
-        .map_err(|source| DirtyError::Ioctl {
-            what: "KVM_ENABLE_CAP(MANUAL_DIRTY_LOG_PROTECT2)",
-            source,
-        })
+    vm.enable_cap(&cap).map_err(|source| DirtyError::Ioctl {
+        what: "KVM_ENABLE_CAP(MANUAL_DIRTY_LOG_PROTECT2)",
+        source,
+    })
 }
 
 /// Checks a dirty-ring size: a power of two, at least [`MIN_RING_ENTRIES`]
@@ -118,11 +117,10 @@ pub fn enable_dirty_ring(vm: &VmFd, entries: u32) -> Result<(), DirtyError> {
         ..Default::default()
     };
     cap.args[0] = u64::from(bytes);
-    vm.enable_cap(&cap)
-        .map_err(|source| DirtyError::Ioctl {
-            what: "KVM_ENABLE_CAP(DIRTY_LOG_RING_ACQ_REL)",
-            source,
-        })
+    vm.enable_cap(&cap).map_err(|source| DirtyError::Ioctl {
+        what: "KVM_ENABLE_CAP(DIRTY_LOG_RING_ACQ_REL)",
+        source,
+    })
 }
 
 /// Words of a bitmap with one bit per page of `pages` pages.
@@ -239,12 +237,15 @@ pub fn clear_dirty_log(
 pub fn reset_dirty_rings(vm: &impl AsRawFd) -> Result<u32, DirtyError> {
     use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow};
     let mut old = SigSet::empty();
-    pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::all()), Some(&mut old)).map_err(
-        |e| DirtyError::Ioctl {
-            what: "pthread_sigmask (around KVM_RESET_DIRTY_RINGS)",
-            source: vmm_sys_util::errno::Error::new(e as i32),
-        },
-    )?;
+    pthread_sigmask(
+        SigmaskHow::SIG_SETMASK,
+        Some(&SigSet::all()),
+        Some(&mut old),
+    )
+    .map_err(|e| DirtyError::Ioctl {
+        what: "pthread_sigmask (around KVM_RESET_DIRTY_RINGS)",
+        source: vmm_sys_util::errno::Error::new(e as i32),
+    })?;
     // SAFETY: an `_IO` ioctl: no memory is passed to the kernel.
     let ret = unsafe { ioctl(vm, KVM_RESET_DIRTY_RINGS()) };
     let result = if ret >= 0 {
@@ -299,7 +300,10 @@ mod tests {
         ));
         assert!(matches!(
             clear_dirty_log(&null, 0, 64, 129, &bits),
-            Err(DirtyError::BitmapTooSmall { words: 2, pages: 129 })
+            Err(DirtyError::BitmapTooSmall {
+                words: 2,
+                pages: 129
+            })
         ));
         match clear_dirty_log(&null, 0, 64, 128, &bits) {
             Err(DirtyError::Ioctl { source, .. }) => assert_eq!(source.errno(), libc::ENOTTY),
@@ -308,7 +312,10 @@ mod tests {
         let mut small = [0u64; 1];
         assert!(matches!(
             get_dirty_log(&null, 0, 65, &mut small),
-            Err(DirtyError::BitmapTooSmall { words: 1, pages: 65 })
+            Err(DirtyError::BitmapTooSmall {
+                words: 1,
+                pages: 65
+            })
         ));
         assert!(matches!(
             reset_dirty_rings(&null),

@@ -117,7 +117,9 @@ pub enum DirtyError {
         source: std::io::Error,
     },
     /// A ring entry names a page outside guest RAM.
-    #[error("vCPU {vcpu}'s dirty ring has an entry for slot {slot} page {offset}, outside guest RAM")]
+    #[error(
+        "vCPU {vcpu}'s dirty ring has an entry for slot {slot} page {offset}, outside guest RAM"
+    )]
     RingEntry {
         /// The vCPU.
         vcpu: u32,
@@ -277,10 +279,11 @@ impl DirtyTracker {
         let last = self.bitmap.iter().rposition(|&w| w != 0).unwrap_or(first);
         let first_page = first as u64 * 64;
         let end = ((last as u64 + 1) * 64).min(self.pages);
-        let num_pages = u32::try_from(end - first_page).map_err(|_| DirtyError::BitmapTooSmall {
-            words: self.bitmap.len(),
-            pages: end - first_page,
-        })?;
+        let num_pages =
+            u32::try_from(end - first_page).map_err(|_| DirtyError::BitmapTooSmall {
+                words: self.bitmap.len(),
+                pages: end - first_page,
+            })?;
         kvm::clear_dirty_log(
             &self.vm,
             SLOT,

@@ -220,7 +220,11 @@ impl DirtyRings {
         };
         kvm::reset_dirty_rings(&self.vm)?;
         self.full_exits.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(vcpu, entries = n, "dirty ring full: drained into the pending set");
+        tracing::debug!(
+            vcpu,
+            entries = n,
+            "dirty ring full: drained into the pending set"
+        );
         Ok(())
     }
 
@@ -251,4 +255,3 @@ impl DirtyRings {
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
-

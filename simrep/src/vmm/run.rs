@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 
 use super::abi::{self, fault, workload, BootParams, ChurnParams, SelftestParams, VcpuStatus};
 use super::abi::{RandomParams, TouchParams};
-use crate::dirty::{DirtyMode, DirtyTracker};
 use super::vcpu::VcpuOutcome;
 use super::vm::Vm;
 use super::{boot, VmmError, GUEST_ELF};
+use crate::dirty::{DirtyMode, DirtyTracker};
 
 /// The workload the guest runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -15,11 +15,11 @@ use kvm_bindings::{
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 
 use super::devices::MmioBus;
-use crate::dirty::{DirtyMode, DirtyRings, DirtyTracker};
 use super::memory::{GuestMemory, MemoryError};
 use super::vcpu::{
     install_kick_handler, VcpuAck, VcpuCommand, VcpuExitEvent, VcpuHandle, VcpuState,
 };
+use crate::dirty::{DirtyMode, DirtyRings, DirtyTracker};
 
 /// How long a vCPU may take to answer a pause or resume.
 const ACK_TIMEOUT: Duration = Duration::from_secs(2);
