@@ -471,3 +471,92 @@ fn harvest_cost_1gib() {
         }
     }
 }
+
+#[test]
+fn random_workload_writes_incompressible_pages() {
+    require_kvm();
+    let opts = RunOptions {
+        workload: Workload::Random,
+        mem_bytes: 64 << 20,
+        churn: run::ChurnOptions {
+            rate_mib_s: 0,
+            buffer_bytes: Some(8 << 20),
+            report_ms: 0,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let mut vm = run::boot(&opts).expect("boot random");
+    let start = Instant::now();
+    // One pass over the 8 MiB buffer is 2048 pages.
+    while run::progress(&vm, 0).expect("progress") < 4096 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "random made no progress"
+        );
+        if let Some(ev) = vm.wait_exit(Duration::ZERO) {
+            panic!("the vCPU ended: {ev:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    vm.pause_all().expect("pause");
+    let mut buf = vec![0u8; 8 << 20];
+    vm.memory()
+        .read(abi::HEAP_GPA, &mut buf)
+        .expect("read heap");
+    vm.shutdown();
+    let words: Vec<u64> = buf
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    let distinct: HashSet<u64> = words.iter().copied().collect();
+    // wyrand output: no zero pages and (practically) no repeated words, so
+    // neither zero-page elision, deduplication nor a byte compressor gains.
+    assert!(
+        distinct.len() as f64 > words.len() as f64 * 0.999,
+        "{} distinct of {} words",
+        distinct.len(),
+        words.len()
+    );
+    let mut counts = [0u64; 256];
+    for &b in &buf {
+        counts[b as usize] += 1;
+    }
+    let n = buf.len() as f64;
+    let entropy: f64 = counts
+        .iter()
+        .filter(|&&c| c > 0)
+        .map(|&c| {
+            let p = c as f64 / n;
+            -p * p.log2()
+        })
+        .sum();
+    eprintln!("random: byte entropy {entropy:.4} bits/byte over 8 MiB");
+    assert!(entropy > 7.99, "byte entropy {entropy}");
+}
+
+#[test]
+fn random_workload_runs_from_the_cli() {
+    require_kvm();
+    let out = std::process::Command::new(tests::simrep_bin())
+        .args([
+            "run",
+            "--workload",
+            "random",
+            "--mem",
+            "64M",
+            "--rate",
+            "50",
+            "--seconds",
+            "1",
+            "--report-ms",
+            "300",
+        ])
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("run simrep");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "stderr:\n{err}");
+    assert!(err.contains("random: 1 vCPU(s)"), "{err}");
+    assert!(err.contains("random cpu0: done"), "{err}");
+}
