@@ -560,3 +560,50 @@ fn random_workload_runs_from_the_cli() {
     assert!(err.contains("random: 1 vCPU(s)"), "{err}");
     assert!(err.contains("random cpu0: done"), "{err}");
 }
+
+#[test]
+fn dirty_tracking_is_set_up_in_order() {
+    use simrep::dirty::DirtyError;
+    use simrep::vmm::vm::VmError;
+    require_kvm();
+    let mut vm = Vm::new(16 << 20).expect("vm");
+    assert!(matches!(vm.dirty_tracker(), Err(VmError::Phase(_))));
+    assert!(matches!(
+        vm.enable_dirty_log(DirtyMode::Ring { entries: 100 }),
+        Err(VmError::Dirty(DirtyError::RingSize { entries: 100, .. }))
+    ));
+    vm.enable_dirty_log(DirtyMode::Ring { entries: 512 })
+        .expect("ring");
+    assert!(matches!(
+        vm.enable_dirty_log(DirtyMode::Bitmap),
+        Err(VmError::Phase(_))
+    ));
+    // The rings exist once the vCPUs do.
+    assert!(matches!(vm.dirty_tracker(), Err(VmError::Phase(_))));
+    vm.create_vcpus(2).expect("vcpus");
+    let mut tracker = vm.dirty_tracker().expect("tracker");
+    assert_eq!(tracker.pages(), (16 << 20) / PAGE);
+    assert_eq!(
+        tracker.harvest().expect("first").len() as u64,
+        tracker.pages()
+    );
+    assert!(tracker.harvest().expect("second").is_empty());
+
+    // Bitmap mode cannot be turned on once vCPUs exist.
+    let mut late = Vm::new(16 << 20).expect("vm");
+    late.create_vcpus(1).expect("vcpus");
+    assert!(matches!(
+        late.enable_dirty_log(DirtyMode::Bitmap),
+        Err(VmError::Phase(_))
+    ));
+    // Bitmap mode: the first harvest is every page (INITIALLY_SET), then
+    // nothing while no vCPU runs.
+    let mut bm = Vm::new(16 << 20).expect("vm");
+    bm.enable_dirty_log(DirtyMode::Bitmap).expect("bitmap");
+    let mut tracker = bm.dirty_tracker().expect("tracker");
+    assert_eq!(
+        tracker.harvest().expect("first").len() as u64,
+        tracker.pages()
+    );
+    assert!(tracker.harvest().expect("second").is_empty());
+}
