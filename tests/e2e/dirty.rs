@@ -259,9 +259,11 @@ fn exact_epochs(
         let logged = check.epoch(&vm, epoch, &h);
         assert!(logged > 0, "epoch {epoch}: the guest wrote nothing");
         total += logged;
+        let st = tracker.last_stats();
         eprintln!(
-            "{mode:?} epoch {epoch}: {} pages harvested, {logged} writes logged",
-            h.len()
+            "{mode:?} epoch {epoch}: {} pages harvested ({} log entries or bits read), {logged} writes logged",
+            h.len(),
+            st.entries
         );
     }
     if let Some(ev) = vm.wait_exit(Duration::ZERO) {
@@ -438,6 +440,7 @@ fn harvest_cost_1gib() {
             let mut check = Checker::new(&vm, p, 1, &first);
             let (mut harvest, mut pause, mut resume, mut total, mut pages) =
                 (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let (mut collect, mut rearm) = (Vec::new(), Vec::new());
             for epoch in 1..=EPOCHS {
                 go(&vm, &p, epoch as u64);
                 vm.resume_all().expect("resume");
@@ -456,13 +459,18 @@ fn harvest_cost_1gib() {
                 resume.push(t3 - t2);
                 total.push(t3 - t0);
                 pages.push(h.len());
+                let st = tracker.last_stats();
+                collect.push(st.collect);
+                rearm.push(st.rearm);
             }
             pages.sort();
             eprintln!(
-                "{:<22} {per_round:>5} writes/epoch ({} dirty pages median): harvest {}; pause+harvest+resume {}; pause {}; resume {}; first (full) harvest {first_cost:.1?}",
+                "{:<22} {per_round:>5} writes/epoch ({} dirty pages median): harvest {} (collect {}, re-arm {}); pause+harvest+resume {}; pause {}; resume {}; first (full) harvest {first_cost:.1?}",
                 format!("{mode:?}"),
                 pages[pages.len() / 2],
                 stats(&mut harvest),
+                stats(&mut collect),
+                stats(&mut rearm),
                 stats(&mut total),
                 stats(&mut pause),
                 stats(&mut resume),

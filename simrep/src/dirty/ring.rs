@@ -237,15 +237,34 @@ impl DirtyRings {
     ///
     /// As [`DirtyRings::drain_full`].
     pub fn harvest(&self, out: &mut Vec<u64>) -> Result<(), DirtyError> {
+        self.collect(out)?;
+        self.rearm()
+    }
+
+    /// The first half of [`DirtyRings::harvest`]: the pending entries and
+    /// every ring's published entries into `out`, each handed back to KVM.
+    ///
+    /// # Errors
+    ///
+    /// [`DirtyError::RingEntry`] for a bad entry.
+    pub fn collect(&self, out: &mut Vec<u64>) -> Result<(), DirtyError> {
         out.append(&mut lock(&self.pending));
         for ring in &self.rings {
             lock(ring).harvest(self.pages, out)?;
         }
-        // Reset even when the rings had nothing new: cheap (one VM ioctl),
-        // and it guarantees that no entry is left handed back but not yet
-        // re-armed when the guest resumes.
-        kvm::reset_dirty_rings(&self.vm)?;
         Ok(())
+    }
+
+    /// The second half of [`DirtyRings::harvest`]: `KVM_RESET_DIRTY_RINGS`,
+    /// which write-protects the handed-back pages again. Done even when the
+    /// rings had nothing new: it costs one VM ioctl and guarantees that no
+    /// entry is left handed back but not re-armed when the guest resumes.
+    ///
+    /// # Errors
+    ///
+    /// [`DirtyError::Ioctl`].
+    pub fn rearm(&self) -> Result<(), DirtyError> {
+        kvm::reset_dirty_rings(&self.vm).map(|_| ())
     }
 }
 
