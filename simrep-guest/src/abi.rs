@@ -177,6 +177,12 @@ pub mod workload {
     /// Exercise the console, measure an MMIO round trip, then fault on
     /// purpose (see [`super::fault`]).
     pub const SELFTEST: u32 = 2;
+    /// Write pages chosen by a seeded PRNG and log each one first (see
+    /// [`super::TouchParams`]): the dirty-tracking exactness workload.
+    pub const TOUCH: u32 = 5;
+    /// Incompressible (pseudo-random) writes over a buffer at a rate (see
+    /// [`super::RandomParams`]).
+    pub const RANDOM: u32 = 6;
 }
 
 /// Fault kinds for [`SelftestParams::fault`].
@@ -246,6 +252,10 @@ pub struct BootParams {
     pub churn: ChurnParams,
     /// Parameters of `selftest`.
     pub selftest: SelftestParams,
+    /// Parameters of `touch`.
+    pub touch: TouchParams,
+    /// Parameters of `random`.
+    pub random: RandomParams,
 }
 
 /// Per-vCPU status the guest keeps at `STATUS_GPA + cpu * size_of::<VcpuStatus>()`.
@@ -311,4 +321,89 @@ pub const fn exception_name(vector: u64) -> &'static str {
         21 => "#CP",
         _ => "#??",
     }
+}
+
+// ---- dirty-tracking workloads: `touch` and `random` ----
+
+/// Parameters of the `touch` workload.
+///
+/// Each vCPU `i` writes pages of its share of the region (`region_pages /
+/// vcpus` pages from `region_gpa + i * share * PAGE_SIZE`), chosen by an
+/// xorshift generator seeded from `seed` and `i`. Before each write it
+/// appends the page's frame number to its [`TouchLogHeader`] log at
+/// `log_gpa + i * touch_log_stride(log_entries)` and publishes the new
+/// count, so at any pause every page it wrote is in the log and only the
+/// last logged page may not be written yet. The page's first 8 bytes get
+/// the entry's sequence number (1-based).
+///
+/// With `pages_per_round` > 0 it works in rounds: that many writes, then
+/// `rounds_done` is published and the vCPU either waits (SYS_IDLE) until
+/// the VMM sets `go` to at least `rounds_done` (`gated` = 1) or idles
+/// `idle_us` microseconds.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TouchParams {
+    /// PRNG seed.
+    pub seed: u64,
+    /// First byte of the region (page aligned, in the heap).
+    pub region_gpa: u64,
+    /// Pages of the region over all vCPUs.
+    pub region_pages: u64,
+    /// GPA of vCPU 0's log; vCPU `i`'s is `touch_log_stride(log_entries)`
+    /// bytes further per vCPU.
+    pub log_gpa: u64,
+    /// Entries in each log (a ring: entry `n` is at index `n % log_entries`).
+    pub log_entries: u64,
+    /// Writes per round (0 = write continuously, no rounds).
+    pub pages_per_round: u32,
+    /// 1: after each round wait for the VMM's `go`; 0: idle `idle_us`.
+    pub gated: u32,
+    /// Idle between rounds when not gated, in microseconds.
+    pub idle_us: u32,
+    /// Rounds to run, then exit with status 0 (0 = forever).
+    pub rounds: u32,
+}
+
+/// The head of a `touch` log; `log_entries` `u64` frame numbers follow at
+/// offset [`TOUCH_LOG_ENTRIES_OFFSET`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TouchLogHeader {
+    /// Entries ever written (published after the entry, before the page).
+    pub count: u64,
+    /// Rounds completed.
+    pub rounds_done: u64,
+    /// Written by the VMM: the vCPU may start round `go + 1`.
+    pub go: u64,
+    /// Padding to 64 bytes.
+    pub reserved: [u64; 5],
+}
+
+/// Byte offset of the entries in a `touch` log.
+pub const TOUCH_LOG_ENTRIES_OFFSET: u64 = 64;
+/// Byte offset of [`TouchLogHeader::go`].
+pub const TOUCH_LOG_GO_OFFSET: u64 = 16;
+/// Byte offset of [`TouchLogHeader::rounds_done`].
+pub const TOUCH_LOG_ROUNDS_OFFSET: u64 = 8;
+
+/// Bytes between two vCPUs' `touch` logs of `entries` entries (whole pages).
+pub const fn touch_log_stride(entries: u64) -> u64 {
+    (TOUCH_LOG_ENTRIES_OFFSET + entries * 8).div_ceil(PAGE_SIZE) * PAGE_SIZE
+}
+
+/// Parameters of the `random` workload: like `churn` at 0 % similarity,
+/// every word of every rewritten page from a wyrand generator.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RandomParams {
+    /// Target write rate in MiB/s over all vCPUs (0 = as fast as possible).
+    pub rate_mib_s: u32,
+    /// Interval between progress lines in ms (0 = none).
+    pub report_ms: u32,
+    /// Bytes of heap written (split between vCPUs).
+    pub buffer_bytes: u64,
+    /// Run time in seconds, then exit with status 0 (0 = forever).
+    pub seconds: u32,
+    /// Padding.
+    pub reserved: u32,
 }

@@ -40,6 +40,8 @@ mod kernel;
 mod proto;
 #[cfg(target_os = "none")]
 mod user;
+#[cfg(target_os = "none")]
+mod workloads2;
 
 #[cfg(not(target_os = "none"))]
 fn main() {

@@ -133,6 +133,8 @@ pub extern "C" fn user_main(cpu: u64) -> ! {
     match bp.workload {
         workload::CHURN => churn(cpu, &bp, st),
         workload::SELFTEST => selftest(cpu, &bp),
+        workload::TOUCH => crate::workloads2::touch(cpu, &bp),
+        workload::RANDOM => crate::workloads2::random(cpu, &bp),
         w => {
             println!("cpu{cpu}: unknown workload {w}");
             exit(3)

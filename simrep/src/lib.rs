@@ -11,6 +11,8 @@
 //! * [`trace`]: the memory-trace format, capture of real processes and the
 //!   replay analysis behind `simrep analyze`.
 //! * [`ebpf`]: loading, attaching and reading simrep's eBPF programs.
+//! * [`dirty`]: dirty-page tracking for the VMM (KVM dirty bitmap with
+//!   manual protect, or the dirty ring) behind one harvest interface.
 //! * [`vmm`]: the KVM VM, its vCPU threads and MMIO devices, and the
 //!   bundled guest it boots (`simrep run`).
 //! * [`replication`]: the replication wire protocol.
@@ -18,6 +20,7 @@
 //!   shared with the guest source.
 
 pub mod compress;
+pub mod dirty;
 pub mod ebpf;
 #[path = "../../simrep-guest/src/proto.rs"]
 pub mod proto;

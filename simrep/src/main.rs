@@ -92,7 +92,9 @@ enum TraceCommand {
 #[derive(Debug, clap::Args)]
 struct RunArgs {
     /// Workload: churn (dirty memory at a rate) or selftest (checks, then a
-    /// deliberate fault).
+    /// deliberate fault); random (incompressible writes, with churn's
+    /// --rate, --buffer, --seconds and --report-ms); touch (logged page
+    /// writes for dirty-tracking tests).
     #[arg(long, default_value = "churn")]
     workload: Workload,
     /// Guest RAM (a multiple of 2 MiB, at least 8M): 256M, 1G, ...

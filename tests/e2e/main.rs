@@ -5,5 +5,6 @@
 
 mod analyze;
 mod capture;
+mod dirty;
 mod ebpf;
 mod vmm;

@@ -52,10 +52,21 @@ unsafe impl vm_memory::ByteValued for abi::ExceptionReport {}
 
 const _: () = assert!(size_of::<abi::ChurnParams>() == 24);
 const _: () = assert!(size_of::<abi::SelftestParams>() == 8);
-const _: () = assert!(size_of::<abi::BootParams>() == 72);
+const _: () = assert!(size_of::<abi::BootParams>() == 72 + 56 + 24);
 const _: () = assert!(size_of::<abi::VcpuStatus>() == 64);
 const _: () = assert!(size_of::<abi::ExceptionReport>() == 72);
 const _: () = assert!(size_of::<abi::ExceptionReport>() <= 0x60);
+
+// ---- dirty-tracking workloads (touch, random) ----
+// SAFETY: as above.
+unsafe impl vm_memory::ByteValued for abi::TouchParams {}
+// SAFETY: as above.
+unsafe impl vm_memory::ByteValued for abi::TouchLogHeader {}
+// SAFETY: as above.
+unsafe impl vm_memory::ByteValued for abi::RandomParams {}
+const _: () = assert!(size_of::<abi::TouchParams>() == 56);
+const _: () = assert!(size_of::<abi::TouchLogHeader>() == 64);
+const _: () = assert!(size_of::<abi::RandomParams>() == 24);
 
 /// Errors of running a VM, as `simrep run` reports them.
 #[derive(Debug, thiserror::Error)]

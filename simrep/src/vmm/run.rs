@@ -7,9 +7,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use super::abi::{self, fault, workload, BootParams, ChurnParams, SelftestParams, VcpuStatus};
+use super::abi::{RandomParams, TouchParams};
 use super::vcpu::VcpuOutcome;
 use super::vm::Vm;
 use super::{boot, VmmError, GUEST_ELF};
+use crate::dirty::{DirtyMode, DirtyTracker};
 
 /// The workload the guest runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -19,6 +21,11 @@ pub enum Workload {
     Churn,
     /// Check the console, memory, clock and MMIO, then fault on purpose.
     Selftest,
+    /// Write PRNG-chosen pages, logging each first (dirty-tracking tests).
+    Touch,
+    /// Incompressible writes at a rate (uses the `churn` rate, buffer,
+    /// seconds and report interval).
+    Random,
 }
 
 impl FromStr for Workload {
@@ -27,8 +34,10 @@ impl FromStr for Workload {
         match s {
             "churn" => Ok(Workload::Churn),
             "selftest" => Ok(Workload::Selftest),
+            "touch" => Ok(Workload::Touch),
+            "random" => Ok(Workload::Random),
             _ => Err(format!(
-                "unknown workload `{s}` (expected churn or selftest)"
+                "unknown workload `{s}` (expected churn, selftest, touch or random)"
             )),
         }
     }
@@ -39,6 +48,8 @@ impl fmt::Display for Workload {
         f.write_str(match self {
             Workload::Churn => "churn",
             Workload::Selftest => "selftest",
+            Workload::Touch => "touch",
+            Workload::Random => "random",
         })
     }
 }
@@ -118,6 +129,60 @@ impl Default for ChurnOptions {
     }
 }
 
+/// Parameters of the `touch` workload (see [`abi::TouchParams`]). The
+/// logs start at [`abi::HEAP_GPA`]; the region follows them, 2 MiB aligned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TouchOptions {
+    /// PRNG seed.
+    pub seed: u64,
+    /// Bytes of the region over all vCPUs (cut to what fits).
+    pub region_bytes: u64,
+    /// Entries in each vCPU's log.
+    pub log_entries: u64,
+    /// Writes per round (0: continuous).
+    pub pages_per_round: u32,
+    /// Wait for the VMM's `go` after each round.
+    pub gated: bool,
+    /// Idle between rounds when not gated, in microseconds.
+    pub idle_us: u32,
+    /// Rounds, then exit (0: forever).
+    pub rounds: u32,
+}
+
+impl Default for TouchOptions {
+    fn default() -> Self {
+        TouchOptions {
+            seed: 1,
+            region_bytes: 16 << 20,
+            log_entries: 65536,
+            pages_per_round: 0,
+            gated: false,
+            idle_us: 0,
+            rounds: 0,
+        }
+    }
+}
+
+impl TouchOptions {
+    /// The guest parameters for `mem_bytes` of RAM and `vcpus` vCPUs.
+    pub fn params(&self, mem_bytes: u64, vcpus: u32) -> TouchParams {
+        let logs = u64::from(vcpus) * abi::touch_log_stride(self.log_entries);
+        let region_gpa = (abi::HEAP_GPA + logs).next_multiple_of(abi::LARGE_PAGE_SIZE);
+        let room = mem_bytes.saturating_sub(region_gpa);
+        TouchParams {
+            seed: self.seed,
+            region_gpa,
+            region_pages: self.region_bytes.min(room) / abi::PAGE_SIZE,
+            log_gpa: abi::HEAP_GPA,
+            log_entries: self.log_entries,
+            pages_per_round: self.pages_per_round,
+            gated: u32::from(self.gated),
+            idle_us: self.idle_us,
+            rounds: self.rounds,
+        }
+    }
+}
+
 /// What `simrep run` runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunOptions {
@@ -139,6 +204,8 @@ pub struct RunOptions {
     /// Stop with [`VmmError::NoProgress`] when no vCPU's progress counter
     /// moves for this long (`None`: never). Only meaningful for `churn`.
     pub watchdog: Option<Duration>,
+    /// `touch` parameters.
+    pub touch: TouchOptions,
 }
 
 impl Default for RunOptions {
@@ -152,6 +219,7 @@ impl Default for RunOptions {
             mmio_round_trips: 1000,
             timer_hz: 0,
             watchdog: None,
+            touch: TouchOptions::default(),
         }
     }
 }
@@ -168,6 +236,8 @@ impl RunOptions {
             workload: match self.workload {
                 Workload::Churn => workload::CHURN,
                 Workload::Selftest => workload::SELFTEST,
+                Workload::Touch => workload::TOUCH,
+                Workload::Random => workload::RANDOM,
             },
             lapic_timer_count: match self.timer_hz {
                 0 => 0,
@@ -188,6 +258,17 @@ impl RunOptions {
             selftest: SelftestParams {
                 fault: self.fault.code(),
                 mmio_round_trips: self.mmio_round_trips,
+            },
+            touch: self.touch.params(self.mem_bytes, self.vcpus),
+            random: RandomParams {
+                rate_mib_s: self.churn.rate_mib_s,
+                report_ms: self.churn.report_ms,
+                buffer_bytes: self
+                    .churn
+                    .buffer_bytes
+                    .unwrap_or(self.mem_bytes.saturating_sub(abi::HEAP_GPA)),
+                seconds: self.churn.seconds,
+                reserved: 0,
             },
         }
     }
@@ -257,9 +338,33 @@ pub fn boot(opts: &RunOptions) -> Result<Vm, VmmError> {
 ///
 /// As [`boot()`], plus [`VmmError::Config`] for a bad image.
 pub fn boot_image(opts: &RunOptions, image: &[u8]) -> Result<Vm, VmmError> {
+    boot_image_with(opts, image, None)
+}
+
+/// [`boot()`] with dirty tracking in `mode` on from the first guest
+/// instruction; returns the VM and its tracker (whose first harvest
+/// returns every page).
+///
+/// # Errors
+///
+/// As [`boot()`], plus [`VmmError::Vm`] when KVM refuses the mode.
+pub fn boot_tracked(opts: &RunOptions, mode: DirtyMode) -> Result<(Vm, DirtyTracker), VmmError> {
+    let vm = boot_image_with(opts, GUEST_ELF, Some(mode))?;
+    let tracker = vm.dirty_tracker()?;
+    Ok((vm, tracker))
+}
+
+fn boot_image_with(
+    opts: &RunOptions,
+    image: &[u8],
+    dirty: Option<DirtyMode>,
+) -> Result<Vm, VmmError> {
     boot::check_config(opts.mem_bytes, opts.vcpus)?;
     let t0 = Instant::now();
     let mut vm = Vm::new(opts.mem_bytes)?;
+    if let Some(mode) = dirty {
+        vm.enable_dirty_log(mode)?;
+    }
     let t_mem = t0.elapsed();
     vm.create_vcpus(opts.vcpus)?;
     let tsc_khz = vm.tsc_khz()?;
@@ -389,6 +494,8 @@ mod tests {
         assert_eq!("churn".parse(), Ok(Workload::Churn));
         assert_eq!("selftest".parse(), Ok(Workload::Selftest));
         assert!("kv".parse::<Workload>().is_err());
+        assert_eq!("touch".parse(), Ok(Workload::Touch));
+        assert_eq!("random".parse(), Ok(Workload::Random));
         assert_eq!("ud".parse(), Ok(Fault::InvalidOpcode));
         assert!("int3".parse::<Fault>().is_err());
     }
@@ -406,5 +513,30 @@ mod tests {
         assert_eq!(bp.tsc_khz, 2_000_000);
         assert_eq!(bp.churn.buffer_bytes, (64 << 20) - abi::HEAP_GPA);
         assert_eq!(bp.workload, workload::CHURN);
+    }
+
+    #[test]
+    fn touch_layout_puts_the_region_after_the_logs() {
+        let opts = RunOptions {
+            workload: Workload::Touch,
+            mem_bytes: 64 << 20,
+            vcpus: 2,
+            ..Default::default()
+        };
+        let bp = opts.boot_params(1);
+        assert_eq!(bp.workload, workload::TOUCH);
+        let t = bp.touch;
+        assert_eq!(t.log_gpa, abi::HEAP_GPA);
+        let logs_end = t.log_gpa + 2 * abi::touch_log_stride(t.log_entries);
+        assert!(t.region_gpa >= logs_end);
+        assert_eq!(t.region_gpa % abi::LARGE_PAGE_SIZE, 0);
+        assert_eq!(t.region_pages, (16 << 20) / abi::PAGE_SIZE);
+        assert_eq!(abi::touch_log_stride(65536), 129 * abi::PAGE_SIZE);
+        let small = RunOptions {
+            mem_bytes: 8 << 20,
+            ..opts
+        };
+        let t = small.boot_params(1).touch;
+        assert!(t.region_gpa + t.region_pages * abi::PAGE_SIZE <= 8 << 20);
     }
 }

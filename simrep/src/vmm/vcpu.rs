@@ -28,6 +28,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 use super::abi::{self, ExceptionReport};
 use super::devices::{DeviceError, MmioAction, MmioBus};
 use super::memory::GuestMemory;
+use crate::dirty::DirtyRings;
 
 /// Errors of a vCPU: the guest misbehaved or KVM failed.
 #[derive(Debug, thiserror::Error)]
@@ -120,6 +121,15 @@ pub enum VcpuError {
         exit: String,
         /// The instruction.
         rip: u64,
+    },
+    /// Draining a full dirty ring failed (`KVM_EXIT_DIRTY_RING_FULL`).
+    #[error("vCPU {vcpu}: cannot drain its full dirty ring")]
+    DirtyRing {
+        /// The vCPU.
+        vcpu: u32,
+        /// What failed.
+        #[source]
+        source: crate::dirty::DirtyError,
     },
 }
 
@@ -254,6 +264,9 @@ struct VcpuThread {
     /// The last `KVM_RUN` returned an exit that KVM has not completed yet
     /// (it does so at the next `KVM_RUN`).
     exit_pending: bool,
+    /// The VM's dirty rings (ring mode), drained on
+    /// `KVM_EXIT_DIRTY_RING_FULL`.
+    dirty_rings: Option<Arc<DirtyRings>>,
 }
 
 /// What the run loop does after one `KVM_RUN`, besides running again.
@@ -280,6 +293,24 @@ impl VcpuHandle {
         mem: Arc<GuestMemory>,
         exits: Sender<VcpuExitEvent>,
     ) -> std::io::Result<Self> {
+        Self::spawn_tracked(id, fd, bus, mem, exits, None)
+    }
+
+    /// [`VcpuHandle::spawn`] for a VM with dirty rings: on
+    /// `KVM_EXIT_DIRTY_RING_FULL` the thread drains its ring into
+    /// `dirty_rings`' pending set and runs on.
+    ///
+    /// # Errors
+    ///
+    /// The error of `std::thread::Builder::spawn`.
+    pub fn spawn_tracked(
+        id: u32,
+        fd: VcpuFd,
+        bus: Arc<MmioBus>,
+        mem: Arc<GuestMemory>,
+        exits: Sender<VcpuExitEvent>,
+        dirty_rings: Option<Arc<DirtyRings>>,
+    ) -> std::io::Result<Self> {
         let (cmd_tx, cmd_rx) = std::sync::mpsc::channel();
         let (ack_tx, ack_rx) = std::sync::mpsc::channel();
         let state = Arc::new(AtomicU8::new(VcpuState::Paused as u8));
@@ -296,6 +327,7 @@ impl VcpuHandle {
                     acks: ack_tx,
                     state: thread_state,
                     exit_pending: false,
+                    dirty_rings,
                 };
                 let result = t.main();
                 t.state.store(VcpuState::Exited as u8, Ordering::Release);
@@ -459,6 +491,21 @@ impl VcpuThread {
         }
     }
 
+    /// `KVM_EXIT_DIRTY_RING_FULL`: move the ring's entries to the pending
+    /// set, reset, run on. Without rings (cannot happen) it is an error.
+    fn dirty_ring_full(&mut self) -> Option<Stop> {
+        let result = match &self.dirty_rings {
+            Some(rings) => rings.drain_full(self.id),
+            None => Err(crate::dirty::DirtyError::NoRing { vcpu: self.id }),
+        };
+        result.err().map(|source| {
+            Stop::Error(VcpuError::DirtyRing {
+                vcpu: self.id,
+                source,
+            })
+        })
+    }
+
     fn rip(&self) -> u64 {
         self.fd.get_regs().map(|r| r.rip).unwrap_or(0)
     }
@@ -488,6 +535,9 @@ impl VcpuThread {
                 self.bus.read(id, gpa, data).map(|()| MmioAction::Continue)
             }
             VcpuExit::Intr => return Ok(None),
+            VcpuExit::Unsupported(kvm_bindings::KVM_EXIT_DIRTY_RING_FULL) => {
+                return Ok(self.dirty_ring_full());
+            }
             VcpuExit::Shutdown => {
                 return Ok(Some(Stop::Error(VcpuError::Shutdown {
                     vcpu: id,

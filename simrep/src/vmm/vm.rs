@@ -19,6 +19,7 @@ use super::memory::{GuestMemory, MemoryError};
 use super::vcpu::{
     install_kick_handler, VcpuAck, VcpuCommand, VcpuExitEvent, VcpuHandle, VcpuState,
 };
+use crate::dirty::{DirtyMode, DirtyRings, DirtyTracker};
 
 /// How long a vCPU may take to answer a pause or resume.
 const ACK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -92,6 +93,9 @@ pub enum VmError {
         /// How long the VMM waited.
         timeout: Duration,
     },
+    /// Setting up dirty tracking failed (see [`crate::dirty`]).
+    #[error("dirty tracking")]
+    Dirty(#[from] crate::dirty::DirtyError),
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -110,6 +114,10 @@ pub struct Vm {
     vcpus: Vec<VcpuHandle>,
     exits: Receiver<VcpuExitEvent>,
     exits_tx: mpsc::Sender<VcpuExitEvent>,
+    /// Dirty tracking, once [`Vm::enable_dirty_log`] turned it on.
+    dirty_mode: Option<DirtyMode>,
+    /// Ring mode: every vCPU's dirty ring, mapped in [`Vm::create_vcpus`].
+    dirty_rings: Option<Arc<DirtyRings>>,
 }
 
 /// Opens `/dev/kvm`, mapping the usual failures to clear errors.
@@ -195,6 +203,8 @@ impl Vm {
             vcpus: Vec::new(),
             exits,
             exits_tx,
+            dirty_mode: None,
+            dirty_rings: None,
         })
     }
 
@@ -245,7 +255,71 @@ impl Vm {
                 })?;
             self.created.push(vcpu);
         }
+        if let Some(DirtyMode::Ring { entries }) = self.dirty_mode {
+            let vm = crate::dirty::dup_vm_fd(&self.fd)?;
+            let pages = self.memory.size() / crate::dirty::PAGE_SIZE;
+            let rings = DirtyRings::map(vm, &self.created, entries, pages)?;
+            self.dirty_rings = Some(Arc::new(rings));
+        }
         Ok(())
+    }
+
+    /// Turns on dirty tracking of guest RAM in `mode`: enables the KVM
+    /// capability and re-registers slot 0 with `KVM_MEM_LOG_DIRTY_PAGES`.
+    /// Call between [`Vm::new`] and [`Vm::create_vcpus`] (the dirty ring
+    /// must exist before any vCPU); then take the tracker with
+    /// [`Vm::dirty_tracker`].
+    ///
+    /// # Errors
+    ///
+    /// [`VmError::Phase`] once vCPUs exist or when tracking is already on;
+    /// [`VmError::Dirty`] when KVM refuses the mode;
+    /// [`VmError::Kvm`] when the slot cannot be re-registered.
+    pub fn enable_dirty_log(&mut self, mode: DirtyMode) -> Result<(), VmError> {
+        if !self.created.is_empty() || !self.vcpus.is_empty() {
+            return Err(VmError::Phase(
+                "dirty tracking must be enabled before vCPUs are created",
+            ));
+        }
+        if self.dirty_mode.is_some() {
+            return Err(VmError::Phase("dirty tracking is already enabled"));
+        }
+        crate::dirty::enable(&self.fd, mode)?;
+        let mut region = self.memory.kvm_region(0);
+        region.flags |= kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES;
+        // SAFETY: as in `Vm::new`: the same mapping, kept alive by this VM
+        // for longer than the VM fd; only the flags change.
+        unsafe { self.fd.set_user_memory_region(region) }
+            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION (dirty logging)"))?;
+        self.dirty_mode = Some(mode);
+        tracing::debug!(?mode, "dirty tracking enabled");
+        Ok(())
+    }
+
+    /// A tracker that harvests the pages the guest dirtied (see
+    /// [`DirtyTracker::harvest`]). Several trackers would steal each
+    /// other's pages: take one.
+    ///
+    /// # Errors
+    ///
+    /// [`VmError::Phase`] without [`Vm::enable_dirty_log`], or in ring mode
+    /// before [`Vm::create_vcpus`]; [`VmError::Dirty`].
+    pub fn dirty_tracker(&self) -> Result<DirtyTracker, VmError> {
+        let mode = self
+            .dirty_mode
+            .ok_or(VmError::Phase("dirty tracking is not enabled"))?;
+        if matches!(mode, DirtyMode::Ring { .. }) && self.dirty_rings.is_none() {
+            return Err(VmError::Phase(
+                "the dirty rings exist once the vCPUs are created",
+            ));
+        }
+        let pages = self.memory.size() / crate::dirty::PAGE_SIZE;
+        Ok(DirtyTracker::new(
+            &self.fd,
+            mode,
+            pages,
+            self.dirty_rings.clone(),
+        )?)
     }
 
     /// The TSC frequency of vCPU 0 in kHz.
@@ -298,12 +372,13 @@ impl Vm {
                 mp_state: KVM_MP_STATE_RUNNABLE,
             };
             fd.set_mp_state(mp).map_err(setup("KVM_SET_MP_STATE"))?;
-            let handle = VcpuHandle::spawn(
+            let handle = VcpuHandle::spawn_tracked(
                 id,
                 fd,
                 self.bus.clone(),
                 self.memory.clone(),
                 self.exits_tx.clone(),
+                self.dirty_rings.clone(),
             )
             .map_err(|source| VmError::Thread { vcpu: id, source })?;
             self.vcpus.push(handle);
