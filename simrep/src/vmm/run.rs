@@ -2,11 +2,13 @@
 //! the guest ends or the caller stops it.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use super::abi::{self, fault, workload, BootParams, ChurnParams, SelftestParams, VcpuStatus};
+use super::block::{BlockDevice, FlushPolicy};
 use super::vcpu::VcpuOutcome;
 use super::vm::Vm;
 use super::{boot, VmmError, GUEST_ELF};
@@ -19,6 +21,9 @@ pub enum Workload {
     Churn,
     /// Check the console, memory, clock and MMIO, then fault on purpose.
     Selftest,
+    /// Test the block device: pattern, append-only log, error probes,
+    /// throughput (needs `--disk`).
+    Disk,
 }
 
 impl FromStr for Workload {
@@ -27,8 +32,9 @@ impl FromStr for Workload {
         match s {
             "churn" => Ok(Workload::Churn),
             "selftest" => Ok(Workload::Selftest),
+            "disk" => Ok(Workload::Disk),
             _ => Err(format!(
-                "unknown workload `{s}` (expected churn or selftest)"
+                "unknown workload `{s}` (expected churn, selftest or disk)"
             )),
         }
     }
@@ -39,6 +45,7 @@ impl fmt::Display for Workload {
         f.write_str(match self {
             Workload::Churn => "churn",
             Workload::Selftest => "selftest",
+            Workload::Disk => "disk",
         })
     }
 }
@@ -139,6 +146,61 @@ pub struct RunOptions {
     /// Stop with [`VmmError::NoProgress`] when no vCPU's progress counter
     /// moves for this long (`None`: never). Only meaningful for `churn`.
     pub watchdog: Option<Duration>,
+    /// The block device's disk image (`None`: no disk, capacity 0).
+    pub disk: Option<PathBuf>,
+    /// `disk` workload parameters.
+    pub disk_test: DiskOptions,
+}
+
+/// Parameters of the `disk` workload (layout: the log region first, then
+/// the pattern, then the benchmark region).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskOptions {
+    /// Sectors of the log region, from sector 0.
+    pub log_sectors: u64,
+    /// Log records appended per run.
+    pub log_records: u32,
+    /// Sectors of pattern written, flushed and verified.
+    pub pattern_sectors: u32,
+    /// Seed of the pattern.
+    pub seed: u64,
+    /// Bytes moved per request size by the throughput measurement (0: off).
+    pub bench_bytes: u64,
+    /// Single-sector requests timed (0: off).
+    pub bench_requests: u32,
+    /// Submit bad requests and check their error statuses.
+    pub probe_errors: bool,
+}
+
+impl Default for DiskOptions {
+    fn default() -> Self {
+        DiskOptions {
+            log_sectors: 2048,
+            log_records: 64,
+            pattern_sectors: 1024,
+            seed: 1,
+            bench_bytes: 0,
+            bench_requests: 0,
+            probe_errors: true,
+        }
+    }
+}
+
+impl DiskOptions {
+    /// The guest's view of these options.
+    pub fn params(&self) -> abi::DiskParams {
+        abi::DiskParams {
+            log_start: 0,
+            log_sectors: self.log_sectors,
+            pattern_start: self.log_sectors,
+            pattern_sectors: self.pattern_sectors,
+            log_records: self.log_records,
+            seed: self.seed,
+            bench_bytes: self.bench_bytes,
+            bench_requests: self.bench_requests,
+            probe_errors: u32::from(self.probe_errors),
+        }
+    }
 }
 
 impl Default for RunOptions {
@@ -152,6 +214,8 @@ impl Default for RunOptions {
             mmio_round_trips: 1000,
             timer_hz: 0,
             watchdog: None,
+            disk: None,
+            disk_test: DiskOptions::default(),
         }
     }
 }
@@ -168,6 +232,7 @@ impl RunOptions {
             workload: match self.workload {
                 Workload::Churn => workload::CHURN,
                 Workload::Selftest => workload::SELFTEST,
+                Workload::Disk => workload::DISK,
             },
             lapic_timer_count: match self.timer_hz {
                 0 => 0,
@@ -189,6 +254,7 @@ impl RunOptions {
                 fault: self.fault.code(),
                 mmio_round_trips: self.mmio_round_trips,
             },
+            disk: self.disk_test.params(),
         }
     }
 }
@@ -258,8 +324,16 @@ pub fn boot(opts: &RunOptions) -> Result<Vm, VmmError> {
 /// As [`boot()`], plus [`VmmError::Config`] for a bad image.
 pub fn boot_image(opts: &RunOptions, image: &[u8]) -> Result<Vm, VmmError> {
     boot::check_config(opts.mem_bytes, opts.vcpus)?;
+    let disk = match &opts.disk {
+        Some(path) => Some(BlockDevice::open(path, FlushPolicy::default())?),
+        None => None,
+    };
     let t0 = Instant::now();
     let mut vm = Vm::new(opts.mem_bytes)?;
+    if let Some(disk) = disk {
+        tracing::info!(path = %path_of(&disk), sectors = disk.capacity(), "disk attached");
+        vm.bus().attach_block(std::sync::Arc::new(disk));
+    }
     let t_mem = t0.elapsed();
     vm.create_vcpus(opts.vcpus)?;
     let tsc_khz = vm.tsc_khz()?;
@@ -283,6 +357,12 @@ pub fn boot_image(opts: &RunOptions, image: &[u8]) -> Result<Vm, VmmError> {
         "guest started"
     );
     Ok(vm)
+}
+
+fn path_of(dev: &BlockDevice) -> String {
+    dev.disk_file()
+        .map(|d| d.path().display().to_string())
+        .unwrap_or_default()
 }
 
 /// The progress counter of vCPU `cpu` (churn: pages written).
@@ -348,6 +428,11 @@ pub fn run(opts: &RunOptions, stop: &AtomicBool) -> Result<RunSummary, VmmError>
     vm.pause_all()?;
     let progress = all_progress(&vm, opts.vcpus)?;
     vm.shutdown();
+    let block = vm.bus().block();
+    block.flush_all()?;
+    if block.capacity() > 0 {
+        tracing::info!(stats = ?block.stats(), "disk");
+    }
     let outcomes: Vec<VcpuOutcome> = outcomes
         .into_iter()
         .map(|o| o.unwrap_or(VcpuOutcome::Stopped))
