@@ -34,6 +34,9 @@
 #[allow(dead_code)]
 mod abi;
 // The service protocol, shared with the host (`simrep::proto`).
+// The block device driver, its append-only log and the `disk` workload.
+#[cfg(target_os = "none")]
+mod block;
 #[cfg(target_os = "none")]
 mod kernel;
 #[allow(dead_code)]
