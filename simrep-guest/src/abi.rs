@@ -443,9 +443,12 @@ pub const fn disk_pattern_word(seed: u64, sector: u64, word: u64) -> u64 {
 /// `"SRLG"`: first word of every record of the guest's append-only log.
 pub const LOG_MAGIC: u32 = u32::from_le_bytes(*b"SRLG");
 /// Bytes of a log record header: magic u32, payload length u32, sequence
-/// number u64, CRC-32 (IEEE) u32 of header bytes 0..16 followed by the
-/// payload, zero u32. The payload follows; the record is zero-padded to a
-/// whole number of sectors and the next record starts on the next sector.
+/// number u64 (0, 1, 2... from the region's start), generation u32 (one
+/// more than the last valid record's when a writer starts; never
+/// decreasing along a valid log), CRC-32 (IEEE) u32 of header bytes 0..20
+/// followed by the payload. The payload follows; the record is zero-padded
+/// to a whole number of sectors and the next record starts on the next
+/// sector.
 pub const LOG_HEADER_SIZE: u64 = 24;
 /// Longest log record payload.
 pub const LOG_MAX_RECORD: u64 = 1 << 20;

@@ -17,12 +17,17 @@
 //!
 //! [`Log`] keeps records in a region of sectors. Each record starts on a
 //! sector boundary with a [`abi::LOG_HEADER_SIZE`]-byte header (magic,
-//! payload length, sequence number, CRC-32 of the header's first 16 bytes
-//! and the payload) and is zero-padded to whole sectors. Sequence numbers
-//! start at 0 at the region's start and rise by one per record, so a replay
-//! that stops at the first record with a bad magic, length, sequence number
-//! or checksum never picks up stale records of an older log further on. A
-//! record torn by a crash fails its checksum and ends the log.
+//! payload length, sequence number, generation, CRC-32 of the header's
+//! first 20 bytes and the payload) and is zero-padded to whole sectors.
+//! Replay stops at the first record with a bad magic, length, sequence
+//! number, generation or checksum; a record torn by a crash fails its
+//! checksum and ends the log. Sequence numbers start at 0 at the region's
+//! start and rise by one per record. A writer appends after the last valid
+//! record with a generation one above that record's, and generations never
+//! decrease along a valid log, so records that an earlier writer left
+//! beyond the new tail (after a torn or corrupted record cut the log
+//! short) are never picked up again, even when they would line up with
+//! the new records' sequence numbers and positions.
 
 use core::fmt;
 use core::ptr::{read_volatile, write_volatile};
@@ -49,6 +54,8 @@ pub enum Error {
     /// The record is longer than [`abi::LOG_MAX_RECORD`], or than the
     /// replay's scratch buffer.
     TooLarge,
+    /// [`Log::append`] before [`Log::replay`].
+    NotReplayed,
 }
 
 /// The name of a [`block_status`] code.
@@ -74,6 +81,7 @@ impl fmt::Display for Error {
             Error::Unaligned => f.write_str("length not a multiple of 512"),
             Error::LogFull => f.write_str("log region full"),
             Error::TooLarge => f.write_str("record too large"),
+            Error::NotReplayed => f.write_str("log appended to before it was replayed"),
         }
     }
 }
@@ -188,15 +196,16 @@ const HDR: usize = abi::LOG_HEADER_SIZE as usize;
 /// Bytes of a record written with its header in one request.
 const CHUNK: usize = 4096;
 
-fn header(len: u32, seq: u64, payload: &[u8]) -> [u8; HDR] {
+fn header(len: u32, seq: u64, gen: u32, payload: &[u8]) -> [u8; HDR] {
     let mut h = [0u8; HDR];
     h[0..4].copy_from_slice(&abi::LOG_MAGIC.to_le_bytes());
     h[4..8].copy_from_slice(&len.to_le_bytes());
     h[8..16].copy_from_slice(&seq.to_le_bytes());
+    h[16..20].copy_from_slice(&gen.to_le_bytes());
     let mut crc = Crc::new();
-    crc.update(&h[..16]);
+    crc.update(&h[..20]);
     crc.update(payload);
-    h[16..20].copy_from_slice(&crc.finish().to_le_bytes());
+    h[20..24].copy_from_slice(&crc.finish().to_le_bytes());
     h
 }
 
@@ -213,20 +222,23 @@ pub struct Log {
     next: u64,
     /// Sequence number of the next record.
     seq: u64,
+    /// Generation of this writer's records (0 until replayed).
+    gen: u32,
     /// Holds the header and the first bytes of a record (one request for
     /// records up to `CHUNK - HDR` bytes), and a padded tail.
     scratch: [u8; CHUNK],
 }
 
 impl Log {
-    /// A log over `start..start + sectors`, positioned at its start. Call
-    /// [`Log::replay`] first to continue a log that holds records.
+    /// A log over `start..start + sectors`. [`Log::replay`] it before
+    /// appending (on a fresh region that is one read).
     pub const fn new(start: u64, sectors: u64) -> Self {
         Log {
             start,
             sectors,
             next: 0,
             seq: 0,
+            gen: 0,
             scratch: [0; CHUNK],
         }
     }
@@ -244,6 +256,9 @@ impl Log {
     /// Appends one record (at most 3 requests; one for records up to
     /// 4072 bytes). Not durable until [`flush`].
     pub fn append(&mut self, record: &[u8]) -> Result<(), Error> {
+        if self.gen == 0 {
+            return Err(Error::NotReplayed);
+        }
         let len = record.len();
         if len as u64 > abi::LOG_MAX_RECORD {
             return Err(Error::TooLarge);
@@ -255,7 +270,7 @@ impl Log {
         let at = self.start + self.next;
         let first = len.min(CHUNK - HDR);
         let first_bytes = (sectors_for(HDR + first) as usize) * SECTOR;
-        self.scratch[..HDR].copy_from_slice(&header(len as u32, self.seq, record));
+        self.scratch[..HDR].copy_from_slice(&header(len as u32, self.seq, self.gen, record));
         self.scratch[HDR..HDR + first].copy_from_slice(&record[..first]);
         self.scratch[HDR + first..first_bytes].fill(0);
         write(at, &self.scratch[..first_bytes])?;
@@ -294,6 +309,8 @@ impl Log {
     ) -> Result<u64, Error> {
         self.next = 0;
         self.seq = 0;
+        self.gen = 0;
+        let mut last_gen = 0u32;
         let cap = (scratch.len() / SECTOR) as u64;
         if cap == 0 {
             return Err(Error::TooLarge);
@@ -316,8 +333,13 @@ impl Log {
             let magic = word(0);
             let len = word(4) as usize;
             let seq = u64::from(word(8)) | u64::from(word(12)) << 32;
-            let crc = word(16);
-            if magic != abi::LOG_MAGIC || seq != self.seq || len as u64 > abi::LOG_MAX_RECORD {
+            let gen = word(16);
+            let crc = word(20);
+            if magic != abi::LOG_MAGIC
+                || seq != self.seq
+                || gen < last_gen
+                || len as u64 > abi::LOG_MAX_RECORD
+            {
                 break;
             }
             let total = sectors_for(HDR + len);
@@ -333,15 +355,17 @@ impl Log {
             let off = (next - win_start) as usize * SECTOR;
             let payload = &scratch[off + HDR..off + HDR + len];
             let mut c = Crc::new();
-            c.update(&scratch[off..off + 16]);
+            c.update(&scratch[off..off + 20]);
             c.update(payload);
             if c.finish() != crc {
                 break;
             }
             f(seq, payload);
+            last_gen = gen;
             self.next += total;
             self.seq += 1;
         }
+        self.gen = last_gen.saturating_add(1);
         Ok(self.seq)
     }
 }
@@ -400,16 +424,15 @@ pub fn disk_workload(cpu: u64, bp: &BootParams) -> ! {
         let mut b = [0u8; SECTOR];
         let r = read(0, &mut b);
         let f = flush();
+        let name = |r: Result<(), Error>| match r {
+            Ok(()) => "OK",
+            Err(Error::Status(s)) => status_name(s),
+            Err(_) => "?",
+        };
         println!(
             "disk: no disk attached: read -> {}, flush -> {} (run with --disk FILE)",
-            r.err().map_or(0, |e| match e {
-                Error::Status(s) => s,
-                _ => u32::MAX,
-            }),
-            match f {
-                Err(Error::Status(s)) => status_name(s),
-                _ => "?",
-            }
+            name(r),
+            name(f)
         );
         exit(2);
     }
