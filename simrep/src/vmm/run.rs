@@ -150,6 +150,9 @@ pub struct RunOptions {
     pub disk: Option<PathBuf>,
     /// `disk` workload parameters.
     pub disk_test: DiskOptions,
+    /// When the disk's write buffer reaches the file (replication sets
+    /// [`FlushPolicy::Replicated`] before the vCPUs start).
+    pub disk_policy: FlushPolicy,
 }
 
 /// Parameters of the `disk` workload (layout: the log region first, then
@@ -216,6 +219,7 @@ impl Default for RunOptions {
             watchdog: None,
             disk: None,
             disk_test: DiskOptions::default(),
+            disk_policy: FlushPolicy::default(),
         }
     }
 }
@@ -325,13 +329,13 @@ pub fn boot(opts: &RunOptions) -> Result<Vm, VmmError> {
 pub fn boot_image(opts: &RunOptions, image: &[u8]) -> Result<Vm, VmmError> {
     boot::check_config(opts.mem_bytes, opts.vcpus)?;
     let disk = match &opts.disk {
-        Some(path) => Some(BlockDevice::open(path, FlushPolicy::default())?),
+        Some(path) => Some(BlockDevice::open(path, opts.disk_policy)?),
         None => None,
     };
     let t0 = Instant::now();
     let mut vm = Vm::new(opts.mem_bytes)?;
     if let Some(disk) = disk {
-        tracing::info!(path = %path_of(&disk), sectors = disk.capacity(), "disk attached");
+        tracing::info!(path = %path_of(&disk), sectors = disk.capacity(), policy = ?opts.disk_policy, "disk attached");
         vm.bus().attach_block(std::sync::Arc::new(disk));
     }
     let t_mem = t0.elapsed();
