@@ -372,13 +372,16 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
+/// Writes in order: (first sector, data).
+type Writes = Vec<(u64, Vec<u8>)>;
+
 /// What the guest should read, what the file should hold, and the closed
 /// epochs not yet committed (replicated mode).
 struct Model {
     visible: Vec<u8>,
     file: Vec<u8>,
-    open: Vec<(u64, Vec<u8>)>,
-    closed: VecDeque<(u64, Vec<(u64, Vec<u8>)>)>,
+    open: Writes,
+    closed: VecDeque<(u64, Writes)>,
     next_epoch: u64,
 }
 
