@@ -25,7 +25,8 @@ Exit codes:
   0    success (also after Ctrl-C stopped a guest cleanly)
   1    internal error
   2    bad usage or configuration (unknown flag, bad value)
-  3    bad or unreadable input (missing file, malformed trace)
+  3    bad or unreadable input (missing file, malformed trace, unusable
+       --disk image)
   4    the guest misbehaved (exception, triple fault, unknown MMIO, no
        progress) or a codec decoded a page wrongly
   5    the capture target could not be traced (no such process, no permission)

@@ -433,7 +433,9 @@ pub fn run(opts: &RunOptions, stop: &AtomicBool) -> Result<RunSummary, VmmError>
     let progress = all_progress(&vm, opts.vcpus)?;
     vm.shutdown();
     let block = vm.bus().block();
-    block.flush_all()?;
+    if matches!(block.policy(), FlushPolicy::WriteBack { .. }) {
+        block.flush_all()?;
+    }
     if block.capacity() > 0 {
         tracing::info!(stats = ?block.stats(), "disk");
     }
