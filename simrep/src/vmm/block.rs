@@ -55,7 +55,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::abi::{self, block_op, block_status, BlockRequest};
 use super::devices::{DeviceError, MmioAction};
@@ -339,26 +339,66 @@ impl EpochWrites {
 }
 
 type Sector = Box<[u8; SECTOR]>;
+type Table = BTreeMap<u64, Sector>;
 
 /// Merges a sector table into runs of consecutive sectors.
-fn runs_of(table: &BTreeMap<u64, Sector>) -> Vec<SectorRun> {
-    let mut runs: Vec<SectorRun> = Vec::new();
-    for (&s, data) in table {
-        match runs.last_mut() {
-            Some(r) if r.sector + r.sectors() == s => r.data.extend_from_slice(&data[..]),
-            _ => runs.push(SectorRun {
-                sector: s,
-                data: data.to_vec(),
-            }),
+fn runs_of(table: &Table) -> Vec<SectorRun> {
+    // First the runs' extents, so each run's buffer is allocated once.
+    let mut extents: Vec<(u64, usize)> = Vec::new();
+    for &s in table.keys() {
+        match extents.last_mut() {
+            Some((start, n)) if *start + *n as u64 == s => *n += 1,
+            _ => extents.push((s, 1)),
         }
     }
-    runs
+    let mut sectors = table.values();
+    extents
+        .into_iter()
+        .map(|(sector, n)| {
+            let mut data = Vec::with_capacity(n * SECTOR);
+            for d in sectors.by_ref().take(n) {
+                data.extend_from_slice(&d[..]);
+            }
+            SectorRun { sector, data }
+        })
+        .collect()
 }
 
 #[derive(Debug)]
 struct EpochTable {
     epoch: u64,
-    sectors: BTreeMap<u64, Sector>,
+    /// Shared with [`ClosedEpoch`]s once closed; the open epoch's is never
+    /// shared, so writing to it never copies.
+    sectors: Arc<Table>,
+}
+
+/// A closed epoch's writes, shared with the write buffer: taking one costs
+/// no copy (the vCPUs are paused then); [`ClosedEpoch::writes`] copies
+/// them into runs afterwards, while the guest runs.
+#[derive(Debug, Clone)]
+pub struct ClosedEpoch {
+    epoch: u64,
+    sectors: Arc<Table>,
+}
+
+impl ClosedEpoch {
+    /// The epoch.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Number of sectors written in it.
+    pub fn sectors(&self) -> usize {
+        self.sectors.len()
+    }
+
+    /// Its writes as runs of consecutive sectors (a copy).
+    pub fn writes(&self) -> EpochWrites {
+        EpochWrites {
+            epoch: self.epoch,
+            runs: runs_of(&self.sectors),
+        }
+    }
 }
 
 /// The per-epoch, sector-indexed table of writes not yet in the file.
@@ -379,7 +419,7 @@ impl WriteBuffer {
         WriteBuffer {
             epochs: VecDeque::from([EpochTable {
                 epoch: first_epoch,
-                sectors: BTreeMap::new(),
+                sectors: Arc::default(),
             }]),
             sectors: 0,
         }
@@ -421,7 +461,7 @@ impl WriteBuffer {
         for (s, chunk) in (sector..).zip(data.chunks_exact(SECTOR)) {
             let mut b: Sector = Box::new([0; SECTOR]);
             b.copy_from_slice(chunk);
-            if open.sectors.insert(s, b).is_none() {
+            if Arc::make_mut(&mut open.sectors).insert(s, b).is_none() {
                 self.sectors += 1;
             }
         }
@@ -445,17 +485,18 @@ impl WriteBuffer {
         let epoch = self.open_epoch();
         self.epochs.push_back(EpochTable {
             epoch: epoch + 1,
-            sectors: BTreeMap::new(),
+            sectors: Arc::default(),
         });
         epoch
     }
 
-    /// Closes the open epoch and returns a copy of its writes; they stay in
-    /// the buffer (serving reads) until [`WriteBuffer::commit`].
-    pub fn take(&mut self) -> EpochWrites {
-        let runs = runs_of(&self.open().sectors);
+    /// Closes the open epoch and returns its writes, shared with the buffer
+    /// (no copy); they stay in the buffer (serving reads) until
+    /// [`WriteBuffer::commit`].
+    pub fn take(&mut self) -> ClosedEpoch {
+        let sectors = Arc::clone(&self.open().sectors);
         let epoch = self.close_epoch();
-        EpochWrites { epoch, runs }
+        ClosedEpoch { epoch, sectors }
     }
 
     /// Removes every closed epoch up to and including `epoch` and returns
@@ -470,11 +511,12 @@ impl WriteBuffer {
         if epoch >= open {
             return Err(BlockError::CommitOpenEpoch { epoch, open });
         }
-        let mut merged: BTreeMap<u64, Sector> = BTreeMap::new();
+        let mut merged = Table::new();
         while self.epochs.front().is_some_and(|t| t.epoch <= epoch) {
             let t = self.epochs.pop_front().expect("checked");
             self.sectors -= t.sectors.len();
-            merged.extend(t.sectors);
+            // Moves the sectors when no `ClosedEpoch` shares them.
+            merged.extend(Arc::unwrap_or_clone(t.sectors));
         }
         Ok(runs_of(&merged))
     }
@@ -699,10 +741,18 @@ impl BlockDevice {
     }
 
     /// Replication, at a checkpoint (vCPUs paused): closes the open epoch
-    /// and returns its writes. They stay buffered, and keep serving reads,
-    /// until [`BlockDevice::commit`] of this epoch.
-    pub fn take_epoch_writes(&self) -> EpochWrites {
+    /// and returns its writes without copying them (a reference count);
+    /// call [`ClosedEpoch::writes`] after resuming the guest. They stay
+    /// buffered, and keep serving reads, until [`BlockDevice::commit`] of
+    /// this epoch.
+    pub fn take_epoch(&self) -> ClosedEpoch {
         self.state().buffer.take()
+    }
+
+    /// [`BlockDevice::take_epoch`] and [`ClosedEpoch::writes`] in one (the
+    /// copy into runs happens at once).
+    pub fn take_epoch_writes(&self) -> EpochWrites {
+        self.take_epoch().writes()
     }
 
     /// Replication, when the backup acked `epoch`: writes every closed

@@ -338,6 +338,34 @@ fn the_bus_routes_the_block_window() {
     assert_eq!(bus.block().capacity(), SECTORS);
 }
 
+/// Not a timed test: prints what taking and committing an epoch of 1k and
+/// 20k written sectors costs (run with `--nocapture`).
+#[test]
+fn take_and_commit_costs() {
+    for n in [1_000u64, 20_000] {
+        let f = image(n);
+        let dev = device(&f, FlushPolicy::Replicated);
+        for s in (0..n).step_by(8) {
+            dev.write(s, &sectors_of(s as u8, 8.min((n - s) as usize)))
+                .unwrap();
+        }
+        let t0 = std::time::Instant::now();
+        let closed = dev.take_epoch();
+        let t_take = t0.elapsed();
+        let writes = closed.writes();
+        let t_runs = t0.elapsed() - t_take;
+        assert_eq!(writes.sectors(), n);
+        assert_eq!(closed.sectors() as u64, n);
+        drop(closed);
+        let t1 = std::time::Instant::now();
+        assert_eq!(dev.commit(writes.epoch).unwrap(), n);
+        println!(
+            "epoch of {n} sectors: take {t_take:?} (guest paused), runs {t_runs:?}, commit (pwrite + fdatasync) {:?}",
+            t1.elapsed()
+        );
+    }
+}
+
 #[derive(Debug, Clone)]
 enum Op {
     Write {
