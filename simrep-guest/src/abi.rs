@@ -46,6 +46,20 @@
 //! | [`SYS_NOP`]                 | 8     | W   | ignored: measures the MMIO exit round trip |
 //! | [`SYS_IDLE`]                | 8     | W   | idle this vCPU for up to this many ns (capped at [`SYS_IDLE_MAX_NS`]); the VMM waits on the vCPU thread, so a pause or stop ends the wait early |
 //!
+//! <!-- block device registers: begin -->
+//! | [`BLOCK_CAPACITY`]          | 8     | R   | disk size in 512-byte sectors (0: no disk attached) |
+//! | [`BLOCK_REQUEST`]           | 8     | W   | GPA of a [`BlockRequest`]: the VMM executes it synchronously during this exit and writes its status back into the descriptor |
+//! | [`BLOCK_STATUS`]            | 8     | R   | the status of this vCPU's last [`BLOCK_REQUEST`] (the only place a [`block_status::BAD_DESCRIPTOR`] shows) |
+//!
+//! Block requests: `op` is a [`block_op`] code; READ and WRITE move `count`
+//! sectors (1..=[`BLOCK_MAX_SECTORS`]) from sector `sector` to or from the
+//! guest bytes `buffer..buffer + count * 512` (any address in RAM, no
+//! alignment needed); FLUSH ignores the other fields. Every field is
+//! validated; a bad one fails the request with a [`block_status`] code and
+//! never stops the guest. See `simrep/src/vmm/block.rs` for the write buffer
+//! and what a completed WRITE and FLUSH guarantee.
+//! <!-- block device registers: end -->
+//!
 //! While a vCPU idles through [`SYS_IDLE`] it is outside `KVM_RUN`, so
 //! periodic timer interrupts that fall in the idle are coalesced into one.
 //!
@@ -183,6 +197,9 @@ pub mod workload {
     /// Incompressible (pseudo-random) writes over a buffer at a rate (see
     /// [`super::RandomParams`]).
     pub const RANDOM: u32 = 6;
+    /// Block device test: pattern, append-only log, error probes and
+    /// throughput (see [`super::DiskParams`]).
+    pub const DISK: u32 = 7;
 }
 
 /// Fault kinds for [`SelftestParams::fault`].
@@ -256,6 +273,8 @@ pub struct BootParams {
     pub touch: TouchParams,
     /// Parameters of `random`.
     pub random: RandomParams,
+    /// Parameters of `disk`.
+    pub disk: DiskParams,
 }
 
 /// Per-vCPU status the guest keeps at `STATUS_GPA + cpu * size_of::<VcpuStatus>()`.
@@ -407,3 +426,125 @@ pub struct RandomParams {
     /// Padding.
     pub reserved: u32,
 }
+// ---- block device (begin) -------------------------------------------------
+
+/// Base of the block device's registers (`MMIO_BASE + 0x3000 .. + 0x4000`).
+pub const BLOCK_BASE: u64 = MMIO_BASE + 0x3000;
+/// End (exclusive) of the block device's register window.
+pub const BLOCK_END: u64 = BLOCK_BASE + 0x1000;
+/// Block: capacity in sectors (8-byte read).
+pub const BLOCK_CAPACITY: u64 = BLOCK_BASE;
+/// Block: GPA of a [`BlockRequest`] to execute (8-byte write).
+pub const BLOCK_REQUEST: u64 = BLOCK_BASE + 0x8;
+/// Block: status of this vCPU's last request (8-byte read).
+pub const BLOCK_STATUS: u64 = BLOCK_BASE + 0x10;
+/// Bytes in a sector.
+pub const SECTOR_SIZE: u64 = 512;
+/// Most sectors one READ or WRITE request may move (1 MiB).
+pub const BLOCK_MAX_SECTORS: u32 = 2048;
+
+/// Operation codes for [`BlockRequest::op`].
+pub mod block_op {
+    /// Read `count` sectors into the buffer.
+    pub const READ: u32 = 1;
+    /// Write `count` sectors from the buffer.
+    pub const WRITE: u32 = 2;
+    /// Make every write completed before this request durable.
+    pub const FLUSH: u32 = 3;
+}
+
+/// Status codes the VMM writes into [`BlockRequest::status`].
+pub mod block_status {
+    /// Done.
+    pub const OK: u32 = 0;
+    /// No disk is attached (`simrep run` without `--disk`).
+    pub const NO_DISK: u32 = 1;
+    /// Unknown operation code.
+    pub const BAD_OP: u32 = 2;
+    /// `count` is 0 or above [`super::BLOCK_MAX_SECTORS`].
+    pub const BAD_COUNT: u32 = 3;
+    /// `sector + count` is beyond the disk's capacity.
+    pub const OUT_OF_RANGE: u32 = 4;
+    /// The buffer is not inside guest RAM.
+    pub const BAD_BUFFER: u32 = 5;
+    /// The host file failed (read, write or sync error).
+    pub const IO_ERROR: u32 = 6;
+    /// The descriptor itself is not inside guest RAM (only in
+    /// [`super::BLOCK_STATUS`]).
+    pub const BAD_DESCRIPTOR: u32 = 7;
+    /// Set by the guest before it submits; the VMM never writes it.
+    pub const PENDING: u32 = 0xffff_ffff;
+}
+
+/// A block request descriptor in guest memory (see [`BLOCK_REQUEST`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlockRequest {
+    /// A [`block_op`] code.
+    pub op: u32,
+    /// A [`block_status`] code, written by the VMM.
+    pub status: u32,
+    /// First sector.
+    pub sector: u64,
+    /// Number of sectors.
+    pub count: u32,
+    /// Zero.
+    pub reserved: u32,
+    /// GPA of the data (`count * SECTOR_SIZE` bytes).
+    pub buffer: u64,
+}
+
+/// Byte offset of [`BlockRequest::status`].
+pub const BLOCK_REQUEST_STATUS_OFFSET: u64 = 4;
+
+/// Parameters of the `disk` workload. Disk layout: the log region
+/// `log_start..log_start + log_sectors`, the pattern region
+/// `pattern_start..pattern_start + pattern_sectors`, and the benchmark
+/// region right after the pattern.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DiskParams {
+    /// First sector of the log region.
+    pub log_start: u64,
+    /// Sectors in the log region (0: skip the log test).
+    pub log_sectors: u64,
+    /// First sector of the pattern region.
+    pub pattern_start: u64,
+    /// Sectors of pattern to write, flush, read back and verify (0: skip).
+    pub pattern_sectors: u32,
+    /// Log records to append in this run (after replaying the old ones).
+    pub log_records: u32,
+    /// Seed of the pattern ([`disk_pattern_word`]).
+    pub seed: u64,
+    /// Bytes to move per request size in the throughput measurement
+    /// (0: skip it).
+    pub bench_bytes: u64,
+    /// Single-sector requests to time (0: skip).
+    pub bench_requests: u32,
+    /// Nonzero: also submit bad requests and check their error statuses.
+    pub probe_errors: u32,
+}
+
+/// Word `word` (0..64) of sector `sector` of the `disk` workload's pattern:
+/// splitmix64 of the three inputs. The e2e tests check the host file with it.
+pub const fn disk_pattern_word(seed: u64, sector: u64, word: u64) -> u64 {
+    let mut z = seed ^ sector.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (word << 1 | 1);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// `"SRLG"`: first word of every record of the guest's append-only log.
+pub const LOG_MAGIC: u32 = u32::from_le_bytes(*b"SRLG");
+/// Bytes of a log record header: magic u32, payload length u32, sequence
+/// number u64 (0, 1, 2... from the region's start), generation u32 (one
+/// more than the last valid record's when a writer starts; never
+/// decreasing along a valid log), CRC-32 (IEEE) u32 of header bytes 0..20
+/// followed by the payload. The payload follows; the record is zero-padded
+/// to a whole number of sectors and the next record starts on the next
+/// sector.
+pub const LOG_HEADER_SIZE: u64 = 24;
+/// Longest log record payload.
+pub const LOG_MAX_RECORD: u64 = 1 << 20;
+
+// ---- block device (end) ---------------------------------------------------

@@ -33,6 +33,9 @@
 // Shared with the VMM, which uses all of it; the guest uses a part.
 #[allow(dead_code)]
 mod abi;
+// The block device driver, its append-only log and the `disk` workload.
+#[cfg(target_os = "none")]
+mod block;
 // The service protocol, shared with the host (`simrep::proto`).
 #[cfg(target_os = "none")]
 mod kernel;

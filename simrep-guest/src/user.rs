@@ -11,7 +11,7 @@ use core::ptr::{read_volatile, write_volatile};
 use crate::abi::{self, fault, workload, BootParams, VcpuStatus};
 
 /// One 8-byte MMIO write, as a single `mov` the emulator decodes.
-fn mmio_write(addr: u64, value: u64) {
+pub(crate) fn mmio_write(addr: u64, value: u64) {
     // SAFETY: `addr` is in the MMIO window (mapped, no memory behind it):
     // the write exits to the VMM. Without `nomem` the asm is a memory
     // clobber, so buffers the value points at are written before it.
@@ -21,7 +21,7 @@ fn mmio_write(addr: u64, value: u64) {
 }
 
 /// One 8-byte MMIO read.
-fn mmio_read(addr: u64) -> u64 {
+pub(crate) fn mmio_read(addr: u64) -> u64 {
     let value: u64;
     // SAFETY: as in `mmio_write`; the VMM supplies the value.
     unsafe {
@@ -75,7 +75,7 @@ impl Write for Line {
 }
 
 /// Sends one formatted console line.
-fn print(args: fmt::Arguments<'_>) {
+pub(crate) fn print(args: fmt::Arguments<'_>) {
     let mut line = Line::new();
     let _ = line.write_fmt(args);
     line.send();
@@ -86,7 +86,7 @@ macro_rules! println {
 }
 
 /// Stops this vCPU with `status` (0 = success).
-fn exit(status: u64) -> ! {
+pub(crate) fn exit(status: u64) -> ! {
     mmio_write(abi::SYS_EXIT, status);
     // The VMM does not run this vCPU again; spin if it ever does.
     loop {
@@ -135,6 +135,7 @@ pub extern "C" fn user_main(cpu: u64) -> ! {
         workload::SELFTEST => selftest(cpu, &bp),
         workload::TOUCH => crate::workloads2::touch(cpu, &bp),
         workload::RANDOM => crate::workloads2::random(cpu, &bp),
+        workload::DISK => crate::block::disk_workload(cpu, &bp),
         w => {
             println!("cpu{cpu}: unknown workload {w}");
             exit(3)

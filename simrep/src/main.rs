@@ -17,7 +17,7 @@ use simrep::compress::CodecSpec;
 use simrep::trace::analysis::{self, AnalysisError, AnalyzeOptions, CodecChoice};
 use simrep::trace::capture::{self, CaptureError, CaptureOptions};
 use simrep::trace::replay::Replay;
-use simrep::vmm::run::{parse_size, ChurnOptions, Fault, Workload};
+use simrep::vmm::run::{parse_size, ChurnOptions, DiskOptions, Fault, Workload};
 use simrep::vmm::{vm::VmError, RunOptions, VmmError};
 
 const EXIT_HELP: &str = "\
@@ -25,7 +25,8 @@ Exit codes:
   0    success (also after Ctrl-C stopped a guest cleanly)
   1    internal error
   2    bad usage or configuration (unknown flag, bad value)
-  3    bad or unreadable input (missing file, malformed trace)
+  3    bad or unreadable input (missing file, malformed trace, unusable
+       --disk image)
   4    the guest misbehaved (exception, triple fault, unknown MMIO, no
        progress) or a codec decoded a page wrongly
   5    the capture target could not be traced (no such process, no permission)
@@ -91,10 +92,11 @@ enum TraceCommand {
 
 #[derive(Debug, clap::Args)]
 struct RunArgs {
-    /// Workload: churn (dirty memory at a rate) or selftest (checks, then a
-    /// deliberate fault); random (incompressible writes, with churn's
-    /// --rate, --buffer, --seconds and --report-ms); touch (logged page
-    /// writes for dirty-tracking tests).
+    /// Workload: churn (dirty memory at a rate), selftest (checks, then a
+    /// deliberate fault), random (incompressible writes, with churn's
+    /// --rate, --buffer, --seconds and --report-ms), disk (block device
+    /// test; needs --disk) or touch (logged page writes for dirty-tracking
+    /// tests).
     #[arg(long, default_value = "churn")]
     workload: Workload,
     /// Guest RAM (a multiple of 2 MiB, at least 8M): 256M, 1G, ...
@@ -128,6 +130,26 @@ struct RunArgs {
     /// seconds (churn only; 0: off).
     #[arg(long, default_value_t = 0)]
     watchdog: u64,
+    /// Disk image for the guest's block device: an existing file whose size
+    /// is a multiple of 512 bytes (create one with `truncate -s 64M FILE`).
+    /// Guest writes are buffered and reach the file on the guest's FLUSH
+    /// (then synced) and at the end of the run. Without it the device has
+    /// capacity 0.
+    #[arg(long, value_name = "FILE")]
+    disk: Option<PathBuf>,
+    /// disk: sectors of test pattern to write, flush and verify.
+    #[arg(long, default_value_t = 1024)]
+    disk_pattern_sectors: u32,
+    /// disk: log records to append (after replaying those already there).
+    #[arg(long, default_value_t = 64)]
+    disk_log_records: u32,
+    /// disk: bytes to move per request size (4 KiB, 64 KiB) in the
+    /// throughput measurement (0: skip it): 16M, 64M, ...
+    #[arg(long, default_value = "0", value_parser = parse_size)]
+    disk_bench: u64,
+    /// disk: single-sector requests to time (0: skip).
+    #[arg(long, default_value_t = 0)]
+    disk_bench_requests: u32,
 }
 
 #[derive(clap::Args)]
@@ -203,6 +225,11 @@ fn classify(error: &anyhow::Error) -> u8 {
                 ) => 7,
                 VmmError::Vcpu(_) | VmmError::GuestFailed { .. } | VmmError::NoProgress { .. } => 4,
                 VmmError::Config(_) => 2,
+                VmmError::Disk(
+                    simrep::vmm::block::BlockError::Open { .. }
+                    | simrep::vmm::block::BlockError::NotAFile { .. }
+                    | simrep::vmm::block::BlockError::BadSize { .. },
+                ) => 3,
                 _ => 1,
             };
         }
@@ -399,6 +426,14 @@ fn cmd_run(a: RunArgs) -> Result<ExitCode, Failure> {
         fault: a.fault,
         timer_hz: a.timer_hz,
         watchdog: (a.watchdog > 0).then(|| std::time::Duration::from_secs(a.watchdog)),
+        disk: a.disk,
+        disk_test: DiskOptions {
+            pattern_sectors: a.disk_pattern_sectors,
+            log_records: a.disk_log_records,
+            bench_bytes: a.disk_bench,
+            bench_requests: a.disk_bench_requests,
+            ..Default::default()
+        },
         ..Default::default()
     };
     let s = simrep::vmm::run(&opts, &stop)?;

@@ -4,6 +4,7 @@
 //! its reason.
 
 mod analyze;
+mod block;
 mod capture;
 mod dirty;
 mod ebpf;

@@ -7,9 +7,11 @@
 use std::collections::HashMap;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Mutex;
+use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use super::abi::{self, ExceptionReport};
+use super::block::BlockDevice;
 use super::memory::{GuestMemory, MemoryError};
 
 /// Errors of MMIO device emulation.
@@ -145,6 +147,8 @@ impl Console {
 pub struct MmioBus {
     console: Console,
     start: Instant,
+    /// The block device (a detached one, capacity 0, until one is attached).
+    block: RwLock<Arc<BlockDevice>>,
 }
 
 impl Default for MmioBus {
@@ -166,7 +170,19 @@ impl MmioBus {
         MmioBus {
             console: Console::default(),
             start: Instant::now(),
+            block: RwLock::new(Arc::new(BlockDevice::detached())),
         }
+    }
+
+    /// Attaches the block device (before the vCPUs start).
+    pub fn attach_block(&self, dev: Arc<BlockDevice>) {
+        *self.block.write().unwrap_or_else(|e| e.into_inner()) = dev;
+    }
+
+    /// The block device (a detached one when none was attached), for
+    /// replication's epoch calls.
+    pub fn block(&self) -> Arc<BlockDevice> {
+        self.block.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Receives every console line from now on.
@@ -234,6 +250,9 @@ impl MmioBus {
                 let ns = u64_of(data).min(abi::SYS_IDLE_MAX_NS);
                 return Ok(MmioAction::Idle(std::time::Duration::from_nanos(ns)));
             }
+            abi::BLOCK_BASE..abi::BLOCK_END => {
+                return self.block().mmio_write(vcpu, gpa, data, mem);
+            }
             _ => {
                 return Err(DeviceError::UnknownAddress {
                     gpa,
@@ -253,6 +272,7 @@ impl MmioBus {
     pub fn read(&self, _vcpu: u32, gpa: u64, data: &mut [u8]) -> Result<(), DeviceError> {
         let len = data.len();
         match gpa {
+            abi::BLOCK_BASE..abi::BLOCK_END => self.block().mmio_read(_vcpu, gpa, data),
             abi::SYS_TIME_NS if len == 8 => {
                 let ns = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
                 data.copy_from_slice(&ns.to_le_bytes());

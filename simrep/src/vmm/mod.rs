@@ -14,6 +14,8 @@
 //! * [`vcpu`]: one thread per vCPU, Paused / Running / Exited over
 //!   channels, kicked out of `KVM_RUN` with a signal + `immediate_exit`.
 //! * [`devices`]: the MMIO dispatcher, console and system device.
+//! * [`block`]: the block device (a host file behind a per-epoch write
+//!   buffer).
 //! * [`boot`], [`elf`]: page tables, GDT, long-mode register state and the
 //!   ELF loader for the guest image.
 //! * [`run`](mod@run): `simrep run`: boot the guest with a workload and run it until
@@ -21,6 +23,7 @@
 
 #[path = "../../../simrep-guest/src/abi.rs"]
 pub mod abi;
+pub mod block;
 pub mod boot;
 pub mod devices;
 pub mod elf;
@@ -52,7 +55,7 @@ unsafe impl vm_memory::ByteValued for abi::ExceptionReport {}
 
 const _: () = assert!(size_of::<abi::ChurnParams>() == 24);
 const _: () = assert!(size_of::<abi::SelftestParams>() == 8);
-const _: () = assert!(size_of::<abi::BootParams>() == 72 + 56 + 24);
+const _: () = assert!(size_of::<abi::BootParams>() == 72 + 56 + 24 + 56);
 const _: () = assert!(size_of::<abi::VcpuStatus>() == 64);
 const _: () = assert!(size_of::<abi::ExceptionReport>() == 72);
 const _: () = assert!(size_of::<abi::ExceptionReport>() <= 0x60);
@@ -93,6 +96,10 @@ pub enum VmmError {
     /// Reading guest memory failed.
     #[error("cannot read guest memory")]
     Memory(#[from] memory::MemoryError),
+    /// The disk image cannot be used (missing, not a file, bad size), or
+    /// writing it at the end of the run failed.
+    #[error(transparent)]
+    Disk(#[from] block::BlockError),
     /// The guest made no progress for too long.
     #[error("guest made no progress for {seconds} s (runaway or hung guest)")]
     NoProgress {

@@ -2,12 +2,14 @@
 //! the guest ends or the caller stops it.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use super::abi::{self, fault, workload, BootParams, ChurnParams, SelftestParams, VcpuStatus};
 use super::abi::{RandomParams, TouchParams};
+use super::block::{BlockDevice, FlushPolicy};
 use super::vcpu::VcpuOutcome;
 use super::vm::Vm;
 use super::{boot, VmmError, GUEST_ELF};
@@ -26,6 +28,9 @@ pub enum Workload {
     /// Incompressible writes at a rate (uses the `churn` rate, buffer,
     /// seconds and report interval).
     Random,
+    /// Test the block device: pattern, append-only log, error probes,
+    /// throughput (needs `--disk`).
+    Disk,
 }
 
 impl FromStr for Workload {
@@ -36,8 +41,9 @@ impl FromStr for Workload {
             "selftest" => Ok(Workload::Selftest),
             "touch" => Ok(Workload::Touch),
             "random" => Ok(Workload::Random),
+            "disk" => Ok(Workload::Disk),
             _ => Err(format!(
-                "unknown workload `{s}` (expected churn, selftest, touch or random)"
+                "unknown workload `{s}` (expected churn, selftest, touch, random or disk)"
             )),
         }
     }
@@ -50,6 +56,7 @@ impl fmt::Display for Workload {
             Workload::Selftest => "selftest",
             Workload::Touch => "touch",
             Workload::Random => "random",
+            Workload::Disk => "disk",
         })
     }
 }
@@ -206,6 +213,64 @@ pub struct RunOptions {
     pub watchdog: Option<Duration>,
     /// `touch` parameters.
     pub touch: TouchOptions,
+    /// The block device's disk image (`None`: no disk, capacity 0).
+    pub disk: Option<PathBuf>,
+    /// `disk` workload parameters.
+    pub disk_test: DiskOptions,
+    /// When the disk's write buffer reaches the file (replication sets
+    /// [`FlushPolicy::Replicated`] before the vCPUs start).
+    pub disk_policy: FlushPolicy,
+}
+
+/// Parameters of the `disk` workload (layout: the log region first, then
+/// the pattern, then the benchmark region).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskOptions {
+    /// Sectors of the log region, from sector 0.
+    pub log_sectors: u64,
+    /// Log records appended per run.
+    pub log_records: u32,
+    /// Sectors of pattern written, flushed and verified.
+    pub pattern_sectors: u32,
+    /// Seed of the pattern.
+    pub seed: u64,
+    /// Bytes moved per request size by the throughput measurement (0: off).
+    pub bench_bytes: u64,
+    /// Single-sector requests timed (0: off).
+    pub bench_requests: u32,
+    /// Submit bad requests and check their error statuses.
+    pub probe_errors: bool,
+}
+
+impl Default for DiskOptions {
+    fn default() -> Self {
+        DiskOptions {
+            log_sectors: 2048,
+            log_records: 64,
+            pattern_sectors: 1024,
+            seed: 1,
+            bench_bytes: 0,
+            bench_requests: 0,
+            probe_errors: true,
+        }
+    }
+}
+
+impl DiskOptions {
+    /// The guest's view of these options.
+    pub fn params(&self) -> abi::DiskParams {
+        abi::DiskParams {
+            log_start: 0,
+            log_sectors: self.log_sectors,
+            pattern_start: self.log_sectors,
+            pattern_sectors: self.pattern_sectors,
+            log_records: self.log_records,
+            seed: self.seed,
+            bench_bytes: self.bench_bytes,
+            bench_requests: self.bench_requests,
+            probe_errors: u32::from(self.probe_errors),
+        }
+    }
 }
 
 impl Default for RunOptions {
@@ -220,6 +285,9 @@ impl Default for RunOptions {
             timer_hz: 0,
             watchdog: None,
             touch: TouchOptions::default(),
+            disk: None,
+            disk_test: DiskOptions::default(),
+            disk_policy: FlushPolicy::default(),
         }
     }
 }
@@ -238,6 +306,7 @@ impl RunOptions {
                 Workload::Selftest => workload::SELFTEST,
                 Workload::Touch => workload::TOUCH,
                 Workload::Random => workload::RANDOM,
+                Workload::Disk => workload::DISK,
             },
             lapic_timer_count: match self.timer_hz {
                 0 => 0,
@@ -270,6 +339,7 @@ impl RunOptions {
                 seconds: self.churn.seconds,
                 reserved: 0,
             },
+            disk: self.disk_test.params(),
         }
     }
 }
@@ -360,10 +430,18 @@ fn boot_image_with(
     dirty: Option<DirtyMode>,
 ) -> Result<Vm, VmmError> {
     boot::check_config(opts.mem_bytes, opts.vcpus)?;
+    let disk = match &opts.disk {
+        Some(path) => Some(BlockDevice::open(path, opts.disk_policy)?),
+        None => None,
+    };
     let t0 = Instant::now();
     let mut vm = Vm::new(opts.mem_bytes)?;
     if let Some(mode) = dirty {
         vm.enable_dirty_log(mode)?;
+    }
+    if let Some(disk) = disk {
+        tracing::info!(path = %path_of(&disk), sectors = disk.capacity(), policy = ?opts.disk_policy, "disk attached");
+        vm.bus().attach_block(std::sync::Arc::new(disk));
     }
     let t_mem = t0.elapsed();
     vm.create_vcpus(opts.vcpus)?;
@@ -388,6 +466,12 @@ fn boot_image_with(
         "guest started"
     );
     Ok(vm)
+}
+
+fn path_of(dev: &BlockDevice) -> String {
+    dev.disk_file()
+        .map(|d| d.path().display().to_string())
+        .unwrap_or_default()
 }
 
 /// The progress counter of vCPU `cpu` (churn: pages written).
@@ -453,6 +537,13 @@ pub fn run(opts: &RunOptions, stop: &AtomicBool) -> Result<RunSummary, VmmError>
     vm.pause_all()?;
     let progress = all_progress(&vm, opts.vcpus)?;
     vm.shutdown();
+    let block = vm.bus().block();
+    if matches!(block.policy(), FlushPolicy::WriteBack { .. }) {
+        block.flush_all()?;
+    }
+    if block.capacity() > 0 {
+        tracing::info!(stats = ?block.stats(), "disk");
+    }
     let outcomes: Vec<VcpuOutcome> = outcomes
         .into_iter()
         .map(|o| o.unwrap_or(VcpuOutcome::Stopped))
