@@ -91,8 +91,9 @@ enum TraceCommand {
 
 #[derive(Debug, clap::Args)]
 struct RunArgs {
-    /// Workload: churn (dirty memory at a rate) or selftest (checks, then a
-    /// deliberate fault).
+    /// Workload: churn (dirty memory at a rate), selftest (checks, then a
+    /// deliberate fault), kv (key-value service on --port) or bank
+    /// (banking service on --port).
     #[arg(long, default_value = "churn")]
     workload: Workload,
     /// Guest RAM (a multiple of 2 MiB, at least 8M): 256M, 1G, ...
@@ -126,6 +127,23 @@ struct RunArgs {
     /// seconds (churn only; 0: off).
     #[arg(long, default_value_t = 0)]
     watchdog: u64,
+    /// kv, bank: TCP port of the service (0: an ephemeral port; the log
+    /// says which).
+    #[arg(long, default_value_t = 7000)]
+    port: u16,
+    /// kv, bank: address the service listens on.
+    #[arg(long, default_value = "0.0.0.0")]
+    bind: std::net::IpAddr,
+    /// kv: guest memory for keys and values (default: all of the heap the
+    /// network rings leave).
+    #[arg(long, value_parser = parse_size)]
+    kv_mem: Option<u64>,
+    /// bank: number of accounts.
+    #[arg(long, default_value_t = 10_000)]
+    accounts: u32,
+    /// bank: history records kept per account.
+    #[arg(long, default_value_t = 32)]
+    history: u32,
 }
 
 #[derive(clap::Args)]
@@ -201,6 +219,7 @@ fn classify(error: &anyhow::Error) -> u8 {
                 ) => 7,
                 VmmError::Vcpu(_) | VmmError::GuestFailed { .. } | VmmError::NoProgress { .. } => 4,
                 VmmError::Config(_) => 2,
+                VmmError::Net(simrep::vmm::net::NetError::Listen { .. }) => 2,
                 _ => 1,
             };
         }
@@ -397,6 +416,11 @@ fn cmd_run(a: RunArgs) -> Result<ExitCode, Failure> {
         fault: a.fault,
         timer_hz: a.timer_hz,
         watchdog: (a.watchdog > 0).then(|| std::time::Duration::from_secs(a.watchdog)),
+        port: a.port,
+        bind: a.bind,
+        kv_data_bytes: a.kv_mem,
+        bank_accounts: a.accounts,
+        bank_history: a.history,
         ..Default::default()
     };
     let s = simrep::vmm::run(&opts, &stop)?;

@@ -14,6 +14,8 @@
 //! * [`vcpu`]: one thread per vCPU, Paused / Running / Exited over
 //!   channels, kicked out of `KVM_RUN` with a signal + `immediate_exit`.
 //! * [`devices`]: the MMIO dispatcher, console and system device.
+//! * [`net`]: the paravirtual network device (client TCP connections,
+//!   request/response rings in guest memory, the output gate).
 //! * [`boot`], [`elf`]: page tables, GDT, long-mode register state and the
 //!   ELF loader for the guest image.
 //! * [`run`](mod@run): `simrep run`: boot the guest with a workload and run it until
@@ -25,6 +27,7 @@ pub mod boot;
 pub mod devices;
 pub mod elf;
 pub mod memory;
+pub mod net;
 pub mod run;
 pub mod vcpu;
 pub mod vm;
@@ -52,7 +55,7 @@ unsafe impl vm_memory::ByteValued for abi::ExceptionReport {}
 
 const _: () = assert!(size_of::<abi::ChurnParams>() == 24);
 const _: () = assert!(size_of::<abi::SelftestParams>() == 8);
-const _: () = assert!(size_of::<abi::BootParams>() == 72);
+const _: () = assert!(size_of::<abi::BootParams>() == 88);
 const _: () = assert!(size_of::<abi::VcpuStatus>() == 64);
 const _: () = assert!(size_of::<abi::ExceptionReport>() == 72);
 const _: () = assert!(size_of::<abi::ExceptionReport>() <= 0x60);
@@ -82,6 +85,9 @@ pub enum VmmError {
     /// Reading guest memory failed.
     #[error("cannot read guest memory")]
     Memory(#[from] memory::MemoryError),
+    /// The network service could not start.
+    #[error(transparent)]
+    Net(#[from] net::NetError),
     /// The guest made no progress for too long.
     #[error("guest made no progress for {seconds} s (runaway or hung guest)")]
     NoProgress {

@@ -4,6 +4,7 @@
 use std::fmt;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::abi::{self, fault, workload, BootParams, ChurnParams, SelftestParams, VcpuStatus};
@@ -19,6 +20,17 @@ pub enum Workload {
     Churn,
     /// Check the console, memory, clock and MMIO, then fault on purpose.
     Selftest,
+    /// The key-value service on the network device.
+    Kv,
+    /// The banking service on the network device.
+    Bank,
+}
+
+impl Workload {
+    /// Whether the workload serves clients over the network device.
+    pub fn uses_network(self) -> bool {
+        matches!(self, Workload::Kv | Workload::Bank)
+    }
 }
 
 impl FromStr for Workload {
@@ -27,8 +39,10 @@ impl FromStr for Workload {
         match s {
             "churn" => Ok(Workload::Churn),
             "selftest" => Ok(Workload::Selftest),
+            "kv" => Ok(Workload::Kv),
+            "bank" => Ok(Workload::Bank),
             _ => Err(format!(
-                "unknown workload `{s}` (expected churn or selftest)"
+                "unknown workload `{s}` (expected churn, selftest, kv or bank)"
             )),
         }
     }
@@ -39,6 +53,8 @@ impl fmt::Display for Workload {
         f.write_str(match self {
             Workload::Churn => "churn",
             Workload::Selftest => "selftest",
+            Workload::Kv => "kv",
+            Workload::Bank => "bank",
         })
     }
 }
@@ -139,6 +155,18 @@ pub struct RunOptions {
     /// Stop with [`VmmError::NoProgress`] when no vCPU's progress counter
     /// moves for this long (`None`: never). Only meaningful for `churn`.
     pub watchdog: Option<Duration>,
+    // --- net ---
+    /// `kv` / `bank`: address the service listens on.
+    pub bind: std::net::IpAddr,
+    /// `kv` / `bank`: TCP port (0: an ephemeral port, logged).
+    pub port: u16,
+    /// `kv`: bytes of heap for the data (`None`: all the rings leave).
+    pub kv_data_bytes: Option<u64>,
+    /// `bank`: number of accounts.
+    pub bank_accounts: u32,
+    /// `bank`: history records kept per account.
+    pub bank_history: u32,
+    // --- end net ---
 }
 
 impl Default for RunOptions {
@@ -152,6 +180,11 @@ impl Default for RunOptions {
             mmio_round_trips: 1000,
             timer_hz: 0,
             watchdog: None,
+            bind: std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+            port: 7000,
+            kv_data_bytes: None,
+            bank_accounts: 10_000,
+            bank_history: 32,
         }
     }
 }
@@ -168,6 +201,8 @@ impl RunOptions {
             workload: match self.workload {
                 Workload::Churn => workload::CHURN,
                 Workload::Selftest => workload::SELFTEST,
+                Workload::Kv => workload::KV,
+                Workload::Bank => workload::BANK,
             },
             lapic_timer_count: match self.timer_hz {
                 0 => 0,
@@ -188,6 +223,13 @@ impl RunOptions {
             selftest: SelftestParams {
                 fault: self.fault.code(),
                 mmio_round_trips: self.mmio_round_trips,
+            },
+            kv: abi::KvParams {
+                data_bytes: self.kv_data_bytes.unwrap_or(0),
+            },
+            bank: abi::BankParams {
+                accounts: self.bank_accounts,
+                history_per_account: self.bank_history,
             },
         }
     }
@@ -285,6 +327,88 @@ pub fn boot_image(opts: &RunOptions, image: &[u8]) -> Result<Vm, VmmError> {
     Ok(vm)
 }
 
+// --- net ---
+
+/// [`boot()`] for `run`: with `kv` or `bank`, binds the service port (or
+/// takes `listener`), attaches the network device with an
+/// [`ImmediateGate`](super::net::ImmediateGate) before the vCPUs start, and
+/// logs the address.
+///
+/// # Errors
+///
+/// As [`boot()`], plus [`VmmError::Net`].
+pub fn boot_service(
+    opts: &RunOptions,
+    listener: Option<std::net::TcpListener>,
+) -> Result<(Vm, Option<super::net::NetService>), VmmError> {
+    use super::net::{ImmediateGate, NetDevice, NetError, NetService, OutputGate};
+    if !opts.workload.uses_network() {
+        return Ok((boot(opts)?, None));
+    }
+    let listener = match listener {
+        Some(l) => l,
+        None => std::net::TcpListener::bind((opts.bind, opts.port)).map_err(|source| {
+            NetError::Listen {
+                addr: std::net::SocketAddr::new(opts.bind, opts.port).to_string(),
+                source,
+            }
+        })?,
+    };
+    let mut service = None;
+    let vm = boot_with(opts, GUEST_ELF, |vm| {
+        let dev = NetDevice::new(vm.bus().wakers().clone(), |d| {
+            Arc::new(ImmediateGate::new(d)) as Arc<dyn OutputGate>
+        });
+        vm.bus().attach_net(dev.clone());
+        service = Some(NetService::start(listener, dev)?);
+        Ok(())
+    })?;
+    if let Some(s) = &service {
+        let addr = s.local_addr();
+        tracing::info!(workload = %opts.workload, %addr, "net: listening on {addr}");
+    }
+    Ok((vm, service))
+}
+
+/// [`boot_image`] with a hook that runs after the VM and its memory exist
+/// and before the vCPUs start (to attach devices).
+///
+/// # Errors
+///
+/// As [`boot_image`], plus the hook's error.
+pub fn boot_with(
+    opts: &RunOptions,
+    image: &[u8],
+    attach: impl FnOnce(&Vm) -> Result<(), VmmError>,
+) -> Result<Vm, VmmError> {
+    boot::check_config(opts.mem_bytes, opts.vcpus)?;
+    let t0 = Instant::now();
+    let mut vm = Vm::new(opts.mem_bytes)?;
+    vm.create_vcpus(opts.vcpus)?;
+    let tsc_khz = vm.tsc_khz()?;
+    let params = opts.boot_params(tsc_khz);
+    let entry = boot::setup_memory(vm.memory(), image, &params)?;
+    attach(&vm)?;
+    let vcpus = opts.vcpus;
+    vm.start(|id, sregs| {
+        (
+            boot::entry_regs(id, entry),
+            boot::entry_sregs(sregs, id, vcpus),
+        )
+    })?;
+    tracing::info!(
+        workload = %opts.workload,
+        mem_mib = opts.mem_bytes >> 20,
+        vcpus,
+        tsc_khz,
+        total = ?t0.elapsed(),
+        "guest started"
+    );
+    Ok(vm)
+}
+
+// --- end net ---
+
 /// The progress counter of vCPU `cpu` (churn: pages written).
 ///
 /// # Errors
@@ -309,7 +433,22 @@ fn all_progress(vm: &Vm, vcpus: u32) -> Result<Vec<u64>, VmmError> {
 /// failed); [`VmmError::GuestFailed`] for a nonzero guest exit status;
 /// [`VmmError::NoProgress`] when the watchdog fires.
 pub fn run(opts: &RunOptions, stop: &AtomicBool) -> Result<RunSummary, VmmError> {
-    let mut vm = boot(opts)?;
+    run_with_listener(opts, stop, None)
+}
+
+/// [`run()`] with the service's listening socket already bound (tests bind
+/// port 0 and read the address first). `None`: `kv` and `bank` bind
+/// `opts.bind:opts.port`; other workloads have no network device.
+///
+/// # Errors
+///
+/// As [`run()`], plus [`VmmError::Net`] when the port cannot be bound.
+pub fn run_with_listener(
+    opts: &RunOptions,
+    stop: &AtomicBool,
+    listener: Option<std::net::TcpListener>,
+) -> Result<RunSummary, VmmError> {
+    let (mut vm, net) = boot_service(opts, listener)?;
     let start = Instant::now();
     let n = opts.vcpus as usize;
     let mut outcomes: Vec<Option<VcpuOutcome>> = vec![None; n];
@@ -348,6 +487,19 @@ pub fn run(opts: &RunOptions, stop: &AtomicBool) -> Result<RunSummary, VmmError>
     vm.pause_all()?;
     let progress = all_progress(&vm, opts.vcpus)?;
     vm.shutdown();
+    if let Some(mut net) = net {
+        net.shutdown();
+        let s = net.device().stats();
+        tracing::info!(
+            connections = s.connections,
+            dropped = s.dropped_connections,
+            requests = s.requests,
+            responses = s.responses,
+            exits = s.notify_exits + s.wait_exits,
+            exits_per_response = format_args!("{:.3}", s.exits_per_response()),
+            "net: service stopped"
+        );
+    }
     let outcomes: Vec<VcpuOutcome> = outcomes
         .into_iter()
         .map(|o| o.unwrap_or(VcpuOutcome::Stopped))
@@ -388,7 +540,9 @@ mod tests {
     fn names_parse() {
         assert_eq!("churn".parse(), Ok(Workload::Churn));
         assert_eq!("selftest".parse(), Ok(Workload::Selftest));
-        assert!("kv".parse::<Workload>().is_err());
+        assert_eq!("kv".parse(), Ok(Workload::Kv));
+        assert_eq!("bank".parse(), Ok(Workload::Bank));
+        assert!("kvx".parse::<Workload>().is_err());
         assert_eq!("ud".parse(), Ok(Fault::InvalidOpcode));
         assert!("int3".parse::<Fault>().is_err());
     }

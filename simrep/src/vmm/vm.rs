@@ -306,6 +306,7 @@ impl Vm {
                 self.exits_tx.clone(),
             )
             .map_err(|source| VmError::Thread { vcpu: id, source })?;
+            self.bus.wakers().register(id, handle.wake_sender());
             self.vcpus.push(handle);
         }
         self.resume_all_and_wait()
