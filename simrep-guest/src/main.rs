@@ -40,6 +40,16 @@ mod kernel;
 mod proto;
 #[cfg(target_os = "none")]
 mod user;
+// --- net: the network driver and the kv and bank services ---
+#[cfg(target_os = "none")]
+mod bank;
+#[cfg(target_os = "none")]
+mod heap;
+#[cfg(target_os = "none")]
+mod kv;
+#[cfg(target_os = "none")]
+mod net;
+// --- end net ---
 
 #[cfg(not(target_os = "none"))]
 fn main() {

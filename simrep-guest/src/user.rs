@@ -11,7 +11,7 @@ use core::ptr::{read_volatile, write_volatile};
 use crate::abi::{self, fault, workload, BootParams, VcpuStatus};
 
 /// One 8-byte MMIO write, as a single `mov` the emulator decodes.
-fn mmio_write(addr: u64, value: u64) {
+pub(crate) fn mmio_write(addr: u64, value: u64) {
     // SAFETY: `addr` is in the MMIO window (mapped, no memory behind it):
     // the write exits to the VMM. Without `nomem` the asm is a memory
     // clobber, so buffers the value points at are written before it.
@@ -21,7 +21,7 @@ fn mmio_write(addr: u64, value: u64) {
 }
 
 /// One 8-byte MMIO read.
-fn mmio_read(addr: u64) -> u64 {
+pub(crate) fn mmio_read(addr: u64) -> u64 {
     let value: u64;
     // SAFETY: as in `mmio_write`; the VMM supplies the value.
     unsafe {
@@ -31,7 +31,7 @@ fn mmio_read(addr: u64) -> u64 {
 }
 
 /// The time-stamp counter.
-fn rdtsc() -> u64 {
+pub(crate) fn rdtsc() -> u64 {
     let lo: u32;
     let hi: u32;
     // SAFETY: `rdtsc` reads the TSC; CR4.TSD is clear, so CPL3 may use it.
@@ -75,18 +75,19 @@ impl Write for Line {
 }
 
 /// Sends one formatted console line.
-fn print(args: fmt::Arguments<'_>) {
+pub(crate) fn print(args: fmt::Arguments<'_>) {
     let mut line = Line::new();
     let _ = line.write_fmt(args);
     line.send();
 }
 
 macro_rules! println {
-    ($($arg:tt)*) => { print(format_args!($($arg)*)) };
+    ($($arg:tt)*) => { $crate::user::print(format_args!($($arg)*)) };
 }
+pub(crate) use println;
 
 /// Stops this vCPU with `status` (0 = success).
-fn exit(status: u64) -> ! {
+pub(crate) fn exit(status: u64) -> ! {
     mmio_write(abi::SYS_EXIT, status);
     // The VMM does not run this vCPU again; spin if it ever does.
     loop {
@@ -102,12 +103,12 @@ fn boot_params() -> BootParams {
 }
 
 /// This vCPU's status slot.
-fn status(cpu: u64) -> *mut VcpuStatus {
+pub(crate) fn status(cpu: u64) -> *mut VcpuStatus {
     (abi::STATUS_GPA + cpu * core::mem::size_of::<VcpuStatus>() as u64) as *mut VcpuStatus
 }
 
 /// Publishes `progress` in this vCPU's status slot.
-fn set_progress(status: *mut VcpuStatus, progress: u64) {
+pub(crate) fn set_progress(status: *mut VcpuStatus, progress: u64) {
     // SAFETY: `status` is this vCPU's slot in the status page, mapped
     // writable at CPL3; only this vCPU writes it (the VMM reads it).
     unsafe { write_volatile(&raw mut (*status).progress, progress) };
@@ -133,6 +134,8 @@ pub extern "C" fn user_main(cpu: u64) -> ! {
     match bp.workload {
         workload::CHURN => churn(cpu, &bp, st),
         workload::SELFTEST => selftest(cpu, &bp),
+        workload::KV => crate::kv::main(cpu, &bp, st),
+        workload::BANK => crate::bank::main(cpu, &bp, st),
         w => {
             println!("cpu{cpu}: unknown workload {w}");
             exit(3)
