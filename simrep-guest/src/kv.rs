@@ -233,10 +233,16 @@ impl Kv {
         let mut u = [HEAD; MAX_HEIGHT];
         let n = self.seek(key, &mut u);
         if n != 0 && self.key(n) == key {
+            let (old, old_len) = self.value(n);
+            if old != 0 && !value.is_empty() && class_of(old_len) == class_of(value.len() as u64) {
+                // Same size class: overwrite in place (works when full).
+                self.a.mem[old as usize..old as usize + value.len()].copy_from_slice(value);
+                self.a.wr32(n + 8, value.len() as u32);
+                return status::OK;
+            }
             let Ok(v) = self.store_value(value) else {
                 return status::NO_SPACE;
             };
-            let (old, old_len) = self.value(n);
             self.a.release(old, old_len);
             self.a.wr64(n, v);
             self.a.wr32(n + 8, value.len() as u32);
