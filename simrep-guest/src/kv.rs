@@ -69,7 +69,11 @@ struct Arena {
 }
 
 fn class_of(size: u64) -> Option<u32> {
-    let c = size.max(1).next_power_of_two().trailing_zeros().max(MIN_CLASS);
+    let c = size
+        .max(1)
+        .next_power_of_two()
+        .trailing_zeros()
+        .max(MIN_CLASS);
     (c <= MAX_CLASS).then_some(c)
 }
 

@@ -124,7 +124,10 @@ impl Net {
             // inside the ring; they stay untouched until `done` moves the
             // tail past them.
             let msg = unsafe {
-                core::slice::from_raw_parts((at + abi::NET_RECORD_HEADER) as *const u8, len as usize)
+                core::slice::from_raw_parts(
+                    (at + abi::NET_RECORD_HEADER) as *const u8,
+                    len as usize,
+                )
             };
             return Some(Incoming {
                 conn: h.conn,
@@ -167,7 +170,12 @@ impl Net {
                 ..Default::default()
             };
             // SAFETY: `resp_head` is inside the response ring and free.
-            unsafe { write_volatile((self.resp + self.resp_head % RING_SIZE) as *mut NetRecord, pad) };
+            unsafe {
+                write_volatile(
+                    (self.resp + self.resp_head % RING_SIZE) as *mut NetRecord,
+                    pad,
+                )
+            };
         }
         let rec_addr = self.resp + at % RING_SIZE;
         // SAFETY: `net_place_record` found `rec` free bytes at `at`, before
@@ -231,10 +239,9 @@ pub fn serve(net: &mut Net, svc: &mut impl Service, st: *mut VcpuStatus) -> ! {
                     net.respond(r.conn, r.seq, req.id, max, |body| svc.handle(&req, body));
                 }
                 Err(_) => {
-                    let id = r
-                        .msg
-                        .get(..8)
-                        .map_or(0, |b| u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]));
+                    let id = r.msg.get(..8).map_or(0, |b| {
+                        u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
+                    });
                     net.respond(r.conn, r.seq, id, 0, |_| (status::BAD_REQUEST, 0));
                 }
             }

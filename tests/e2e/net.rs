@@ -171,7 +171,10 @@ fn kv_get_put_del_scan_semantics() {
     let srv = Server::kv();
     let mut c = Client::connect(srv.addr);
     assert_eq!(c.call(op::PING, b"", b""), (status::OK, vec![]));
-    assert_eq!(c.call(op::GET, b"missing", b""), (status::NOT_FOUND, vec![]));
+    assert_eq!(
+        c.call(op::GET, b"missing", b""),
+        (status::NOT_FOUND, vec![])
+    );
     assert_eq!(c.call(op::DEL, b"missing", b"").0, status::NOT_FOUND);
     assert_eq!(c.call(op::PUT, b"a", b"1").0, status::OK);
     assert_eq!(c.call(op::GET, b"a", b""), (status::OK, b"1".to_vec()));
@@ -189,7 +192,10 @@ fn kv_get_put_del_scan_semantics() {
     assert_eq!(c.call(op::GET, &long_key, b""), (status::OK, big.clone()));
     // Bad arguments the VMM passes on.
     assert_eq!(c.call(op::GET, b"", b"").0, status::BAD_REQUEST);
-    assert_eq!(c.call(op::SCAN, b"", &0u32.to_le_bytes()).0, status::BAD_REQUEST);
+    assert_eq!(
+        c.call(op::SCAN, b"", &0u32.to_le_bytes()).0,
+        status::BAD_REQUEST
+    );
     assert_eq!(c.call(op::SCAN, b"", b"xy").0, status::BAD_REQUEST);
     assert_eq!(c.call(op::TRANSFER, b"", &[0; 16]).0, status::UNKNOWN_OP);
     assert_eq!(c.call(99, b"", b"").0, status::UNKNOWN_OP);
@@ -262,7 +268,10 @@ fn kv_reports_no_space_and_reuses_memory_after_delete() {
     let n = fill(&mut c, 0);
     assert!(n >= 10, "only {n} values of 60 kB fit in 2 MiB");
     // Full, but still serving reads and overwrites of the same size.
-    assert_eq!(c.call(op::GET, &[b'v', 0, 0, 0], b""), (status::OK, value.clone()));
+    assert_eq!(
+        c.call(op::GET, &[b'v', 0, 0, 0], b""),
+        (status::OK, value.clone())
+    );
     assert_eq!(c.call(op::PUT, &[b'v', 0, 0, 0], &value).0, status::OK);
     for i in 0..n {
         let key = [b'v', 0, (i >> 8) as u8, i as u8];
@@ -296,11 +305,16 @@ fn kv_serves_many_connections_at_once() {
                 let mut c = Client::connect(addr);
                 for i in 0..150u32 {
                     let key = format!("t{t:02}-{i:04}");
-                    let val = pseudo_random(u64::from(t) << 32 | u64::from(i), (i as usize * 37) % 3000);
+                    let val =
+                        pseudo_random(u64::from(t) << 32 | u64::from(i), (i as usize * 37) % 3000);
                     assert_eq!(c.call(op::PUT, key.as_bytes(), &val).0, status::OK);
                     assert_eq!(c.call(op::GET, key.as_bytes(), b""), (status::OK, val));
                 }
-                let (_, body) = c.call(op::SCAN, format!("t{t:02}-").as_bytes(), &1024u32.to_le_bytes());
+                let (_, body) = c.call(
+                    op::SCAN,
+                    format!("t{t:02}-").as_bytes(),
+                    &1024u32.to_le_bytes(),
+                );
                 let own = scan_entries(&body)
                     .into_iter()
                     .filter(|(k, _)| k.starts_with(format!("t{t:02}-").as_bytes()))
@@ -326,8 +340,12 @@ fn kv_answers_pipelined_requests_in_order() {
     let writer = std::thread::spawn(move || {
         let mut buf = Vec::new();
         for i in 1..=n {
-            let key = format!("p{}", (i + 1) / 2 % 100);
-            let (o, v) = if i % 2 == 1 { (op::PUT, i.to_le_bytes().to_vec()) } else { (op::GET, vec![]) };
+            let key = format!("p{}", i.div_ceil(2) % 100);
+            let (o, v) = if i % 2 == 1 {
+                (op::PUT, i.to_le_bytes().to_vec())
+            } else {
+                (op::GET, vec![])
+            };
             let mut h = vec![0u8; 20];
             proto::write_request_header(&mut h, i, o, key.len() as u16, v.len() as u32);
             buf.extend_from_slice(&h);
@@ -346,7 +364,10 @@ fn kv_answers_pipelined_requests_in_order() {
         }
     }
     writer.join().unwrap();
-    assert!(c.closed_by_server(), "connection not closed after the last answer");
+    assert!(
+        c.closed_by_server(),
+        "connection not closed after the last answer"
+    );
     srv.finish();
 }
 
@@ -384,7 +405,11 @@ fn bad_clients_lose_only_their_own_connection() {
         assert_eq!(c.call(op::GET, b"k", b"").0, status::OK, "{what}");
         c.s.write_all(bytes).unwrap();
         assert!(c.closed_by_server(), "{what}: connection stayed open");
-        assert_eq!(good.call(op::GET, b"k", b""), (status::OK, b"v".to_vec()), "after {what}");
+        assert_eq!(
+            good.call(op::GET, b"k", b""),
+            (status::OK, b"v".to_vec()),
+            "after {what}"
+        );
     }
     // Disconnects in the middle of a frame: prefix, header, body.
     for cut in [2usize, 10, 30, 5000] {
@@ -395,7 +420,11 @@ fn bad_clients_lose_only_their_own_connection() {
         f.extend(std::iter::repeat_n(1u8, 10_000));
         c.s.write_all(&f[..cut]).unwrap();
         drop(c);
-        assert_eq!(good.call(op::PING, b"", b"").0, status::OK, "after a cut at {cut}");
+        assert_eq!(
+            good.call(op::PING, b"", b"").0,
+            status::OK,
+            "after a cut at {cut}"
+        );
     }
     // A client that disconnects with requests in flight.
     let mut c = Client::connect(srv.addr);
@@ -410,7 +439,10 @@ fn bad_clients_lose_only_their_own_connection() {
     stalled.s.write_all(&[5; 1000]).unwrap();
     let (id, st, _) = stalled.recv();
     assert_eq!((id, st), (1, status::OK));
-    assert_eq!(good.call(op::GET, b"k", b""), (status::OK, b"still".to_vec()));
+    assert_eq!(
+        good.call(op::GET, b"k", b""),
+        (status::OK, b"still".to_vec())
+    );
     assert_eq!(good.call(op::GET, b"s", b""), (status::OK, vec![5; 1000]));
     srv.finish();
 }
@@ -449,11 +481,17 @@ fn bank_transfers_keep_the_total_and_record_history() {
         ]
         .concat()
     );
-    assert_eq!(transfer(&mut c, 5, 6, u64::MAX).0, status::INSUFFICIENT_FUNDS);
+    assert_eq!(
+        transfer(&mut c, 5, 6, u64::MAX).0,
+        status::INSUFFICIENT_FUNDS
+    );
     assert_eq!(transfer(&mut c, 5, accounts, 1).0, status::NOT_FOUND);
     assert_eq!(transfer(&mut c, 5, 5, 1).0, status::BAD_REQUEST);
     assert_eq!(c.call(op::TRANSFER, b"", &[0; 15]).0, status::BAD_REQUEST);
-    assert_eq!(c.call(op::BALANCE, b"", &accounts.to_le_bytes()).0, status::NOT_FOUND);
+    assert_eq!(
+        c.call(op::BALANCE, b"", &accounts.to_le_bytes()).0,
+        status::NOT_FOUND
+    );
     assert_eq!(c.call(op::GET, b"k", b"").0, status::UNKNOWN_OP);
     // History: newest first, the ring keeps the last 8.
     for i in 1..=10u64 {
@@ -537,7 +575,15 @@ fn cli_serves_on_an_ephemeral_port_and_stops_on_ctrl_c() {
     require_kvm();
     let mut child = Command::new(tests::simrep_bin())
         .args([
-            "run", "--workload", "kv", "--mem", "64M", "--port", "0", "--bind", "127.0.0.1",
+            "run",
+            "--workload",
+            "kv",
+            "--mem",
+            "64M",
+            "--port",
+            "0",
+            "--bind",
+            "127.0.0.1",
         ])
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
@@ -566,13 +612,21 @@ fn cli_serves_on_an_ephemeral_port_and_stops_on_ctrl_c() {
         log.push_str(&line);
         log.push('\n');
         if let Some(rest) = line.split("net: listening on ").nth(1) {
-            break rest.split_whitespace().next().unwrap().parse().expect("address");
+            break rest
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .parse()
+                .expect("address");
         }
     };
     assert_ne!(addr.port(), 0);
     let mut c = Client::connect(addr);
     assert_eq!(c.call(op::PUT, b"cli", b"works").0, status::OK);
-    assert_eq!(c.call(op::GET, b"cli", b""), (status::OK, b"works".to_vec()));
+    assert_eq!(
+        c.call(op::GET, b"cli", b""),
+        (status::OK, b"works".to_vec())
+    );
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
         nix::sys::signal::Signal::SIGINT,
@@ -606,7 +660,12 @@ fn cli_serves_on_an_ephemeral_port_and_stops_on_ctrl_c() {
 #[ignore = "a measurement, run on demand"]
 fn measure_kv_native_closed_loop() {
     require_kvm();
-    let env = |k: &str, d: u64| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
+    let env = |k: &str, d: u64| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
     let conns = env("SIMREP_MEASURE_CONNS", 8);
     let secs = env("SIMREP_MEASURE_SECS", 5);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -616,7 +675,11 @@ fn measure_kv_native_closed_loop() {
     // Preload 10k keys.
     let mut c = Client::connect(addr);
     for i in 0..10_000u32 {
-        assert_eq!(c.call(op::PUT, format!("key{i:06}").as_bytes(), &[7; 100]).0, status::OK);
+        assert_eq!(
+            c.call(op::PUT, format!("key{i:06}").as_bytes(), &[7; 100])
+                .0,
+            status::OK
+        );
     }
     for (name, is_put) in [("GET 100 B", false), ("PUT 100 B", true)] {
         let before = net.device().stats();
@@ -647,13 +710,18 @@ fn measure_kv_native_closed_loop() {
             .collect();
         std::thread::sleep(Duration::from_secs(secs));
         stop.store(true, Ordering::Relaxed);
-        let mut lat: Vec<u64> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+        let mut lat: Vec<u64> = threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect();
         let elapsed = t0.elapsed();
         let after = net.device().stats();
         lat.sort_unstable();
-        let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)] as f64 / 1000.0;
+        let pct =
+            |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)] as f64 / 1000.0;
         let responses = after.responses - before.responses;
-        let exits = (after.notify_exits + after.wait_exits) - (before.notify_exits + before.wait_exits);
+        let exits =
+            (after.notify_exits + after.wait_exits) - (before.notify_exits + before.wait_exits);
         let blocked = after.waits_blocked - before.waits_blocked;
         println!(
             "{name}: {conns} connections, {:.0} req/s, latency p50 {:.1} us, p99 {:.1} us, p99.9 {:.1} us; \

@@ -125,7 +125,9 @@ pub enum NetError {
         reason: String,
     },
     /// A response does not answer the connection's next request.
-    #[error("network device: response for connection {conn} has sequence {got}, expected {expected}")]
+    #[error(
+        "network device: response for connection {conn} has sequence {got}, expected {expected}"
+    )]
     OutOfOrder {
         /// The connection.
         conn: u32,
@@ -348,7 +350,11 @@ fn validate_setup(ctl: u64, r: &NetRings, mem_size: u64) -> Result<(Ring, Ring)>
         return Err(bad("the block is not 64-byte aligned".into()));
     }
     if r.magic != abi::NET_MAGIC {
-        return Err(bad(format!("magic {:#x}, expected {:#x}", r.magic, abi::NET_MAGIC)));
+        return Err(bad(format!(
+            "magic {:#x}, expected {:#x}",
+            r.magic,
+            abi::NET_MAGIC
+        )));
     }
     let in_heap = |gpa: u64, len: u64| {
         gpa >= abi::HEAP_GPA && gpa.checked_add(len).is_some_and(|end| end <= mem_size)
@@ -441,7 +447,9 @@ fn parse_record(h: NetRecord, tail: u64, head: u64, size: u64, max_len: u64) -> 
             }
             let rec = abi::net_record_size(len);
             if rec > to_end {
-                return Err(bad(format!("record of {rec} bytes wraps around the ring end")));
+                return Err(bad(format!(
+                    "record of {rec} bytes wraps around the ring end"
+                )));
             }
             if tail + rec > head {
                 return Err(bad(format!(

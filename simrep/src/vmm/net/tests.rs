@@ -53,7 +53,8 @@ fn rig() -> Rig {
     let dev = NetDevice::new(wakers, move |_| Arc::new(o) as Arc<dyn OutputGate>);
     mem.write_obj(CTL, rings()).unwrap();
     assert_eq!(
-        dev.write(0, abi::NET_SETUP, &CTL.to_le_bytes(), &mem).unwrap(),
+        dev.write(0, abi::NET_SETUP, &CTL.to_le_bytes(), &mem)
+            .unwrap(),
         MmioAction::Continue
     );
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -169,11 +170,16 @@ fn placement_never_overlaps_unconsumed_bytes_or_wraps() {
     let (mut head, mut tail) = (0u64, 0u64);
     let mut x = 12345u64;
     for _ in 0..20_000 {
-        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         let rec = abi::net_record_size((x >> 33) % 1500);
         match abi::net_place_record(head, tail, size, rec) {
             Some(at) => {
-                assert!(at >= head && at + rec <= tail + size, "{head} {tail} {at} {rec}");
+                assert!(
+                    at >= head && at + rec <= tail + size,
+                    "{head} {tail} {at} {rec}"
+                );
                 assert_eq!(at / size, (at + rec - 1) / size, "record wraps");
                 assert!(at == head || at % size == 0);
                 head = at + rec;
@@ -182,7 +188,10 @@ fn placement_never_overlaps_unconsumed_bytes_or_wraps() {
                 // Consume something; an empty ring always takes a record
                 // of at most half its size.
                 assert!(head != tail || rec > size / 2);
-                tail += (head - tail).div_ceil(2).next_multiple_of(16).min(head - tail);
+                tail += (head - tail)
+                    .div_ceil(2)
+                    .next_multiple_of(16)
+                    .min(head - tail);
             }
         }
     }
@@ -192,7 +201,13 @@ fn placement_never_overlaps_unconsumed_bytes_or_wraps() {
 fn setup_is_validated() {
     let mem = GuestMemory::new(MEM).unwrap();
     let ok = validate_setup(CTL, &rings(), MEM).unwrap();
-    assert_eq!(ok.0, Ring { gpa: REQ, size: 1 << 20 });
+    assert_eq!(
+        ok.0,
+        Ring {
+            gpa: REQ,
+            size: 1 << 20
+        }
+    );
     let bad = |f: &dyn Fn(&mut NetRings), ctl: u64| {
         let mut r = rings();
         f(&mut r);
@@ -260,7 +275,11 @@ fn records_are_validated() {
             next: 48
         }
     );
-    let e = |h, tail, head| parse_record(h, tail, head, size, 100).unwrap_err().to_string();
+    let e = |h, tail, head| {
+        parse_record(h, tail, head, size, 100)
+            .unwrap_err()
+            .to_string()
+    };
     assert!(e(msg(20, abi::NET_REC_MSG), 0, 32).contains("past the producer"));
     assert!(e(msg(101, abi::NET_REC_MSG), 0, 1 << 10).contains("at most 100"));
     assert!(e(msg(20, abi::NET_REC_MSG), size - 32, size + 64).contains("wraps"));
@@ -280,7 +299,9 @@ fn records_are_validated() {
 fn requests_reach_the_ring_and_responses_the_gate_in_order() {
     let r = rig();
     for seq in 0..3u32 {
-        assert!(r.dev.submit_request(0, seq, request(100 + u64::from(seq), proto::op::GET, b"k")));
+        assert!(r
+            .dev
+            .submit_request(0, seq, request(100 + u64::from(seq), proto::op::GET, b"k")));
     }
     assert_eq!(notify(&r).unwrap(), MmioAction::Continue);
     let (mut tail, mut head) = (0, 0);
@@ -303,7 +324,10 @@ fn requests_reach_the_ring_and_responses_the_gate_in_order() {
         assert_eq!(o.frame[..4], ((o.frame.len() - 4) as u32).to_le_bytes());
     }
     assert_eq!(r.dev.stats().discarded_responses, 1);
-    assert_eq!(r.mem.load_u64(CTL + abi::NET_RESP_TAIL_OFFSET).unwrap(), head);
+    assert_eq!(
+        r.mem.load_u64(CTL + abi::NET_RESP_TAIL_OFFSET).unwrap(),
+        head
+    );
     assert!(!r.dev.take_written_pages().is_empty());
 }
 
@@ -352,7 +376,10 @@ fn a_misbehaving_guest_gets_device_errors() {
         .write_obj(CTL + abi::NET_RESP_HEAD_OFFSET, (2u64 << 20) + 16)
         .unwrap();
     let e = notify(&r).unwrap_err();
-    assert!(matches!(e, DeviceError::Net(NetError::BadIndex { .. })), "{e}");
+    assert!(
+        matches!(e, DeviceError::Net(NetError::BadIndex { .. })),
+        "{e}"
+    );
     // Request tail past what the VMM produced.
     let r = rig();
     r.mem
