@@ -447,6 +447,50 @@ fn bad_clients_lose_only_their_own_connection() {
     srv.finish();
 }
 
+#[test]
+fn a_client_that_never_reads_does_not_stall_the_others() {
+    let srv = Server::kv();
+    let mut good = Client::connect(srv.addr);
+    let big = pseudo_random(11, proto::MAX_VALUE);
+    assert_eq!(good.call(op::PUT, b"big", &big).0, status::OK);
+    // 3000 GETs of 64 KiB (190 MiB of answers) that are never read.
+    let mut hog = Client::connect(srv.addr);
+    hog.s
+        .set_write_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let writer = std::thread::spawn(move || {
+        for _ in 0..3000 {
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                hog.send(op::GET, b"big", b"")
+            }))
+            .is_err()
+            {
+                break;
+            }
+        }
+        hog
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    for i in 0..50u32 {
+        let key = i.to_le_bytes();
+        assert_eq!(good.call(op::PUT, &key, b"x").0, status::OK);
+        assert_eq!(good.call(op::GET, &big[..8], b"").0, status::NOT_FOUND);
+    }
+    assert_eq!(good.call(op::GET, b"big", b""), (status::OK, big));
+    let hog = writer.join().unwrap();
+    assert_eq!(good.call(op::PING, b"", b"").0, status::OK);
+    // The VMM stopped taking the hog's requests once its unread answers
+    // passed the backlog limit (8 MiB, plus what the sockets buffer).
+    let s = srv.finish();
+    drop(hog);
+    let hog_handled = s.progress[0] - 104;
+    eprintln!("requests of the non-reading client taken: {hog_handled}");
+    assert!(
+        hog_handled < 1500,
+        "{hog_handled} of 3000 requests of a client that never reads were taken"
+    );
+}
+
 fn transfer(c: &mut Client, from: u32, to: u32, amount: u64) -> (u8, Vec<u8>) {
     let mut v = Vec::new();
     v.extend_from_slice(&from.to_le_bytes());

@@ -42,7 +42,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{self, BufWriter, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -81,6 +81,13 @@ const PENDING_BUDGET: usize = 8 << 20;
 pub const MAX_CONNECTIONS: usize = 1024;
 /// Stack size of the per-connection threads.
 const CONN_STACK: usize = 256 << 10;
+/// Bytes of responses a connection may have waiting for its client; while
+/// over it, its reader stops taking requests (a client that sends without
+/// reading cannot grow the VMM's memory).
+const WRITE_BACKLOG: usize = 8 << 20;
+/// Requests of one connection queued or in the guest, not yet answered;
+/// while at it, its reader waits (pipelining depth per connection).
+const MAX_IN_FLIGHT: u64 = 256;
 
 /// Errors of the network device and its host side.
 #[derive(Debug, thiserror::Error)]
@@ -247,6 +254,8 @@ impl NetStats {
 struct Conn {
     /// Frames for the writer thread.
     tx: Sender<Vec<u8>>,
+    /// Bytes handed to the writer thread and not yet written.
+    unsent: Arc<AtomicUsize>,
     /// A handle to shut the socket down.
     stream: TcpStream,
     /// Sequence number of the next response the guest must produce.
@@ -295,6 +304,7 @@ impl Delivery {
             self.counters.discarded.fetch_add(1, Ordering::Relaxed);
             return;
         };
+        c.unsent.fetch_add(response.frame.len(), Ordering::Relaxed);
         let _ = c.tx.send(response.frame);
         c.outstanding = c.outstanding.saturating_sub(1);
         if c.eof && c.outstanding == 0 {
@@ -939,10 +949,14 @@ fn start_connection(stream: TcpStream, dev: &Arc<NetDevice>, peer: &str) -> io::
     let (tx, rx) = mpsc::channel();
     let write_half = stream.try_clone()?;
     let handle = stream.try_clone()?;
+    let unsent = Arc::new(AtomicUsize::new(0));
+    let writer_unsent = unsent.clone();
+    let reader_unsent = unsent.clone();
     dev.conns.lock().insert(
         id,
         Conn {
             tx,
+            unsent,
             stream: handle,
             next_resp_seq: 0,
             outstanding: 0,
@@ -954,14 +968,14 @@ fn start_connection(stream: TcpStream, dev: &Arc<NetDevice>, peer: &str) -> io::
     let spawned = std::thread::Builder::new()
         .name(format!("net-w{id}"))
         .stack_size(CONN_STACK)
-        .spawn(move || writer_loop(write_half, &rx))
+        .spawn(move || writer_loop(write_half, &rx, &writer_unsent))
         .and_then(|_| {
             let dev = dev.clone();
             let peer = peer.to_string();
             std::thread::Builder::new()
                 .name(format!("net-r{id}"))
                 .stack_size(CONN_STACK)
-                .spawn(move || reader_loop(stream, id, &peer, &dev))
+                .spawn(move || reader_loop(stream, id, &peer, &dev, &reader_unsent))
         });
     if let Err(e) = spawned {
         dev.conns.drop_conn(id);
@@ -970,13 +984,17 @@ fn start_connection(stream: TcpStream, dev: &Arc<NetDevice>, peer: &str) -> io::
     Ok(())
 }
 
-fn writer_loop(stream: TcpStream, rx: &Receiver<Vec<u8>>) {
+fn writer_loop(stream: TcpStream, rx: &Receiver<Vec<u8>>, unsent: &AtomicUsize) {
     let mut w = BufWriter::with_capacity(64 << 10, stream);
     while let Ok(frame) = rx.recv() {
         let mut ok = w.write_all(&frame).is_ok();
+        unsent.fetch_sub(frame.len(), Ordering::Relaxed);
         while ok {
             match rx.try_recv() {
-                Ok(f) => ok = w.write_all(&f).is_ok(),
+                Ok(f) => {
+                    ok = w.write_all(&f).is_ok();
+                    unsent.fetch_sub(f.len(), Ordering::Relaxed);
+                }
                 Err(_) => break,
             }
         }
@@ -1070,10 +1088,22 @@ fn read_frame(r: &mut impl Read) -> Result<FrameRead, FrameError> {
     Ok(FrameRead::Frame(msg))
 }
 
-fn reader_loop(stream: TcpStream, id: u32, peer: &str, dev: &Arc<NetDevice>) {
+fn reader_loop(stream: TcpStream, id: u32, peer: &str, dev: &Arc<NetDevice>, unsent: &AtomicUsize) {
     let mut r = io::BufReader::with_capacity(64 << 10, stream);
     let mut seq: u32 = 0;
     loop {
+        // A client that does not read its responses: stop reading its
+        // requests until the backlog drains (only this connection waits).
+        loop {
+            let in_flight = dev.conns.lock().get(&id).map_or(0, |c| c.outstanding);
+            if unsent.load(Ordering::Relaxed) <= WRITE_BACKLOG && in_flight < MAX_IN_FLIGHT {
+                break;
+            }
+            if dev.stopped.load(Ordering::Acquire) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
         match read_frame(&mut r) {
             Ok(FrameRead::Frame(msg)) => {
                 {

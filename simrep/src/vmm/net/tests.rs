@@ -66,6 +66,7 @@ fn rig() -> Rig {
         0,
         Conn {
             tx,
+            unsent: Arc::default(),
             stream: s,
             next_resp_seq: 0,
             outstanding: 0,
