@@ -491,6 +491,53 @@ fn a_client_that_never_reads_does_not_stall_the_others() {
     );
 }
 
+#[test]
+fn a_paused_guest_answers_nothing_and_resumes_with_the_queued_requests() {
+    require_kvm();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let o = RunOptions {
+        vcpus: 2,
+        ..opts(Workload::Kv)
+    };
+    let (mut vm, net) = run::boot_service(&o, Some(listener)).expect("boot");
+    let net = net.expect("kv has a network device");
+    let mut c = Client::connect(addr);
+    assert_eq!(c.call(op::PUT, b"k", b"v").0, status::OK);
+    // vCPU 0 now waits in NET_WAIT, vCPU 1 in SYS_IDLE: a pause ends both.
+    std::thread::sleep(Duration::from_millis(50));
+    vm.pause_all().expect("pause while waiting for requests");
+    let before = net.device().stats();
+    net.device().take_written_pages();
+    for _ in 0..10 {
+        c.send(op::GET, b"k", b"");
+    }
+    c.s.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut b = [0u8; 1];
+    let r = c.s.read(&mut b);
+    assert!(
+        matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "a paused guest answered: {r:?}"
+    );
+    assert_eq!(
+        net.device().take_written_pages(),
+        Vec::<u64>::new(),
+        "the device wrote guest memory while the guest was paused"
+    );
+    assert_eq!(net.device().stats().requests, before.requests + 10);
+    vm.resume_all().unwrap();
+    c.s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    for _ in 0..10 {
+        let (_, st, body) = c.recv();
+        assert_eq!((st, body), (status::OK, b"v".to_vec()));
+    }
+    assert!(!net.device().take_written_pages().is_empty());
+    assert!(vm.wait_exit(Duration::ZERO).is_none(), "a vCPU ended");
+    drop(net);
+    vm.shutdown();
+}
+
 fn transfer(c: &mut Client, from: u32, to: u32, amount: u64) -> (u8, Vec<u8>) {
     let mut v = Vec::new();
     v.extend_from_slice(&from.to_le_bytes());
