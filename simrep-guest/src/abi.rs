@@ -45,6 +45,7 @@
 //! | [`SYS_TIME_NS`]             | 8     | R   | host monotonic clock in ns |
 //! | [`SYS_NOP`]                 | 8     | W   | ignored: measures the MMIO exit round trip |
 //! | [`SYS_IDLE`]                | 8     | W   | idle this vCPU for up to this many ns (capped at [`SYS_IDLE_MAX_NS`]); the VMM waits on the vCPU thread, so a pause or stop ends the wait early |
+//! | [`NET_SETUP`] .. [`NET_WAIT`] | 8   | W   | the network device (request/response rings in guest RAM): see [`NET_BASE`] |
 //!
 //! <!-- block device registers: begin -->
 //! | [`BLOCK_CAPACITY`]          | 8     | R   | disk size in 512-byte sectors (0: no disk attached) |
@@ -152,6 +153,166 @@ pub const SYS_IDLE: u64 = SYS_BASE + 0x20;
 /// Longest idle the VMM grants per [`SYS_IDLE`] write (100 ms).
 pub const SYS_IDLE_MAX_NS: u64 = 100_000_000;
 
+// --- net: the paravirtual network device (issue 3) ---
+
+/// Base of the network device's registers.
+///
+/// # Network device
+///
+/// The VMM terminates client TCP connections (framing in `proto.rs`) and
+/// passes each request message to the guest through a request ring, and
+/// takes responses back through a response ring. Both rings live in guest
+/// RAM, allocated by the guest in its heap; the registers are at
+/// `MMIO_BASE + 0x2000 .. + 0x3000`:
+///
+/// | address          | width | dir | register |
+/// |------------------|-------|-----|----------|
+/// | [`NET_SETUP`]    | 8     | W   | GPA of a [`NetRings`] block (64-byte aligned, in the heap); once |
+/// | [`NET_NOTIFY`]   | 8     | W   | value ignored: the VMM takes every published response and puts queued requests into the request ring |
+/// | [`NET_WAIT`]     | 8     | W   | as [`NET_NOTIFY`], then, if the request ring is still empty, idle the vCPU until a request arrives or this many ns pass (capped at [`NET_WAIT_MAX_NS`]); a pause or stop ends the wait early |
+///
+/// ## Rings
+///
+/// Each ring is a power-of-two byte array with free-running 64-bit byte
+/// positions `head` (producer) and `tail` (consumer) in [`NetRings`];
+/// `head - tail` bytes are in use, `ring[pos % size]` is where position
+/// `pos` lives. The VMM produces into the request ring and consumes the
+/// response ring; the guest the reverse. The VMM reads and writes guest RAM
+/// only while a vCPU is inside a `NET_*` exit (on that vCPU's thread), so the
+/// guest sees the rings change only across its own `NET_NOTIFY` /
+/// `NET_WAIT` writes, and a paused guest's memory is stable.
+///
+/// A ring holds records, each a [`NetRecord`] header and `len` bytes of
+/// message, padded to [`NET_RECORD_ALIGN`]. A record never wraps: when it
+/// does not fit before the end of the array, the producer writes a header
+/// of kind [`NET_REC_PAD`] (its other fields 0) and continues at the start.
+/// The request ring is at least [`NET_REQ_RING_MIN`] bytes and the
+/// response ring at least [`NET_RESP_RING_MIN`], so that the largest record
+/// always fits in an empty ring.
+///
+/// Request records carry the connection id and the per-connection sequence
+/// number (0, 1, 2, ...) of the request; the response record for it must
+/// carry the same pair, and responses of one connection must come in
+/// sequence order. The VMM checks every index, length, kind and sequence
+/// the guest gives it; a violation stops the vCPU with a device error.
+/// Responses for connections that have closed meanwhile are dropped.
+///
+/// One exit per batch: the guest handles every request in the ring,
+/// publishes `resp_head` and `req_tail`, and writes `NET_WAIT`, which both
+/// hands over the responses and brings the next requests.
+pub const NET_BASE: u64 = MMIO_BASE + 0x2000;
+/// End of the network device's register window.
+pub const NET_END: u64 = MMIO_BASE + 0x3000;
+/// Network: GPA of the [`NetRings`] block (8-byte write, once).
+pub const NET_SETUP: u64 = NET_BASE;
+/// Network: hand over responses, take requests (8-byte write).
+pub const NET_NOTIFY: u64 = NET_BASE + 0x8;
+/// Network: as [`NET_NOTIFY`], then wait up to this many ns for a request
+/// (8-byte write).
+pub const NET_WAIT: u64 = NET_BASE + 0x10;
+/// Longest wait the VMM grants per [`NET_WAIT`] write (100 ms).
+pub const NET_WAIT_MAX_NS: u64 = 100_000_000;
+/// `"SIMREPNT"` as a little-endian `u64`, in [`NetRings::magic`].
+pub const NET_MAGIC: u64 = u64::from_le_bytes(*b"SIMREPNT");
+/// Alignment of every record (and of the record sizes).
+pub const NET_RECORD_ALIGN: u64 = 16;
+/// Bytes of a [`NetRecord`] header.
+pub const NET_RECORD_HEADER: u64 = 16;
+/// Record kind: a message.
+pub const NET_REC_MSG: u32 = 1;
+/// Record kind: padding to the end of the ring array.
+pub const NET_REC_PAD: u32 = 2;
+/// Smallest request ring (twice the largest request record, rounded up).
+pub const NET_REQ_RING_MIN: u64 = 256 << 10;
+/// Smallest response ring (twice the largest response record, rounded up).
+pub const NET_RESP_RING_MIN: u64 = 1 << 20;
+/// Largest ring.
+pub const NET_RING_MAX: u64 = 64 << 20;
+
+/// The network device's shared block, at the GPA written to [`NET_SETUP`].
+/// The VMM copies the ring descriptions once, at setup; the four positions
+/// are live for the life of the device.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetRings {
+    /// [`NET_MAGIC`].
+    pub magic: u64,
+    /// GPA of the request ring's bytes (aligned to [`NET_RECORD_ALIGN`]).
+    pub req_gpa: u64,
+    /// Size of the request ring: a power of two in
+    /// [`NET_REQ_RING_MIN`]`..=`[`NET_RING_MAX`].
+    pub req_size: u64,
+    /// GPA of the response ring's bytes (aligned to [`NET_RECORD_ALIGN`]).
+    pub resp_gpa: u64,
+    /// Size of the response ring: a power of two in
+    /// [`NET_RESP_RING_MIN`]`..=`[`NET_RING_MAX`].
+    pub resp_size: u64,
+    /// Zero.
+    pub reserved0: [u64; 3],
+    /// Request ring: bytes produced (written by the VMM).
+    pub req_head: u64,
+    /// Request ring: bytes consumed (written by the guest).
+    pub req_tail: u64,
+    /// Response ring: bytes produced (written by the guest).
+    pub resp_head: u64,
+    /// Response ring: bytes consumed (written by the VMM).
+    pub resp_tail: u64,
+    /// Zero.
+    pub reserved1: [u64; 4],
+}
+
+/// Byte offset of [`NetRings::req_head`].
+pub const NET_REQ_HEAD_OFFSET: u64 = 64;
+/// Byte offset of [`NetRings::req_tail`].
+pub const NET_REQ_TAIL_OFFSET: u64 = 72;
+/// Byte offset of [`NetRings::resp_head`].
+pub const NET_RESP_HEAD_OFFSET: u64 = 80;
+/// Byte offset of [`NetRings::resp_tail`].
+pub const NET_RESP_TAIL_OFFSET: u64 = 88;
+
+/// The header of a ring record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetRecord {
+    /// Connection id (assigned by the VMM, never reused in a run).
+    pub conn: u32,
+    /// Sequence number of the request within its connection.
+    pub seq: u32,
+    /// Bytes of message after the header (no length prefix).
+    pub len: u32,
+    /// [`NET_REC_MSG`] or [`NET_REC_PAD`].
+    pub kind: u32,
+}
+
+/// Bytes a record with a `len`-byte message takes in a ring.
+pub const fn net_record_size(len: u64) -> u64 {
+    (NET_RECORD_HEADER + len + NET_RECORD_ALIGN - 1) & !(NET_RECORD_ALIGN - 1)
+}
+
+/// Where a producer at position `head` puts a record of `rec` bytes (a
+/// [`net_record_size`]) in a ring of `size` bytes whose consumer is at
+/// `tail`: the record's position. When that is not `head`, the record would
+/// have wrapped, and a [`NET_REC_PAD`] header goes at `head`. `None` when the
+/// ring has not got the room now. Requires `tail <= head <= tail + size`,
+/// 16-aligned positions and a power-of-two `size`.
+pub const fn net_place_record(head: u64, tail: u64, size: u64, rec: u64) -> Option<u64> {
+    let free = size - (head - tail);
+    let to_end = size - head % size;
+    if rec <= to_end {
+        if rec <= free {
+            Some(head)
+        } else {
+            None
+        }
+    } else if to_end + rec <= free {
+        Some(head + to_end)
+    } else {
+        None
+    }
+}
+
+// --- end net ---
+
 /// GDT selectors. The VMM writes the GDT; the TSS descriptors point at the
 /// per-vCPU TSSes and are marked busy because the VMM loads `TR` directly.
 pub mod gdt {
@@ -200,6 +361,12 @@ pub mod workload {
     /// Block device test: pattern, append-only log, error probes and
     /// throughput (see [`super::DiskParams`]).
     pub const DISK: u32 = 7;
+    // --- net: the network services (issue 3) ---
+    /// The key-value service over the network device (see `proto.rs`).
+    pub const KV: u32 = 3;
+    /// The banking service over the network device (see `proto.rs`).
+    pub const BANK: u32 = 4;
+    // --- end net ---
 }
 
 /// Fault kinds for [`SelftestParams::fault`].
@@ -245,6 +412,29 @@ pub struct SelftestParams {
     pub mmio_round_trips: u32,
 }
 
+// --- net: parameters of the kv and bank workloads ---
+
+/// Parameters of the `kv` workload.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KvParams {
+    /// Bytes of heap for keys, values and the index (0 = all of the heap
+    /// the network rings leave).
+    pub data_bytes: u64,
+}
+
+/// Parameters of the `bank` workload.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BankParams {
+    /// Number of accounts (`0..accounts`).
+    pub accounts: u32,
+    /// History records kept per account (older ones are overwritten).
+    pub history_per_account: u32,
+}
+
+// --- end net ---
+
 /// What the VMM tells the guest, at [`BOOT_PARAMS_GPA`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -275,6 +465,12 @@ pub struct BootParams {
     pub random: RandomParams,
     /// Parameters of `disk`.
     pub disk: DiskParams,
+    // --- net: appended for the kv and bank services ---
+    /// Parameters of `kv`.
+    pub kv: KvParams,
+    /// Parameters of `bank`.
+    pub bank: BankParams,
+    // --- end net ---
 }
 
 /// Per-vCPU status the guest keeps at `STATUS_GPA + cpu * size_of::<VcpuStatus>()`.

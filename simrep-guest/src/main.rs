@@ -45,6 +45,16 @@ mod proto;
 mod user;
 #[cfg(target_os = "none")]
 mod workloads2;
+// --- net: the network driver and the kv and bank services ---
+#[cfg(target_os = "none")]
+mod bank;
+#[cfg(target_os = "none")]
+mod heap;
+#[cfg(target_os = "none")]
+mod kv;
+#[cfg(target_os = "none")]
+mod net;
+// --- end net ---
 
 #[cfg(not(target_os = "none"))]
 fn main() {

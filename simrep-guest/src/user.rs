@@ -31,7 +31,7 @@ pub(crate) fn mmio_read(addr: u64) -> u64 {
 }
 
 /// The time-stamp counter.
-fn rdtsc() -> u64 {
+pub(crate) fn rdtsc() -> u64 {
     let lo: u32;
     let hi: u32;
     // SAFETY: `rdtsc` reads the TSC; CR4.TSD is clear, so CPL3 may use it.
@@ -82,8 +82,9 @@ pub(crate) fn print(args: fmt::Arguments<'_>) {
 }
 
 macro_rules! println {
-    ($($arg:tt)*) => { print(format_args!($($arg)*)) };
+    ($($arg:tt)*) => { $crate::user::print(format_args!($($arg)*)) };
 }
+pub(crate) use println;
 
 /// Stops this vCPU with `status` (0 = success).
 pub(crate) fn exit(status: u64) -> ! {
@@ -102,12 +103,12 @@ fn boot_params() -> BootParams {
 }
 
 /// This vCPU's status slot.
-fn status(cpu: u64) -> *mut VcpuStatus {
+pub(crate) fn status(cpu: u64) -> *mut VcpuStatus {
     (abi::STATUS_GPA + cpu * core::mem::size_of::<VcpuStatus>() as u64) as *mut VcpuStatus
 }
 
 /// Publishes `progress` in this vCPU's status slot.
-fn set_progress(status: *mut VcpuStatus, progress: u64) {
+pub(crate) fn set_progress(status: *mut VcpuStatus, progress: u64) {
     // SAFETY: `status` is this vCPU's slot in the status page, mapped
     // writable at CPL3; only this vCPU writes it (the VMM reads it).
     unsafe { write_volatile(&raw mut (*status).progress, progress) };
@@ -136,6 +137,8 @@ pub extern "C" fn user_main(cpu: u64) -> ! {
         workload::TOUCH => crate::workloads2::touch(cpu, &bp),
         workload::RANDOM => crate::workloads2::random(cpu, &bp),
         workload::DISK => crate::block::disk_workload(cpu, &bp),
+        workload::KV => crate::kv::main(cpu, &bp, st),
+        workload::BANK => crate::bank::main(cpu, &bp, st),
         w => {
             println!("cpu{cpu}: unknown workload {w}");
             exit(3)

@@ -95,8 +95,9 @@ struct RunArgs {
     /// Workload: churn (dirty memory at a rate), selftest (checks, then a
     /// deliberate fault), random (incompressible writes, with churn's
     /// --rate, --buffer, --seconds and --report-ms), disk (block device
-    /// test; needs --disk) or touch (logged page writes for dirty-tracking
-    /// tests).
+    /// test; needs --disk), touch (logged page writes for dirty-tracking
+    /// tests), kv (key-value service on --port) or bank (banking service on
+    /// --port).
     #[arg(long, default_value = "churn")]
     workload: Workload,
     /// Guest RAM (a multiple of 2 MiB, at least 8M): 256M, 1G, ...
@@ -150,6 +151,23 @@ struct RunArgs {
     /// disk: single-sector requests to time (0: skip).
     #[arg(long, default_value_t = 0)]
     disk_bench_requests: u32,
+    /// kv, bank: TCP port of the service (0: an ephemeral port; the log
+    /// says which).
+    #[arg(long, default_value_t = 7000)]
+    port: u16,
+    /// kv, bank: address the service listens on.
+    #[arg(long, default_value = "0.0.0.0")]
+    bind: std::net::IpAddr,
+    /// kv: guest memory for keys and values (default: all of the heap the
+    /// network rings leave).
+    #[arg(long, value_parser = parse_size)]
+    kv_mem: Option<u64>,
+    /// bank: number of accounts.
+    #[arg(long, default_value_t = 10_000)]
+    accounts: u32,
+    /// bank: history records kept per account.
+    #[arg(long, default_value_t = 32)]
+    history: u32,
 }
 
 #[derive(clap::Args)]
@@ -230,6 +248,7 @@ fn classify(error: &anyhow::Error) -> u8 {
                     | simrep::vmm::block::BlockError::NotAFile { .. }
                     | simrep::vmm::block::BlockError::BadSize { .. },
                 ) => 3,
+                VmmError::Net(simrep::vmm::net::NetError::Listen { .. }) => 2,
                 _ => 1,
             };
         }
@@ -434,6 +453,11 @@ fn cmd_run(a: RunArgs) -> Result<ExitCode, Failure> {
             bench_requests: a.disk_bench_requests,
             ..Default::default()
         },
+        port: a.port,
+        bind: a.bind,
+        kv_data_bytes: a.kv_mem,
+        bank_accounts: a.accounts,
+        bank_history: a.history,
         ..Default::default()
     };
     let s = simrep::vmm::run(&opts, &stop)?;

@@ -8,4 +8,5 @@ mod block;
 mod capture;
 mod dirty;
 mod ebpf;
+mod net;
 mod vmm;

@@ -52,6 +52,9 @@ pub enum DeviceError {
     /// Reading a line or a report from guest memory failed.
     #[error("cannot read device data from guest memory")]
     Memory(#[from] MemoryError),
+    /// The network device rejected what the guest gave it.
+    #[error(transparent)]
+    Net(#[from] super::net::NetError),
 }
 
 /// What the vCPU loop does after an MMIO access.
@@ -65,6 +68,10 @@ pub enum MmioAction {
     Exception(ExceptionReport),
     /// The guest asked to idle this long (already capped).
     Idle(std::time::Duration),
+    /// The guest waits for a device (`NET_WAIT`) at most this long: block
+    /// until a [`super::vcpu::VcpuCommand::Wake`] or another command, then
+    /// call [`MmioBus::wait_done`] before running the guest.
+    Wait(std::time::Duration),
 }
 
 /// A line the guest wrote on its console.
@@ -149,6 +156,10 @@ pub struct MmioBus {
     start: Instant,
     /// The block device (a detached one, capacity 0, until one is attached).
     block: RwLock<Arc<BlockDevice>>,
+    // --- net ---
+    net: std::sync::OnceLock<std::sync::Arc<super::net::NetDevice>>,
+    wakers: std::sync::Arc<super::vcpu::VcpuWakers>,
+    // --- end net ---
 }
 
 impl Default for MmioBus {
@@ -170,6 +181,8 @@ impl MmioBus {
         MmioBus {
             console: Console::default(),
             start: Instant::now(),
+            net: std::sync::OnceLock::new(),
+            wakers: std::sync::Arc::default(),
             block: RwLock::new(Arc::new(BlockDevice::detached())),
         }
     }
@@ -184,6 +197,39 @@ impl MmioBus {
     pub fn block(&self) -> Arc<BlockDevice> {
         self.block.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
+
+    // --- net ---
+
+    /// Attaches the network device (before the vCPUs start). Returns false
+    /// if one is attached already.
+    pub fn attach_net(&self, dev: std::sync::Arc<super::net::NetDevice>) -> bool {
+        self.net.set(dev).is_ok()
+    }
+
+    /// The attached network device.
+    pub fn net(&self) -> Option<&std::sync::Arc<super::net::NetDevice>> {
+        self.net.get()
+    }
+
+    /// The senders that wake vCPUs waiting for a device.
+    pub fn wakers(&self) -> &std::sync::Arc<super::vcpu::VcpuWakers> {
+        &self.wakers
+    }
+
+    /// Ends a device wait of vCPU `vcpu` ([`MmioAction::Wait`]), on its
+    /// thread, before the guest runs again.
+    ///
+    /// # Errors
+    ///
+    /// [`DeviceError::Net`] when the guest's rings are bad.
+    pub fn wait_done(&self, vcpu: u32, mem: &GuestMemory) -> Result<(), DeviceError> {
+        match self.net.get() {
+            Some(net) => Ok(net.wait_done(vcpu, mem)?),
+            None => Ok(()),
+        }
+    }
+
+    // --- end net ---
 
     /// Receives every console line from now on.
     pub fn subscribe_console(&self) -> Receiver<ConsoleLine> {
@@ -243,6 +289,12 @@ impl MmioBus {
                 return Ok(MmioAction::Exception(report));
             }
             abi::SYS_NOP => {}
+            abi::NET_BASE..abi::NET_END if self.net.get().is_some() => {
+                return self
+                    .net
+                    .get()
+                    .map_or(Ok(MmioAction::Continue), |n| n.write(vcpu, gpa, data, mem));
+            }
             abi::SYS_IDLE => {
                 if len != 8 {
                     return Err(bad("SYS_IDLE"));

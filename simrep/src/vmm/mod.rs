@@ -16,6 +16,8 @@
 //! * [`devices`]: the MMIO dispatcher, console and system device.
 //! * [`block`]: the block device (a host file behind a per-epoch write
 //!   buffer).
+//! * [`net`]: the paravirtual network device (client TCP connections,
+//!   request/response rings in guest memory, the output gate).
 //! * [`boot`], [`elf`]: page tables, GDT, long-mode register state and the
 //!   ELF loader for the guest image.
 //! * [`run`](mod@run): `simrep run`: boot the guest with a workload and run it until
@@ -28,6 +30,7 @@ pub mod boot;
 pub mod devices;
 pub mod elf;
 pub mod memory;
+pub mod net;
 pub mod run;
 pub mod vcpu;
 pub mod vm;
@@ -55,7 +58,7 @@ unsafe impl vm_memory::ByteValued for abi::ExceptionReport {}
 
 const _: () = assert!(size_of::<abi::ChurnParams>() == 24);
 const _: () = assert!(size_of::<abi::SelftestParams>() == 8);
-const _: () = assert!(size_of::<abi::BootParams>() == 72 + 56 + 24 + 56);
+const _: () = assert!(size_of::<abi::BootParams>() == 72 + 56 + 24 + 56 + 16);
 const _: () = assert!(size_of::<abi::VcpuStatus>() == 64);
 const _: () = assert!(size_of::<abi::ExceptionReport>() == 72);
 const _: () = assert!(size_of::<abi::ExceptionReport>() <= 0x60);
@@ -100,6 +103,9 @@ pub enum VmmError {
     /// writing it at the end of the run failed.
     #[error(transparent)]
     Disk(#[from] block::BlockError),
+    /// The network service could not start.
+    #[error(transparent)]
+    Net(#[from] net::NetError),
     /// The guest made no progress for too long.
     #[error("guest made no progress for {seconds} s (runaway or hung guest)")]
     NoProgress {

@@ -5,6 +5,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::abi::{self, fault, workload, BootParams, ChurnParams, SelftestParams, VcpuStatus};
@@ -31,6 +32,17 @@ pub enum Workload {
     /// Test the block device: pattern, append-only log, error probes,
     /// throughput (needs `--disk`).
     Disk,
+    /// The key-value service on the network device.
+    Kv,
+    /// The banking service on the network device.
+    Bank,
+}
+
+impl Workload {
+    /// Whether the workload serves clients over the network device.
+    pub fn uses_network(self) -> bool {
+        matches!(self, Workload::Kv | Workload::Bank)
+    }
 }
 
 impl FromStr for Workload {
@@ -42,8 +54,10 @@ impl FromStr for Workload {
             "touch" => Ok(Workload::Touch),
             "random" => Ok(Workload::Random),
             "disk" => Ok(Workload::Disk),
+            "kv" => Ok(Workload::Kv),
+            "bank" => Ok(Workload::Bank),
             _ => Err(format!(
-                "unknown workload `{s}` (expected churn, selftest, touch, random or disk)"
+                "unknown workload `{s}` (expected churn, selftest, kv, bank, random, disk or touch)"
             )),
         }
     }
@@ -57,6 +71,8 @@ impl fmt::Display for Workload {
             Workload::Touch => "touch",
             Workload::Random => "random",
             Workload::Disk => "disk",
+            Workload::Kv => "kv",
+            Workload::Bank => "bank",
         })
     }
 }
@@ -220,6 +236,18 @@ pub struct RunOptions {
     /// When the disk's write buffer reaches the file (replication sets
     /// [`FlushPolicy::Replicated`] before the vCPUs start).
     pub disk_policy: FlushPolicy,
+    // --- net ---
+    /// `kv` / `bank`: address the service listens on.
+    pub bind: std::net::IpAddr,
+    /// `kv` / `bank`: TCP port (0: an ephemeral port, logged).
+    pub port: u16,
+    /// `kv`: bytes of heap for the data (`None`: all the rings leave).
+    pub kv_data_bytes: Option<u64>,
+    /// `bank`: number of accounts.
+    pub bank_accounts: u32,
+    /// `bank`: history records kept per account.
+    pub bank_history: u32,
+    // --- end net ---
 }
 
 /// Parameters of the `disk` workload (layout: the log region first, then
@@ -288,6 +316,11 @@ impl Default for RunOptions {
             disk: None,
             disk_test: DiskOptions::default(),
             disk_policy: FlushPolicy::default(),
+            bind: std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+            port: 7000,
+            kv_data_bytes: None,
+            bank_accounts: 10_000,
+            bank_history: 32,
         }
     }
 }
@@ -307,6 +340,8 @@ impl RunOptions {
                 Workload::Touch => workload::TOUCH,
                 Workload::Random => workload::RANDOM,
                 Workload::Disk => workload::DISK,
+                Workload::Kv => workload::KV,
+                Workload::Bank => workload::BANK,
             },
             lapic_timer_count: match self.timer_hz {
                 0 => 0,
@@ -340,6 +375,13 @@ impl RunOptions {
                 reserved: 0,
             },
             disk: self.disk_test.params(),
+            kv: abi::KvParams {
+                data_bytes: self.kv_data_bytes.unwrap_or(0),
+            },
+            bank: abi::BankParams {
+                accounts: self.bank_accounts,
+                history_per_account: self.bank_history,
+            },
         }
     }
 }
@@ -408,7 +450,7 @@ pub fn boot(opts: &RunOptions) -> Result<Vm, VmmError> {
 ///
 /// As [`boot()`], plus [`VmmError::Config`] for a bad image.
 pub fn boot_image(opts: &RunOptions, image: &[u8]) -> Result<Vm, VmmError> {
-    boot_image_with(opts, image, None)
+    boot_image_with(opts, image, None, |_| Ok(()))
 }
 
 /// [`boot()`] with dirty tracking in `mode` on from the first guest
@@ -419,15 +461,19 @@ pub fn boot_image(opts: &RunOptions, image: &[u8]) -> Result<Vm, VmmError> {
 ///
 /// As [`boot()`], plus [`VmmError::Vm`] when KVM refuses the mode.
 pub fn boot_tracked(opts: &RunOptions, mode: DirtyMode) -> Result<(Vm, DirtyTracker), VmmError> {
-    let vm = boot_image_with(opts, GUEST_ELF, Some(mode))?;
+    let vm = boot_image_with(opts, GUEST_ELF, Some(mode), |_| Ok(()))?;
     let tracker = vm.dirty_tracker()?;
     Ok((vm, tracker))
 }
 
+/// The one boot path: check the options, open the disk, create the VM
+/// (with dirty tracking in `dirty` from the first instruction), load the
+/// guest, let `attach` add devices, start the vCPUs.
 fn boot_image_with(
     opts: &RunOptions,
     image: &[u8],
     dirty: Option<DirtyMode>,
+    attach: impl FnOnce(&Vm) -> Result<(), VmmError>,
 ) -> Result<Vm, VmmError> {
     boot::check_config(opts.mem_bytes, opts.vcpus)?;
     let disk = match &opts.disk {
@@ -448,6 +494,7 @@ fn boot_image_with(
     let tsc_khz = vm.tsc_khz()?;
     let params = opts.boot_params(tsc_khz);
     let entry = boot::setup_memory(vm.memory(), image, &params)?;
+    attach(&vm)?;
     let vcpus = opts.vcpus;
     vm.start(|id, sregs| {
         (
@@ -474,6 +521,65 @@ fn path_of(dev: &BlockDevice) -> String {
         .unwrap_or_default()
 }
 
+// --- net ---
+
+/// [`boot()`] for `run`: with `kv` or `bank`, binds the service port (or
+/// takes `listener`), attaches the network device with an
+/// [`ImmediateGate`](super::net::ImmediateGate) before the vCPUs start, and
+/// logs the address.
+///
+/// # Errors
+///
+/// As [`boot()`], plus [`VmmError::Net`].
+pub fn boot_service(
+    opts: &RunOptions,
+    listener: Option<std::net::TcpListener>,
+) -> Result<(Vm, Option<super::net::NetService>), VmmError> {
+    use super::net::{ImmediateGate, NetDevice, NetError, NetService, OutputGate};
+    if !opts.workload.uses_network() {
+        return Ok((boot(opts)?, None));
+    }
+    let listener = match listener {
+        Some(l) => l,
+        None => std::net::TcpListener::bind((opts.bind, opts.port)).map_err(|source| {
+            NetError::Listen {
+                addr: std::net::SocketAddr::new(opts.bind, opts.port).to_string(),
+                source,
+            }
+        })?,
+    };
+    let mut service = None;
+    let vm = boot_with(opts, GUEST_ELF, |vm| {
+        let dev = NetDevice::new(vm.bus().wakers().clone(), |d| {
+            Arc::new(ImmediateGate::new(d)) as Arc<dyn OutputGate>
+        });
+        vm.bus().attach_net(dev.clone());
+        service = Some(NetService::start(listener, dev)?);
+        Ok(())
+    })?;
+    if let Some(s) = &service {
+        let addr = s.local_addr();
+        tracing::info!(workload = %opts.workload, %addr, "net: listening on {addr}");
+    }
+    Ok((vm, service))
+}
+
+/// [`boot_image`] with a hook that runs after the VM and its memory exist
+/// and before the vCPUs start (to attach devices).
+///
+/// # Errors
+///
+/// As [`boot_image`], plus the hook's error.
+pub fn boot_with(
+    opts: &RunOptions,
+    image: &[u8],
+    attach: impl FnOnce(&Vm) -> Result<(), VmmError>,
+) -> Result<Vm, VmmError> {
+    boot_image_with(opts, image, None, attach)
+}
+
+// --- end net ---
+
 /// The progress counter of vCPU `cpu` (churn: pages written).
 ///
 /// # Errors
@@ -498,7 +604,22 @@ fn all_progress(vm: &Vm, vcpus: u32) -> Result<Vec<u64>, VmmError> {
 /// failed); [`VmmError::GuestFailed`] for a nonzero guest exit status;
 /// [`VmmError::NoProgress`] when the watchdog fires.
 pub fn run(opts: &RunOptions, stop: &AtomicBool) -> Result<RunSummary, VmmError> {
-    let mut vm = boot(opts)?;
+    run_with_listener(opts, stop, None)
+}
+
+/// [`run()`] with the service's listening socket already bound (tests bind
+/// port 0 and read the address first). `None`: `kv` and `bank` bind
+/// `opts.bind:opts.port`; other workloads have no network device.
+///
+/// # Errors
+///
+/// As [`run()`], plus [`VmmError::Net`] when the port cannot be bound.
+pub fn run_with_listener(
+    opts: &RunOptions,
+    stop: &AtomicBool,
+    listener: Option<std::net::TcpListener>,
+) -> Result<RunSummary, VmmError> {
+    let (mut vm, net) = boot_service(opts, listener)?;
     let start = Instant::now();
     let n = opts.vcpus as usize;
     let mut outcomes: Vec<Option<VcpuOutcome>> = vec![None; n];
@@ -544,6 +665,19 @@ pub fn run(opts: &RunOptions, stop: &AtomicBool) -> Result<RunSummary, VmmError>
     if block.capacity() > 0 {
         tracing::info!(stats = ?block.stats(), "disk");
     }
+    if let Some(mut net) = net {
+        net.shutdown();
+        let s = net.device().stats();
+        tracing::info!(
+            connections = s.connections,
+            dropped = s.dropped_connections,
+            requests = s.requests,
+            responses = s.responses,
+            exits = s.notify_exits + s.wait_exits,
+            exits_per_response = format_args!("{:.3}", s.exits_per_response()),
+            "net: service stopped"
+        );
+    }
     let outcomes: Vec<VcpuOutcome> = outcomes
         .into_iter()
         .map(|o| o.unwrap_or(VcpuOutcome::Stopped))
@@ -587,6 +721,9 @@ mod tests {
         assert!("kv".parse::<Workload>().is_err());
         assert_eq!("touch".parse(), Ok(Workload::Touch));
         assert_eq!("random".parse(), Ok(Workload::Random));
+        assert_eq!("kv".parse(), Ok(Workload::Kv));
+        assert_eq!("bank".parse(), Ok(Workload::Bank));
+        assert!("kvx".parse::<Workload>().is_err());
         assert_eq!("ud".parse(), Ok(Fault::InvalidOpcode));
         assert!("int3".parse::<Fault>().is_err());
     }

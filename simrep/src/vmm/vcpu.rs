@@ -153,6 +153,12 @@ pub enum VcpuCommand {
     Pause,
     /// End the thread.
     Exit,
+    // --- net ---
+    /// A device has work for a vCPU waiting in [`MmioAction::Wait`]: end
+    /// the wait. Ignored in any other state (sent through [`VcpuWakers`],
+    /// without a kick).
+    Wake,
+    // --- end net ---
 }
 
 /// A vCPU thread's answer to [`VcpuCommand::Pause`] / [`VcpuCommand::Resume`].
@@ -277,6 +283,9 @@ enum Stop {
     Error(VcpuError),
     /// Wait for a command for at most this long, then run again.
     Idle(Duration),
+    /// Wait for a command (a [`VcpuCommand::Wake`] from a device) for at
+    /// most this long, let the devices finish the wait, then run again.
+    Wait(Duration),
 }
 
 impl VcpuHandle {
@@ -374,6 +383,11 @@ impl VcpuHandle {
         self.acks.recv_timeout(timeout).ok()
     }
 
+    /// A sender for [`VcpuWakers`] (net).
+    pub(crate) fn wake_sender(&self) -> Sender<VcpuCommand> {
+        self.commands.clone()
+    }
+
     /// Tells the thread to exit and joins it.
     pub fn stop(&mut self) {
         self.send(VcpuCommand::Exit);
@@ -388,6 +402,38 @@ impl Drop for VcpuHandle {
         self.stop();
     }
 }
+
+// --- net: waking vCPUs that wait for a device ---
+
+/// Wakes vCPUs that wait in [`MmioAction::Wait`] (a device's `NET_WAIT`):
+/// one command sender per started vCPU, filled by [`super::vm::Vm::start`].
+#[derive(Debug, Default)]
+pub struct VcpuWakers {
+    senders: std::sync::Mutex<Vec<Option<Sender<VcpuCommand>>>>,
+}
+
+impl VcpuWakers {
+    /// Registers vCPU `vcpu`'s command channel.
+    pub(crate) fn register(&self, vcpu: u32, tx: Sender<VcpuCommand>) {
+        let mut s = self.senders.lock().unwrap_or_else(|e| e.into_inner());
+        let i = vcpu as usize;
+        if s.len() <= i {
+            s.resize(i + 1, None);
+        }
+        s[i] = Some(tx);
+    }
+
+    /// Sends [`VcpuCommand::Wake`] to vCPU `vcpu` (nothing if it has not
+    /// started or has ended).
+    pub fn wake(&self, vcpu: u32) {
+        let s = self.senders.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(Some(tx)) = s.get(vcpu as usize) {
+            let _ = tx.send(VcpuCommand::Wake);
+        }
+    }
+}
+
+// --- end net ---
 
 impl VcpuThread {
     fn main(&mut self) -> Result<VcpuOutcome, VcpuError> {
@@ -446,6 +492,7 @@ impl VcpuThread {
                 let _ = self.acks.send(VcpuAck::Resumed);
             }
             VcpuCommand::Exit => return Ok(Some(VcpuOutcome::Stopped)),
+            VcpuCommand::Wake => {}
         }
         Ok(None)
     }
@@ -485,6 +532,23 @@ impl VcpuThread {
                         }
                     }
                     Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => return Ok(VcpuOutcome::Stopped),
+                },
+                Some(Stop::Wait(d)) => match self.commands.recv_timeout(d) {
+                    Ok(VcpuCommand::Wake) | Err(RecvTimeoutError::Timeout) => {
+                        if let Err(source) = self.bus.wait_done(self.id, &self.mem) {
+                            return Err(VcpuError::Device {
+                                vcpu: self.id,
+                                rip: self.rip(),
+                                source,
+                            });
+                        }
+                    }
+                    Ok(cmd) => {
+                        if let Some(out) = self.command(cmd, &mut running)? {
+                            return Ok(out);
+                        }
+                    }
                     Err(RecvTimeoutError::Disconnected) => return Ok(VcpuOutcome::Stopped),
                 },
             }
@@ -575,6 +639,7 @@ impl VcpuThread {
         match dispatched {
             Ok(MmioAction::Continue) => Ok(None),
             Ok(MmioAction::Idle(d)) => Ok(Some(Stop::Idle(d))),
+            Ok(MmioAction::Wait(d)) => Ok(Some(Stop::Wait(d))),
             Ok(MmioAction::Exit(status)) => Ok(Some(Stop::Outcome(VcpuOutcome::GuestExit(status)))),
             Ok(MmioAction::Exception(report)) => Ok(Some(Stop::Error(VcpuError::GuestException {
                 vcpu: id,

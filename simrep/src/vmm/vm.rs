@@ -381,6 +381,7 @@ impl Vm {
                 self.dirty_rings.clone(),
             )
             .map_err(|source| VmError::Thread { vcpu: id, source })?;
+            self.bus.wakers().register(id, handle.wake_sender());
             self.vcpus.push(handle);
         }
         self.resume_all_and_wait()
