@@ -39,8 +39,7 @@ const HEAD: u64 = 0;
 /// Node header bytes before `next[]`.
 const NODE_HEADER: u64 = 16;
 
-/// A change to the store, as the block-device log will record it.
-#[allow(dead_code)] // read by the block-device log once it exists
+/// A change to the store, as the block-device log records it.
 pub enum Mutation<'a> {
     /// `key` now holds `value`.
     Put {
@@ -56,10 +55,84 @@ pub enum Mutation<'a> {
     },
 }
 
-/// The mutation hook: called once for every PUT or DEL that changed the
-/// store, after the change and before its response is written. The block
-/// device's append-only log goes here (another part of issue 3).
-fn on_mutation(_m: &Mutation<'_>) {}
+/// Log record kinds.
+const REC_PUT: u8 = 1;
+const REC_DEL: u8 = 2;
+/// Record header: kind u8, key length u16, value length u32.
+const REC_HEADER: usize = 7;
+/// Bytes of the record buffer (also the replay scratch: the longest record
+/// plus the log's own header, in whole sectors).
+const REC_BUF: usize = 72 * 1024;
+
+/// The append-only log of every change on the block device (when the VM
+/// has a disk). Record: `kind u8 (1 PUT, 2 DEL), key_len u16, value_len
+/// u32, key, value`, little-endian, inside the block driver's checksummed
+/// log records. On start the log is replayed into the empty store, so a
+/// restarted guest (or one restored on a backup with the disk) has its
+/// data back.
+struct LogSink {
+    log: crate::block::Log,
+    rec: &'static mut [u8],
+    full: bool,
+}
+
+impl LogSink {
+    /// The mutation hook: called once for every PUT or DEL that changed the
+    /// store, after the change and before its response is written. The
+    /// record reaches the VMM's write buffer at once (under replication it
+    /// travels with the epoch's checkpoint); a full log is reported once
+    /// and later changes are no longer persisted.
+    fn record(&mut self, m: &Mutation<'_>) {
+        if self.full {
+            return;
+        }
+        let (kind, key, value): (u8, &[u8], &[u8]) = match m {
+            Mutation::Put { key, value } => (REC_PUT, key, value),
+            Mutation::Del { key } => (REC_DEL, key, &[]),
+        };
+        let n = REC_HEADER + key.len() + value.len();
+        self.rec[0] = kind;
+        self.rec[1..3].copy_from_slice(&(key.len() as u16).to_le_bytes());
+        self.rec[3..7].copy_from_slice(&(value.len() as u32).to_le_bytes());
+        self.rec[REC_HEADER..REC_HEADER + key.len()].copy_from_slice(key);
+        self.rec[REC_HEADER + key.len()..n].copy_from_slice(value);
+        match self.log.append(&self.rec[..n]) {
+            Ok(()) => {}
+            Err(crate::block::Error::LogFull) => {
+                self.full = true;
+                println!(
+                    "kv: the disk log is full after {} records; later changes are not persisted",
+                    self.log.records()
+                );
+            }
+            Err(e) => {
+                self.full = true;
+                println!("kv: disk log write failed ({e:?}); later changes are not persisted");
+            }
+        }
+    }
+}
+
+/// Parses a log record into a mutation.
+fn parse_record(r: &[u8]) -> Option<Mutation<'_>> {
+    if r.len() < REC_HEADER {
+        return None;
+    }
+    let klen = usize::from(u16::from_le_bytes([r[1], r[2]]));
+    let vlen = u32::from_le_bytes([r[3], r[4], r[5], r[6]]) as usize;
+    if r.len() != REC_HEADER + klen + vlen {
+        return None;
+    }
+    let key = &r[REC_HEADER..REC_HEADER + klen];
+    match r[0] {
+        REC_PUT => Some(Mutation::Put {
+            key,
+            value: &r[REC_HEADER + klen..],
+        }),
+        REC_DEL if vlen == 0 => Some(Mutation::Del { key }),
+        _ => None,
+    }
+}
 
 /// The arena and its allocator.
 struct Arena {
@@ -146,6 +219,7 @@ struct Kv {
     level: usize,
     rng: u64,
     keys: u64,
+    log: Option<LogSink>,
 }
 
 fn node_size(height: usize, key_len: usize) -> u64 {
@@ -168,6 +242,7 @@ impl Kv {
             level: 1,
             rng: 0x2545_f491_4f6c_dd1d,
             keys: 0,
+            log: None,
         })
     }
 
@@ -359,17 +434,21 @@ impl Service for Kv {
             op::PUT if key_ok => {
                 let st = self.put(req.key, req.value);
                 if st == status::OK {
-                    on_mutation(&Mutation::Put {
-                        key: req.key,
-                        value: req.value,
-                    });
+                    if let Some(log) = &mut self.log {
+                        log.record(&Mutation::Put {
+                            key: req.key,
+                            value: req.value,
+                        });
+                    }
                 }
                 (st, 0)
             }
             op::DEL if key_ok => {
                 let st = self.del(req.key);
                 if st == status::OK {
-                    on_mutation(&Mutation::Del { key: req.key });
+                    if let Some(log) = &mut self.log {
+                        log.record(&Mutation::Del { key: req.key });
+                    }
                 }
                 (st, 0)
             }
@@ -399,6 +478,18 @@ pub fn main(cpu: u64, bp: &BootParams, st: *mut VcpuStatus) -> ! {
         println!("kv: no memory for the network rings");
         exit(4)
     };
+    let disk_sectors = crate::block::capacity();
+    let rec = if disk_sectors > 0 {
+        let Some(at) = heap.alloc(REC_BUF as u64, crate::abi::PAGE_SIZE) else {
+            println!("kv: no memory for the disk log buffer");
+            exit(4)
+        };
+        // SAFETY: a heap block handed out once, mapped writable at CPL3,
+        // used only through this slice.
+        Some(unsafe { core::slice::from_raw_parts_mut(at as *mut u8, REC_BUF) })
+    } else {
+        None
+    };
     let avail = heap.remaining().saturating_sub(crate::abi::PAGE_SIZE);
     let want = if bp.kv.data_bytes == 0 {
         avail
@@ -416,6 +507,39 @@ pub fn main(cpu: u64, bp: &BootParams, st: *mut VcpuStatus) -> ! {
         println!("kv: {want} bytes are too few for the store");
         exit(4)
     };
+    if let Some(rec) = rec {
+        let mut log = crate::block::Log::new(0, disk_sectors);
+        let (mut puts, mut dels, mut bad) = (0u64, 0u64, 0u64);
+        let replayed = log.replay(rec, |_, r| match parse_record(r) {
+            Some(Mutation::Put { key, value }) => {
+                if kv.put(key, value) == status::OK {
+                    puts += 1;
+                } else {
+                    bad += 1;
+                }
+            }
+            Some(Mutation::Del { key }) => {
+                let _ = kv.del(key);
+                dels += 1;
+            }
+            None => bad += 1,
+        });
+        match replayed {
+            Ok(n) => println!(
+                "kv: disk log of {disk_sectors} sectors: replayed {n} records ({puts} puts, {dels} deletes, {bad} not applied), {} keys",
+                kv.keys
+            ),
+            Err(e) => {
+                println!("kv: cannot read the disk log: {e:?}");
+                exit(4)
+            }
+        }
+        kv.log = Some(LogSink {
+            log,
+            rec,
+            full: false,
+        });
+    }
     println!(
         "kv: serving with {} MiB of data memory at {base:#x}",
         want >> 20

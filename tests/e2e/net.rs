@@ -830,3 +830,67 @@ fn measure_kv_native_closed_loop() {
     drop(net);
     vm.shutdown();
 }
+
+/// With a disk, `kv` logs every change and a new guest on the same disk
+/// replays the log: puts, overwrites and deletes all survive the restart.
+#[test]
+fn kv_changes_survive_a_restart_through_the_disk_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("kv.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let with_disk = || RunOptions {
+        disk: Some(disk.clone()),
+        ..opts(Workload::Kv)
+    };
+    let big = pseudo_random(7, 60_000);
+    let server = Server::start(with_disk());
+    let mut c = Client::connect(server.addr);
+    for i in 0..200u32 {
+        let v = format!("value-{i}");
+        assert_eq!(
+            c.call(op::PUT, format!("k{i:03}").as_bytes(), v.as_bytes())
+                .0,
+            status::OK
+        );
+    }
+    assert_eq!(c.call(op::PUT, b"k007", b"overwritten").0, status::OK);
+    assert_eq!(c.call(op::DEL, b"k010", b"").0, status::OK);
+    assert_eq!(c.call(op::PUT, b"big", &big).0, status::OK);
+    drop(c);
+    server.finish();
+
+    let server = Server::start(with_disk());
+    let mut c = Client::connect(server.addr);
+    assert_eq!(
+        c.call(op::GET, b"k007", b""),
+        (status::OK, b"overwritten".to_vec())
+    );
+    assert_eq!(c.call(op::GET, b"k010", b"").0, status::NOT_FOUND);
+    assert_eq!(c.call(op::GET, b"big", b""), (status::OK, big.clone()));
+    for i in (0..200u32).filter(|i| *i != 7 && *i != 10) {
+        assert_eq!(
+            c.call(op::GET, format!("k{i:03}").as_bytes(), b""),
+            (status::OK, format!("value-{i}").into_bytes()),
+            "key k{i:03}"
+        );
+    }
+    // The restarted guest keeps logging after the replayed records.
+    assert_eq!(c.call(op::PUT, b"after", b"restart").0, status::OK);
+    drop(c);
+    server.finish();
+    let server = Server::start(with_disk());
+    let mut c = Client::connect(server.addr);
+    assert_eq!(
+        c.call(op::GET, b"after", b""),
+        (status::OK, b"restart".to_vec())
+    );
+    assert_eq!(
+        c.call(op::GET, b"k199", b""),
+        (status::OK, b"value-199".to_vec())
+    );
+    drop(c);
+    server.finish();
+}
