@@ -26,6 +26,7 @@ pub mod devices;
 pub mod elf;
 pub mod memory;
 pub mod run;
+pub mod state;
 pub mod vcpu;
 pub mod vm;
 
@@ -82,6 +83,9 @@ pub enum VmmError {
     /// Reading guest memory failed.
     #[error("cannot read guest memory")]
     Memory(#[from] memory::MemoryError),
+    /// Saving, restoring or checkpointing VM state failed.
+    #[error(transparent)]
+    State(#[from] state::StateError),
     /// The guest made no progress for too long.
     #[error("guest made no progress for {seconds} s (runaway or hung guest)")]
     NoProgress {

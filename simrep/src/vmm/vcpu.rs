@@ -28,6 +28,10 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 use super::abi::{self, ExceptionReport};
 use super::devices::{DeviceError, MmioAction, MmioBus};
 use super::memory::GuestMemory;
+use super::state::{StateError, VcpuSnapshot};
+
+/// Where a vCPU thread leaves its answer to [`VcpuCommand::Save`].
+type SaveSlot = Arc<std::sync::Mutex<Option<Result<VcpuSnapshot, StateError>>>>;
 
 /// Errors of a vCPU: the guest misbehaved or KVM failed.
 #[derive(Debug, thiserror::Error)]
@@ -143,6 +147,9 @@ pub enum VcpuCommand {
     Pause,
     /// End the thread.
     Exit,
+    /// Save the vCPU's state (only while Paused); answered with
+    /// [`VcpuAck::Saved`], the state taken with [`VcpuHandle::take_saved`].
+    Save,
 }
 
 /// A vCPU thread's answer to [`VcpuCommand::Pause`] / [`VcpuCommand::Resume`].
@@ -152,6 +159,8 @@ pub enum VcpuAck {
     Paused,
     /// About to enter `KVM_RUN`.
     Resumed,
+    /// The answer to [`VcpuCommand::Save`] is ready.
+    Saved,
 }
 
 /// The observable state of a vCPU.
@@ -240,6 +249,7 @@ pub struct VcpuHandle {
     acks: Receiver<VcpuAck>,
     state: Arc<AtomicU8>,
     thread: Option<JoinHandle<()>>,
+    saved: SaveSlot,
 }
 
 /// Everything a vCPU thread owns.
@@ -254,6 +264,7 @@ struct VcpuThread {
     /// The last `KVM_RUN` returned an exit that KVM has not completed yet
     /// (it does so at the next `KVM_RUN`).
     exit_pending: bool,
+    saved: SaveSlot,
 }
 
 /// What the run loop does after one `KVM_RUN`, besides running again.
@@ -284,6 +295,8 @@ impl VcpuHandle {
         let (ack_tx, ack_rx) = std::sync::mpsc::channel();
         let state = Arc::new(AtomicU8::new(VcpuState::Paused as u8));
         let thread_state = state.clone();
+        let saved = SaveSlot::default();
+        let thread_saved = saved.clone();
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
             .spawn(move || {
@@ -296,6 +309,7 @@ impl VcpuHandle {
                     acks: ack_tx,
                     state: thread_state,
                     exit_pending: false,
+                    saved: thread_saved,
                 };
                 let result = t.main();
                 t.state.store(VcpuState::Exited as u8, Ordering::Release);
@@ -307,6 +321,7 @@ impl VcpuHandle {
             acks: ack_rx,
             state,
             thread: Some(thread),
+            saved,
         })
     }
 
@@ -326,7 +341,7 @@ impl VcpuHandle {
         if self.commands.send(cmd).is_err() {
             return false;
         }
-        if cmd != VcpuCommand::Resume {
+        if cmd != VcpuCommand::Resume && cmd != VcpuCommand::Save {
             if let Some(t) = &self.thread {
                 // ESRCH when the thread just ended: nothing to kick.
                 let _ = t.kill(kick_signal());
@@ -340,6 +355,12 @@ impl VcpuHandle {
     /// [`Self::state`]).
     pub fn wait_ack(&self, timeout: Duration) -> Option<VcpuAck> {
         self.acks.recv_timeout(timeout).ok()
+    }
+
+    /// Takes the answer to the last [`VcpuCommand::Save`] (after
+    /// [`VcpuAck::Saved`]).
+    pub fn take_saved(&self) -> Option<Result<VcpuSnapshot, StateError>> {
+        self.saved.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 
     /// Tells the thread to exit and joins it.
@@ -414,6 +435,19 @@ impl VcpuThread {
                 let _ = self.acks.send(VcpuAck::Resumed);
             }
             VcpuCommand::Exit => return Ok(Some(VcpuOutcome::Stopped)),
+            VcpuCommand::Save => {
+                let result = if *running {
+                    Err(StateError::NotPaused {
+                        vcpu: self.id,
+                        state: VcpuState::Running,
+                    })
+                } else {
+                    // Paused: the last exit was completed by the Pause.
+                    super::state::save_vcpu(&self.fd, self.id)
+                };
+                *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(result);
+                let _ = self.acks.send(VcpuAck::Saved);
+            }
         }
         Ok(None)
     }
