@@ -22,6 +22,7 @@
 #[path = "../../../simrep-guest/src/abi.rs"]
 pub mod abi;
 pub mod boot;
+pub mod checkpoint;
 pub mod devices;
 pub mod elf;
 pub mod memory;

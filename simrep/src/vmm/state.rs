@@ -1308,4 +1308,4 @@ pub fn copy_memory(from: &GuestMemory, to: &GuestMemory) -> Result<(), StateErro
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
