@@ -87,6 +87,9 @@ pub enum VmmError {
     /// Saving, restoring or checkpointing VM state failed.
     #[error(transparent)]
     State(#[from] state::StateError),
+    /// Writing or reading a checkpoint directory failed.
+    #[error(transparent)]
+    Checkpoint(#[from] checkpoint::CheckpointError),
     /// The guest made no progress for too long.
     #[error("guest made no progress for {seconds} s (runaway or hung guest)")]
     NoProgress {

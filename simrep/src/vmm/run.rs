@@ -309,7 +309,24 @@ fn all_progress(vm: &Vm, vcpus: u32) -> Result<Vec<u64>, VmmError> {
 /// failed); [`VmmError::GuestFailed`] for a nonzero guest exit status;
 /// [`VmmError::NoProgress`] when the watchdog fires.
 pub fn run(opts: &RunOptions, stop: &AtomicBool) -> Result<RunSummary, VmmError> {
-    let mut vm = boot(opts)?;
+    let vm = boot(opts)?;
+    supervise(vm, opts, stop, &mut |_| Ok(()))
+}
+
+/// Runs a started (or restored and resumed) `vm` until every vCPU has
+/// ended or `stop` is set, calling `tick` about every 50 ms (checkpoints
+/// hook in there), then stops the VM. Of `opts`, only `vcpus` and
+/// `watchdog` matter.
+///
+/// # Errors
+///
+/// As [`run`], plus the error of `tick`.
+pub fn supervise(
+    mut vm: Vm,
+    opts: &RunOptions,
+    stop: &AtomicBool,
+    tick: &mut dyn FnMut(&Vm) -> Result<(), VmmError>,
+) -> Result<RunSummary, VmmError> {
     let start = Instant::now();
     let n = opts.vcpus as usize;
     let mut outcomes: Vec<Option<VcpuOutcome>> = vec![None; n];
@@ -319,6 +336,10 @@ pub fn run(opts: &RunOptions, stop: &AtomicBool) -> Result<RunSummary, VmmError>
         if stop.load(Ordering::Relaxed) {
             interrupted = true;
             break;
+        }
+        if let Err(e) = tick(&vm) {
+            vm.shutdown();
+            return Err(e);
         }
         if let Some(ev) = vm.wait_exit(Duration::from_millis(50)) {
             match ev.result {
