@@ -17,8 +17,8 @@ use simrep::compress::CodecSpec;
 use simrep::trace::analysis::{self, AnalysisError, AnalyzeOptions, CodecChoice};
 use simrep::trace::capture::{self, CaptureError, CaptureOptions};
 use simrep::trace::replay::Replay;
-use simrep::vmm::run::{parse_size, ChurnOptions, Fault, Workload};
 use simrep::vmm::checkpoint::{self, CheckpointError, CheckpointOptions, Checkpointer};
+use simrep::vmm::run::{parse_size, ChurnOptions, Fault, Workload};
 use simrep::vmm::{vm::VmError, RunOptions, VmmError};
 
 const EXIT_HELP: &str = "\
@@ -481,8 +481,7 @@ fn checkpointer(
     let request = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGUSR1, Arc::clone(&request))
         .context("installing the SIGUSR1 handler")?;
-    let c = Checkpointer::new(CheckpointOptions { dir, every }, request)
-        .map_err(VmmError::from)?;
+    let c = Checkpointer::new(CheckpointOptions { dir, every }, request).map_err(VmmError::from)?;
     Ok(Some(c))
 }
 

@@ -53,8 +53,8 @@ use serde::{Deserialize, Serialize};
 
 use super::abi::{LARGE_PAGE_SIZE, PAGE_SIZE};
 use super::memory::GuestMemory;
-use super::state::{RestoreTimes, StateError, VmSnapshot, MAX_STATE_BYTES};
 use super::run::{supervise, RunOptions, RunSummary};
+use super::state::{RestoreTimes, StateError, VmSnapshot, MAX_STATE_BYTES};
 use super::vm::Vm;
 use super::VmmError;
 
@@ -516,7 +516,10 @@ pub fn load(dir: &Path) -> Result<Loaded, CheckpointError> {
     };
     let manifest: Manifest = serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
     if manifest.format != FORMAT_NAME {
-        return Err(bad(format!("format is `{}`, not `{FORMAT_NAME}`", manifest.format)));
+        return Err(bad(format!(
+            "format is `{}`, not `{FORMAT_NAME}`",
+            manifest.format
+        )));
     }
     if manifest.version != FORMAT_VERSION {
         return Err(bad(format!(
@@ -524,7 +527,10 @@ pub fn load(dir: &Path) -> Result<Loaded, CheckpointError> {
             manifest.version
         )));
     }
-    for (entry, name) in [(&manifest.state, STATE_FILE), (&manifest.memory, MEMORY_FILE)] {
+    for (entry, name) in [
+        (&manifest.state, STATE_FILE),
+        (&manifest.memory, MEMORY_FILE),
+    ] {
         if entry.file != name {
             return Err(bad(format!("file `{}` where `{name}` belongs", entry.file)));
         }
@@ -557,7 +563,9 @@ pub fn load(dir: &Path) -> Result<Loaded, CheckpointError> {
         source,
     })?;
     if snapshot.mem_bytes != manifest.mem_bytes || snapshot.vcpu_count() != manifest.vcpus {
-        return Err(bad("memory size or vCPU count differs from the state".into()));
+        return Err(bad(
+            "memory size or vCPU count differs from the state".into()
+        ));
     }
     let mpath = path.join(MEMORY_FILE);
     let len = fs::metadata(&mpath).map_err(rerr(&mpath))?.len();
@@ -576,7 +584,8 @@ pub fn load(dir: &Path) -> Result<Loaded, CheckpointError> {
 
 /// `lseek(fd, off, whence)`, `None` at ENXIO (no more data / holes).
 fn seek(file: &File, off: u64, whence: libc::c_int) -> std::io::Result<Option<u64>> {
-    let off = libc::off_t::try_from(off).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    let off =
+        libc::off_t::try_from(off).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
     // SAFETY: lseek on a file descriptor this `File` owns; it only moves
     // the file offset.
     let r = unsafe { libc::lseek(file.as_raw_fd(), off, whence) };
@@ -604,7 +613,11 @@ pub fn load_memory(ckpt: &Loaded, mem: &GuestMemory) -> Result<(), CheckpointErr
     if mem.size() != expected.bytes {
         return Err(CheckpointError::Corrupt {
             path,
-            reason: format!("image of {} bytes for {} bytes of RAM", expected.bytes, mem.size()),
+            reason: format!(
+                "image of {} bytes for {} bytes of RAM",
+                expected.bytes,
+                mem.size()
+            ),
         });
     }
     let file = File::open(&path).map_err(rerr(&path))?;
@@ -764,16 +777,16 @@ impl Checkpointer {
         vm.pause_all()
             .map_err(|e| CheckpointError::Vm(StateError::Vm(e)))?;
         let mut copy_time = Duration::ZERO;
-        let captured = vm
-            .save_state_timed()
-            .map_err(CheckpointError::Vm)
-            .and_then(|(snap, times)| {
-                let t = Instant::now();
-                let copy = MemoryCopy::capture(vm.memory())
-                    .map_err(|e| CheckpointError::Vm(StateError::Memory(e)))?;
-                copy_time = t.elapsed();
-                Ok((snap, times, copy))
-            });
+        let captured =
+            vm.save_state_timed()
+                .map_err(CheckpointError::Vm)
+                .and_then(|(snap, times)| {
+                    let t = Instant::now();
+                    let copy = MemoryCopy::capture(vm.memory())
+                        .map_err(|e| CheckpointError::Vm(StateError::Memory(e)))?;
+                    copy_time = t.elapsed();
+                    Ok((snap, times, copy))
+                });
         let resumed = vm.resume_all();
         let paused = t0.elapsed();
         resumed.map_err(|e| CheckpointError::Vm(StateError::Vm(e)))?;

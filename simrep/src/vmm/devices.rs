@@ -5,8 +5,8 @@
 //! thread of the vCPU that made it.
 
 use std::collections::HashMap;
-use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -312,7 +312,10 @@ impl MmioBus {
     }
 
     /// Replaces the console's unfinished lines.
-    pub(crate) fn set_console_partial_lines(&self, lines: std::collections::BTreeMap<u32, Vec<u8>>) {
+    pub(crate) fn set_console_partial_lines(
+        &self,
+        lines: std::collections::BTreeMap<u32, Vec<u8>>,
+    ) {
         *self
             .console
             .partial

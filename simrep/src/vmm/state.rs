@@ -69,9 +69,9 @@ use std::time::{Duration, Instant};
 
 use kvm_bindings::{
     kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
-    kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId,
-    Msrs, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
-    KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES, KVM_MAX_MSR_ENTRIES,
+    kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+    CpuId, Msrs, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    KVM_MAX_CPUID_ENTRIES, KVM_MAX_MSR_ENTRIES,
 };
 use kvm_ioctls::{Cap, VcpuFd, VmFd};
 use vm_memory::ByteValued;
@@ -403,7 +403,9 @@ impl VmSnapshot {
 
     /// Encodes the snapshot in the byte format of the module docs.
     pub fn encode(&self) -> Vec<u8> {
-        let mut w = Writer(Vec::with_capacity(STATE_HEADER_LEN + 8192 * (self.vcpus.len() + 1)));
+        let mut w = Writer(Vec::with_capacity(
+            STATE_HEADER_LEN + 8192 * (self.vcpus.len() + 1),
+        ));
         w.0.resize(STATE_HEADER_LEN, 0);
         w.u64(self.mem_bytes);
         w.u32(self.vcpus.len() as u32);
@@ -774,7 +776,10 @@ fn drop_msr(index: u32) {
 static MSR_DROPPED: Mutex<Vec<u32>> = Mutex::new(Vec::new());
 
 fn readable_msrs() -> Result<Vec<u32>, StateError> {
-    let dropped = MSR_DROPPED.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let dropped = MSR_DROPPED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
     Ok(msr_indices()?
         .into_iter()
         .filter(|i| !dropped.contains(i))
@@ -806,7 +811,11 @@ fn get_msrs(fd: &VcpuFd, id: u32) -> Result<Vec<kvm_msr_entry>, StateError> {
         if n < chunk.len() {
             // KVM stops at the first MSR it cannot read: drop it for good
             // and go on after it.
-            tracing::warn!(vcpu = id, msr = format_args!("{:#x}", chunk[n]), "KVM_GET_MSRS refuses this MSR: not saved");
+            tracing::warn!(
+                vcpu = id,
+                msr = format_args!("{:#x}", chunk[n]),
+                "KVM_GET_MSRS refuses this MSR: not saved"
+            );
             drop_msr(chunk[n]);
             rest = &rest[n + 1..];
         } else {
@@ -837,7 +846,9 @@ pub fn save_vcpu(fd: &VcpuFd, id: u32) -> Result<VcpuSnapshot, StateError> {
         debugregs: fd.get_debug_regs().map_err(kvm(v, "KVM_GET_DEBUGREGS"))?,
         lapic: fd.get_lapic().map_err(kvm(v, "KVM_GET_LAPIC"))?,
         msrs: get_msrs(fd, id)?,
-        events: fd.get_vcpu_events().map_err(kvm(v, "KVM_GET_VCPU_EVENTS"))?,
+        events: fd
+            .get_vcpu_events()
+            .map_err(kvm(v, "KVM_GET_VCPU_EVENTS"))?,
     })
 }
 
@@ -1064,7 +1075,9 @@ impl MmioBus {
                     let mut lines = BTreeMap::new();
                     let mut r = Reader::new(bytes);
                     while r.left() > 0 {
-                        let vcpu = r.u32("console vcpu").map_err(|e| bad(name, &e.to_string()))?;
+                        let vcpu = r
+                            .u32("console vcpu")
+                            .map_err(|e| bad(name, &e.to_string()))?;
                         let line = r
                             .bytes("console line", super::abi::CONSOLE_MAX_LINE as usize)
                             .map_err(|e| bad(name, &e.to_string()))?;
@@ -1154,7 +1167,10 @@ impl Vm {
         for h in handles {
             let state = h.state();
             if state != VcpuState::Paused {
-                return Err(StateError::NotPaused { vcpu: h.id(), state });
+                return Err(StateError::NotPaused {
+                    vcpu: h.id(),
+                    state,
+                });
             }
         }
         for h in handles {

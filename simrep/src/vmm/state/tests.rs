@@ -89,7 +89,10 @@ fn round_trip() {
         let back = VmSnapshot::decode(&bytes).expect("decode");
         assert!(back == s);
         assert_eq!(back.encode(), bytes);
-        assert_eq!(back.vcpus[n as usize - 1].regs.rip, 0x10_0000 + u64::from(n - 1));
+        assert_eq!(
+            back.vcpus[n as usize - 1].regs.rip,
+            0x10_0000 + u64::from(n - 1)
+        );
         assert_eq!(back.devices["blk"], vec![9; 300]);
     }
 }
