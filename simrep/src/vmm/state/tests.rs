@@ -37,9 +37,11 @@ pub(crate) fn sample_snapshot(vcpus: u32) -> VmSnapshot {
                     ..Default::default()
                 };
                 regs.rax = 0xdead_beef;
-                let mut sregs = kvm_sregs::default();
-                sregs.cr0 = 0x8000_0011;
-                sregs.efer = 0x500;
+                let sregs = kvm_sregs {
+                    cr0: 0x8000_0011,
+                    efer: 0x500,
+                    ..Default::default()
+                };
                 let mut xsave = kvm_xsave::default();
                 xsave.region[3] = 0x55;
                 let mut lapic = kvm_lapic_state::default();
