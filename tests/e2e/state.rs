@@ -128,6 +128,20 @@ fn in_process_restore_continues_the_guest() {
     eprintln!("in-process restore of 64 MiB: {times:?}");
     // Saving the restored, still paused VM gives back the same registers.
     let again = vm2.save_state().expect("save the restored VM");
+    let tsc = |s: &VmSnapshot| {
+        s.vcpus[0]
+            .msrs
+            .iter()
+            .find(|m| m.index == 0x10)
+            .map(|m| m.data)
+    };
+    if let (Some(a), Some(b)) = (tsc(&snap), tsc(&again)) {
+        eprintln!(
+            "guest TSC moved {:.1} ms between the save and the restored VM's save ({:?} of wall time)",
+            b.wrapping_sub(a) as f64 / f64::from(snap.vcpus[0].tsc_khz),
+            times.total
+        );
+    }
     for (a, b) in snap.vcpus.iter().zip(&again.vcpus) {
         assert_eq!(a.regs, b.regs, "vCPU {}: regs", a.id);
         assert_eq!(a.sregs, b.sregs, "vCPU {}: sregs", a.id);

@@ -182,7 +182,7 @@ pub struct Manifest {
     pub write_ms: u64,
 }
 
-/// What [`write`] reports.
+/// What [`write()`] reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Written {
     /// The checkpoint's directory (`DIR/ckpt-<seq>`).

@@ -18,6 +18,11 @@
 //!   ELF loader for the guest image.
 //! * [`run`](mod@run): `simrep run`: boot the guest with a workload and run it until
 //!   it ends or the caller stops it.
+//! * [`state`]: full VM state save/restore ([`state::VmSnapshot`],
+//!   [`Vm::save_state`], [`Vm::restore`]) and its byte format; the
+//!   per-device state hook ([`state::DeviceState`]).
+//! * [`checkpoint`]: checkpoint directories on disk (`simrep run
+//!   --checkpoint-dir`, `simrep restore`).
 
 #[path = "../../../simrep-guest/src/abi.rs"]
 pub mod abi;
