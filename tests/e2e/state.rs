@@ -429,6 +429,73 @@ fn checkpoint_in_one_process_restore_in_another() {
     assert!(log.contains("interrupted=true"), "{log}");
 }
 
+/// `sequence` of the checkpoint `latest` points at.
+fn latest_sequence(dir: &Path) -> u64 {
+    let m: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(latest(dir).join(checkpoint::MANIFEST_FILE)).expect("manifest"),
+    )
+    .expect("manifest is JSON");
+    m["sequence"].as_u64().expect("sequence")
+}
+
+fn checkpoint_dirs(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .expect("list")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .filter(|n| n != checkpoint::LATEST_LINK)
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn periodic_checkpoints_replace_each_other_and_a_restored_guest_checkpoints_again() {
+    require_kvm();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().join("ckpt");
+    let ds = d.to_str().expect("utf-8 path");
+    let mut run = Proc::spawn(&[
+        "run",
+        "--mem",
+        "32M",
+        "--rate",
+        "20",
+        "--report-ms",
+        "0",
+        "--checkpoint-dir",
+        ds,
+        "--checkpoint-every",
+        "400ms",
+    ]);
+    for _ in 0..3 {
+        run.wait_for("a periodic checkpoint", Duration::from_secs(30), |l| {
+            l.contains("checkpoint written").then_some(())
+        });
+    }
+    let (code, log) = run.stop();
+    assert_eq!(code, Some(0), "{log}");
+    let seq = latest_sequence(&d);
+    assert!(seq >= 3, "sequence {seq}");
+    // Only the newest checkpoint is kept, and no temporary directory.
+    assert_eq!(checkpoint_dirs(&d), vec![format!("ckpt-{seq:010}")]);
+
+    // Restore, and checkpoint the restored guest into the same directory.
+    let mut restored = Proc::spawn(&["restore", ds, "--checkpoint-dir", ds]);
+    restored.wait_for("the restore", Duration::from_secs(60), |l| {
+        l.contains("guest restored and running").then_some(())
+    });
+    restored.signal(nix::sys::signal::Signal::SIGUSR1);
+    restored.wait_for(
+        "a checkpoint of the restored guest",
+        Duration::from_secs(30),
+        |l| l.contains("checkpoint written").then_some(()),
+    );
+    let (code, log) = restored.stop();
+    assert_eq!(code, Some(0), "{log}");
+    assert_eq!(latest_sequence(&d), seq + 1, "the sequence continues");
+    assert_eq!(checkpoint_dirs(&d), vec![format!("ckpt-{:010}", seq + 1)]);
+}
+
 /// Writes a real checkpoint of a small churn guest into `dir` (in-process).
 fn make_checkpoint(dir: &Path) -> PathBuf {
     let opts = churn_opts(1, 16 << 20);
