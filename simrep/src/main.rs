@@ -19,6 +19,7 @@ use simrep::trace::capture::{self, CaptureError, CaptureOptions};
 use simrep::trace::replay::Replay;
 use simrep::vmm::checkpoint::{self, CheckpointError, CheckpointOptions, Checkpointer};
 use simrep::vmm::run::{parse_size, ChurnOptions, Fault, Workload};
+use simrep::vmm::state::StateError;
 use simrep::vmm::{vm::VmError, RunOptions, VmmError};
 
 const EXIT_HELP: &str = "\
@@ -255,6 +256,24 @@ fn classify(error: &anyhow::Error) -> u8 {
                 ) => 7,
                 VmmError::Vcpu(_) | VmmError::GuestFailed { .. } | VmmError::NoProgress { .. } => 4,
                 VmmError::Config(_) => 2,
+                VmmError::Checkpoint(
+                    CheckpointError::State {
+                        source: StateError::Vm(v),
+                        ..
+                    }
+                    | CheckpointError::Vm(StateError::Vm(v)),
+                )
+                | VmmError::State(StateError::Vm(v))
+                    if matches!(
+                        v,
+                        VmError::NoKvm(_)
+                            | VmError::NoPermission(_)
+                            | VmError::OpenKvm(_)
+                            | VmError::NotKvm { .. }
+                    ) =>
+                {
+                    7
+                }
                 VmmError::Checkpoint(c) if c.is_bad_input() => 3,
                 VmmError::State(s) if s.is_bad_input() => 3,
                 VmmError::Checkpoint(CheckpointError::Write { .. }) => 6,
