@@ -1151,7 +1151,8 @@ impl Vm {
     /// # Errors
     ///
     /// [`StateError::NotPaused`] when a vCPU is running or has ended;
-    /// [`StateError::Kvm`] for a failing ioctl; [`StateError::NoAnswer`].
+    /// [`StateError::Vm`] before the vCPUs are started; [`StateError::Kvm`]
+    /// for a failing ioctl; [`StateError::NoAnswer`].
     pub fn save_state(&self) -> Result<VmSnapshot, StateError> {
         self.save_state_timed().map(|(s, _)| s)
     }
@@ -1164,6 +1165,9 @@ impl Vm {
     pub fn save_state_timed(&self) -> Result<(VmSnapshot, SaveTimes), StateError> {
         let t0 = Instant::now();
         let handles = self.vcpu_handles();
+        if handles.is_empty() {
+            return Err(StateError::Vm(VmError::Phase("no vCPU started")));
+        }
         for h in handles {
             let state = h.state();
             if state != VcpuState::Paused {
