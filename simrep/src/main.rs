@@ -17,7 +17,9 @@ use simrep::compress::CodecSpec;
 use simrep::trace::analysis::{self, AnalysisError, AnalyzeOptions, CodecChoice};
 use simrep::trace::capture::{self, CaptureError, CaptureOptions};
 use simrep::trace::replay::Replay;
+use simrep::vmm::checkpoint::{self, CheckpointError, CheckpointOptions, Checkpointer};
 use simrep::vmm::run::{parse_size, ChurnOptions, DiskOptions, Fault, Workload};
+use simrep::vmm::state::StateError;
 use simrep::vmm::{vm::VmError, RunOptions, VmmError};
 
 const EXIT_HELP: &str = "\
@@ -25,8 +27,8 @@ Exit codes:
   0    success (also after Ctrl-C stopped a guest cleanly)
   1    internal error
   2    bad usage or configuration (unknown flag, bad value)
-  3    bad or unreadable input (missing file, malformed trace, unusable
-       --disk image)
+  3    bad or unreadable input (missing file, malformed trace or
+       checkpoint, unusable --disk image)
   4    the guest misbehaved (exception, triple fault, unknown MMIO, no
        progress) or a codec decoded a page wrongly
   5    the capture target could not be traced (no such process, no permission)
@@ -55,6 +57,10 @@ enum Command {
     /// Run the bundled guest alone, without replication (the native
     /// baseline). Guest console lines are logged; Ctrl-C stops it.
     Run(RunArgs),
+    /// Continue a guest from a checkpoint written by `simrep run
+    /// --checkpoint-dir` (the newest one in DIR, or DIR itself if it is a
+    /// checkpoint). Needs no guest flags: they are in the checkpoint.
+    Restore(RestoreArgs),
     /// Memory traces of real processes: capture.
     #[command(subcommand)]
     Trace(TraceCommand),
@@ -168,6 +174,55 @@ struct RunArgs {
     /// bank: history records kept per account.
     #[arg(long, default_value_t = 32)]
     history: u32,
+    /// Write checkpoints into this directory: on SIGUSR1, and periodically
+    /// with --checkpoint-every. `simrep restore DIR` continues the guest.
+    #[arg(long, value_name = "DIR")]
+    checkpoint_dir: Option<PathBuf>,
+    /// With --checkpoint-dir: also write a checkpoint this often (500ms,
+    /// 10s, 5m).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, requires = "checkpoint_dir")]
+    checkpoint_every: Option<std::time::Duration>,
+}
+
+#[derive(Debug, clap::Args)]
+struct RestoreArgs {
+    /// The checkpoint directory (as given to --checkpoint-dir), or one
+    /// checkpoint inside it.
+    dir: PathBuf,
+    /// Stop with an error when the guest makes no progress for this many
+    /// seconds (0: off).
+    #[arg(long, default_value_t = 0)]
+    watchdog: u64,
+    /// Write further checkpoints into this directory (may be the one
+    /// restored from): on SIGUSR1, and periodically with --checkpoint-every.
+    #[arg(long, value_name = "DIR")]
+    checkpoint_dir: Option<PathBuf>,
+    /// With --checkpoint-dir: also write a checkpoint this often.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, requires = "checkpoint_dir")]
+    checkpoint_every: Option<std::time::Duration>,
+}
+
+/// Parses `500ms`, `10s`, `5m` or a plain number of seconds.
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let t = s.trim();
+    let (num, scale_ms) = if let Some(n) = t.strip_suffix("ms") {
+        (n, 1)
+    } else if let Some(n) = t.strip_suffix('s') {
+        (n, 1000)
+    } else if let Some(n) = t.strip_suffix('m') {
+        (n, 60_000)
+    } else {
+        (t, 1000)
+    };
+    let n: u64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("bad duration `{s}` (expected e.g. 500ms, 10s, 5m)"))?;
+    match n.checked_mul(scale_ms) {
+        Some(0) => Err(format!("duration `{s}` must be positive")),
+        Some(ms) => Ok(std::time::Duration::from_millis(ms)),
+        None => Err(format!("duration `{s}` is too large")),
+    }
 }
 
 #[derive(clap::Args)]
@@ -249,6 +304,27 @@ fn classify(error: &anyhow::Error) -> u8 {
                     | simrep::vmm::block::BlockError::BadSize { .. },
                 ) => 3,
                 VmmError::Net(simrep::vmm::net::NetError::Listen { .. }) => 2,
+                VmmError::Checkpoint(
+                    CheckpointError::State {
+                        source: StateError::Vm(v),
+                        ..
+                    }
+                    | CheckpointError::Vm(StateError::Vm(v)),
+                )
+                | VmmError::State(StateError::Vm(v))
+                    if matches!(
+                        v,
+                        VmError::NoKvm(_)
+                            | VmError::NoPermission(_)
+                            | VmError::OpenKvm(_)
+                            | VmError::NotKvm { .. }
+                    ) =>
+                {
+                    7
+                }
+                VmmError::Checkpoint(c) if c.is_bad_input() => 3,
+                VmmError::State(s) if s.is_bad_input() => 3,
+                VmmError::Checkpoint(CheckpointError::Write { .. }) => 6,
                 _ => 1,
             };
         }
@@ -288,6 +364,7 @@ fn main() -> ExitCode {
     init_logging(cli.verbose, cli.quiet);
     let result = match cli.command {
         Command::Run(args) => cmd_run(args),
+        Command::Restore(args) => cmd_restore(args),
         Command::Trace(TraceCommand::Capture(args)) => cmd_capture(args),
         Command::Analyze(args) => cmd_analyze(args),
     };
@@ -460,7 +537,46 @@ fn cmd_run(a: RunArgs) -> Result<ExitCode, Failure> {
         bank_history: a.history,
         ..Default::default()
     };
-    let s = simrep::vmm::run(&opts, &stop)?;
+    let mut checkpointer = checkpointer(a.checkpoint_dir, a.checkpoint_every)?;
+    let s = checkpoint::run_with_checkpoints(&opts, &stop, checkpointer.as_mut())?;
+    tracing::info!(
+        elapsed = ?s.elapsed,
+        progress = ?s.progress,
+        outcomes = ?s.outcomes,
+        interrupted = s.interrupted,
+        "guest stopped"
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A checkpointer for `--checkpoint-dir`, asked for a checkpoint by
+/// SIGUSR1.
+fn checkpointer(
+    dir: Option<PathBuf>,
+    every: Option<std::time::Duration>,
+) -> Result<Option<Checkpointer>, Failure> {
+    let Some(dir) = dir else {
+        return Ok(None);
+    };
+    let request = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGUSR1, Arc::clone(&request))
+        .context("installing the SIGUSR1 handler")?;
+    let c = Checkpointer::new(CheckpointOptions { dir, every }, request).map_err(VmmError::from)?;
+    Ok(Some(c))
+}
+
+fn cmd_restore(a: RestoreArgs) -> Result<ExitCode, Failure> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, Arc::clone(&stop))
+            .context("installing the Ctrl-C handler")?;
+    }
+    let mut checkpointer = checkpointer(a.checkpoint_dir, a.checkpoint_every)?;
+    let ropts = checkpoint::RestoreOptions {
+        watchdog: (a.watchdog > 0).then(|| std::time::Duration::from_secs(a.watchdog)),
+    };
+    let s = checkpoint::restore_and_run(&a.dir, &ropts, &stop, checkpointer.as_mut())
+        .with_context(|| format!("restoring from {}", a.dir.display()))?;
     tracing::info!(
         elapsed = ?s.elapsed,
         progress = ?s.progress,

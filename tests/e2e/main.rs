@@ -9,4 +9,5 @@ mod capture;
 mod dirty;
 mod ebpf;
 mod net;
+mod state;
 mod vmm;

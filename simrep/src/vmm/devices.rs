@@ -5,6 +5,7 @@
 //! thread of the vCPU that made it.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Mutex;
 use std::sync::{Arc, RwLock};
@@ -160,6 +161,11 @@ pub struct MmioBus {
     net: std::sync::OnceLock<std::sync::Arc<super::net::NetDevice>>,
     wakers: std::sync::Arc<super::vcpu::VcpuWakers>,
     // --- end net ---
+    /// Added (wrapping) to `start.elapsed()` for `SYS_TIME_NS`: a restored
+    /// guest's clock continues from its saved value.
+    time_offset_ns: AtomicU64,
+    /// Devices whose state is saved with a snapshot ([`super::state`]).
+    device_states: super::state::DeviceRegistry,
 }
 
 impl Default for MmioBus {
@@ -184,6 +190,8 @@ impl MmioBus {
             net: std::sync::OnceLock::new(),
             wakers: std::sync::Arc::default(),
             block: RwLock::new(Arc::new(BlockDevice::detached())),
+            time_offset_ns: AtomicU64::new(0),
+            device_states: Default::default(),
         }
     }
 
@@ -326,7 +334,7 @@ impl MmioBus {
         match gpa {
             abi::BLOCK_BASE..abi::BLOCK_END => self.block().mmio_read(_vcpu, gpa, data),
             abi::SYS_TIME_NS if len == 8 => {
-                let ns = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                let ns = self.guest_time_ns();
                 data.copy_from_slice(&ns.to_le_bytes());
                 Ok(())
             }
@@ -344,6 +352,55 @@ impl MmioBus {
         }
     }
 }
+
+// ---- state save/restore (simrep::vmm::state) ----
+impl MmioBus {
+    /// The time `SYS_TIME_NS` reads now, in ns.
+    pub fn guest_time_ns(&self) -> u64 {
+        let elapsed = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        elapsed.wrapping_add(self.time_offset_ns.load(Ordering::Acquire))
+    }
+
+    /// Makes `SYS_TIME_NS` read `ns` now and count on from there.
+    pub fn set_guest_time_ns(&self, ns: u64) {
+        let elapsed = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.time_offset_ns
+            .store(ns.wrapping_sub(elapsed), Ordering::Release);
+    }
+
+    /// The console's unfinished lines (bytes since the last newline), by
+    /// vCPU.
+    pub(crate) fn console_partial_lines(&self) -> std::collections::BTreeMap<u32, Vec<u8>> {
+        let partial = self
+            .console
+            .partial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        partial
+            .iter()
+            .filter(|(_, b)| !b.is_empty())
+            .map(|(v, b)| (*v, b.clone()))
+            .collect()
+    }
+
+    /// Replaces the console's unfinished lines.
+    pub(crate) fn set_console_partial_lines(
+        &self,
+        lines: std::collections::BTreeMap<u32, Vec<u8>>,
+    ) {
+        *self
+            .console
+            .partial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = lines.into_iter().collect();
+    }
+
+    /// The registry of devices with saved state.
+    pub(crate) fn device_registry(&self) -> &super::state::DeviceRegistry {
+        &self.device_states
+    }
+}
+// ---- end state save/restore ----
 
 #[cfg(test)]
 mod tests {

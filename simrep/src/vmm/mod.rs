@@ -22,16 +22,23 @@
 //!   ELF loader for the guest image.
 //! * [`run`](mod@run): `simrep run`: boot the guest with a workload and run it until
 //!   it ends or the caller stops it.
+//! * [`state`]: full VM state save/restore ([`state::VmSnapshot`],
+//!   [`Vm::save_state`], [`Vm::restore`]) and its byte format; the
+//!   per-device state hook ([`state::DeviceState`]).
+//! * [`checkpoint`]: checkpoint directories on disk (`simrep run
+//!   --checkpoint-dir`, `simrep restore`).
 
 #[path = "../../../simrep-guest/src/abi.rs"]
 pub mod abi;
 pub mod block;
 pub mod boot;
+pub mod checkpoint;
 pub mod devices;
 pub mod elf;
 pub mod memory;
 pub mod net;
 pub mod run;
+pub mod state;
 pub mod vcpu;
 pub mod vm;
 
@@ -106,6 +113,12 @@ pub enum VmmError {
     /// The network service could not start.
     #[error(transparent)]
     Net(#[from] net::NetError),
+    /// Saving, restoring or checkpointing VM state failed.
+    #[error(transparent)]
+    State(#[from] state::StateError),
+    /// Writing or reading a checkpoint directory failed.
+    #[error(transparent)]
+    Checkpoint(#[from] checkpoint::CheckpointError),
     /// The guest made no progress for too long.
     #[error("guest made no progress for {seconds} s (runaway or hung guest)")]
     NoProgress {

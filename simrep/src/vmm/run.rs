@@ -619,7 +619,25 @@ pub fn run_with_listener(
     stop: &AtomicBool,
     listener: Option<std::net::TcpListener>,
 ) -> Result<RunSummary, VmmError> {
-    let (mut vm, net) = boot_service(opts, listener)?;
+    let (vm, net) = boot_service(opts, listener)?;
+    supervise(vm, net, opts, stop, &mut |_| Ok(()))
+}
+
+/// Runs a started (or restored and resumed) `vm` until every vCPU has
+/// ended or `stop` is set, calling `tick` about every 50 ms (checkpoints
+/// hook in there), then stops the VM, flushes its disk and stops its
+/// network service. Of `opts`, only `vcpus` and `watchdog` matter.
+///
+/// # Errors
+///
+/// As [`run`], plus the error of `tick`.
+pub fn supervise(
+    mut vm: Vm,
+    net: Option<super::net::NetService>,
+    opts: &RunOptions,
+    stop: &AtomicBool,
+    tick: &mut dyn FnMut(&Vm) -> Result<(), VmmError>,
+) -> Result<RunSummary, VmmError> {
     let start = Instant::now();
     let n = opts.vcpus as usize;
     let mut outcomes: Vec<Option<VcpuOutcome>> = vec![None; n];
@@ -629,6 +647,10 @@ pub fn run_with_listener(
         if stop.load(Ordering::Relaxed) {
             interrupted = true;
             break;
+        }
+        if let Err(e) = tick(&vm) {
+            vm.shutdown();
+            return Err(e);
         }
         if let Some(ev) = vm.wait_exit(Duration::from_millis(50)) {
             match ev.result {

@@ -28,7 +28,11 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 use super::abi::{self, ExceptionReport};
 use super::devices::{DeviceError, MmioAction, MmioBus};
 use super::memory::GuestMemory;
+use super::state::{StateError, VcpuSnapshot};
 use crate::dirty::DirtyRings;
+
+/// Where a vCPU thread leaves its answer to [`VcpuCommand::Save`].
+type SaveSlot = Arc<std::sync::Mutex<Option<Result<VcpuSnapshot, StateError>>>>;
 
 /// Errors of a vCPU: the guest misbehaved or KVM failed.
 #[derive(Debug, thiserror::Error)]
@@ -159,6 +163,9 @@ pub enum VcpuCommand {
     /// without a kick).
     Wake,
     // --- end net ---
+    /// Save the vCPU's state (only while Paused); answered with
+    /// [`VcpuAck::Saved`], the state taken with [`VcpuHandle::take_saved`].
+    Save,
 }
 
 /// A vCPU thread's answer to [`VcpuCommand::Pause`] / [`VcpuCommand::Resume`].
@@ -168,6 +175,8 @@ pub enum VcpuAck {
     Paused,
     /// About to enter `KVM_RUN`.
     Resumed,
+    /// The answer to [`VcpuCommand::Save`] is ready.
+    Saved,
 }
 
 /// The observable state of a vCPU.
@@ -256,6 +265,7 @@ pub struct VcpuHandle {
     acks: Receiver<VcpuAck>,
     state: Arc<AtomicU8>,
     thread: Option<JoinHandle<()>>,
+    saved: SaveSlot,
 }
 
 /// Everything a vCPU thread owns.
@@ -273,6 +283,7 @@ struct VcpuThread {
     /// The VM's dirty rings (ring mode), drained on
     /// `KVM_EXIT_DIRTY_RING_FULL`.
     dirty_rings: Option<Arc<DirtyRings>>,
+    saved: SaveSlot,
 }
 
 /// What the run loop does after one `KVM_RUN`, besides running again.
@@ -324,6 +335,8 @@ impl VcpuHandle {
         let (ack_tx, ack_rx) = std::sync::mpsc::channel();
         let state = Arc::new(AtomicU8::new(VcpuState::Paused as u8));
         let thread_state = state.clone();
+        let saved = SaveSlot::default();
+        let thread_saved = saved.clone();
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
             .spawn(move || {
@@ -337,6 +350,7 @@ impl VcpuHandle {
                     state: thread_state,
                     exit_pending: false,
                     dirty_rings,
+                    saved: thread_saved,
                 };
                 let result = t.main();
                 t.state.store(VcpuState::Exited as u8, Ordering::Release);
@@ -348,6 +362,7 @@ impl VcpuHandle {
             acks: ack_rx,
             state,
             thread: Some(thread),
+            saved,
         })
     }
 
@@ -367,7 +382,7 @@ impl VcpuHandle {
         if self.commands.send(cmd).is_err() {
             return false;
         }
-        if cmd != VcpuCommand::Resume {
+        if cmd != VcpuCommand::Resume && cmd != VcpuCommand::Save {
             if let Some(t) = &self.thread {
                 // ESRCH when the thread just ended: nothing to kick.
                 let _ = t.kill(kick_signal());
@@ -386,6 +401,12 @@ impl VcpuHandle {
     /// A sender for [`VcpuWakers`] (net).
     pub(crate) fn wake_sender(&self) -> Sender<VcpuCommand> {
         self.commands.clone()
+    }
+
+    /// Takes the answer to the last [`VcpuCommand::Save`] (after
+    /// [`VcpuAck::Saved`]).
+    pub fn take_saved(&self) -> Option<Result<VcpuSnapshot, StateError>> {
+        self.saved.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 
     /// Tells the thread to exit and joins it.
@@ -493,6 +514,19 @@ impl VcpuThread {
             }
             VcpuCommand::Exit => return Ok(Some(VcpuOutcome::Stopped)),
             VcpuCommand::Wake => {}
+            VcpuCommand::Save => {
+                let result = if *running {
+                    Err(StateError::NotPaused {
+                        vcpu: self.id,
+                        state: VcpuState::Running,
+                    })
+                } else {
+                    // Paused: the last exit was completed by the Pause.
+                    super::state::save_vcpu(&self.fd, self.id)
+                };
+                *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(result);
+                let _ = self.acks.send(VcpuAck::Saved);
+            }
         }
         Ok(None)
     }

@@ -118,6 +118,8 @@ pub struct Vm {
     dirty_mode: Option<DirtyMode>,
     /// Ring mode: every vCPU's dirty ring, mapped in [`Vm::create_vcpus`].
     dirty_rings: Option<Arc<DirtyRings>>,
+    /// The CPUID each vCPU was created with, by index (state save).
+    cpuids: Vec<CpuId>,
 }
 
 /// Opens `/dev/kvm`, mapping the usual failures to clear errors.
@@ -205,6 +207,7 @@ impl Vm {
             exits_tx,
             dirty_mode: None,
             dirty_rings: None,
+            cpuids: Vec::new(),
         })
     }
 
@@ -237,7 +240,21 @@ impl Vm {
             .kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-        for id in 0..count {
+        self.create_vcpus_with_cpuid((0..count).map(|id| vcpu_cpuid(&supported, id)).collect())
+    }
+
+    /// Creates one vCPU per entry of `cpuids`, each with that CPUID table
+    /// (a restore passes the saved tables). They do not run until
+    /// [`Vm::start`].
+    ///
+    /// # Errors
+    ///
+    /// [`VmError::Phase`] if vCPUs exist; otherwise the failing ioctl.
+    pub fn create_vcpus_with_cpuid(&mut self, cpuids: Vec<CpuId>) -> Result<(), VmError> {
+        if !self.created.is_empty() || !self.vcpus.is_empty() {
+            return Err(VmError::Phase("vCPUs already created"));
+        }
+        for (id, cpuid) in (0u32..).zip(&cpuids) {
             let vcpu = self
                 .fd
                 .create_vcpu(u64::from(id))
@@ -246,8 +263,7 @@ impl Vm {
                     what: "KVM_CREATE_VCPU",
                     source,
                 })?;
-            let cpuid = vcpu_cpuid(&supported, id);
-            vcpu.set_cpuid2(&cpuid)
+            vcpu.set_cpuid2(cpuid)
                 .map_err(|source| VmError::VcpuSetup {
                     vcpu: id,
                     what: "KVM_SET_CPUID2",
@@ -261,6 +277,7 @@ impl Vm {
             let rings = DirtyRings::map(vm, &self.created, entries, pages)?;
             self.dirty_rings = Some(Arc::new(rings));
         }
+        self.cpuids = cpuids;
         Ok(())
     }
 
@@ -351,10 +368,7 @@ impl Vm {
         &mut self,
         init: impl Fn(u32, kvm_sregs) -> (kvm_regs, kvm_sregs),
     ) -> Result<(), VmError> {
-        if self.created.is_empty() {
-            return Err(VmError::Phase("no vCPU created, or already started"));
-        }
-        for (id, fd) in (0u32..).zip(self.created.drain(..)) {
+        self.spawn_created_vcpus(|id, fd| {
             let setup = |what| {
                 move |source| VmError::VcpuSetup {
                     vcpu: id,
@@ -371,7 +385,27 @@ impl Vm {
             let mp = kvm_bindings::kvm_mp_state {
                 mp_state: KVM_MP_STATE_RUNNABLE,
             };
-            fd.set_mp_state(mp).map_err(setup("KVM_SET_MP_STATE"))?;
+            fd.set_mp_state(mp).map_err(setup("KVM_SET_MP_STATE"))
+        })?;
+        self.resume_all_and_wait()
+    }
+
+    /// Runs `setup(id, fd)` on every created vCPU and starts its thread,
+    /// Paused (boot and restore share this).
+    ///
+    /// # Errors
+    ///
+    /// [`VmError::Phase`] unless vCPUs were created and not started; the
+    /// error of `setup`; [`VmError::Thread`].
+    pub fn spawn_created_vcpus(
+        &mut self,
+        mut setup: impl FnMut(u32, &VcpuFd) -> Result<(), VmError>,
+    ) -> Result<(), VmError> {
+        if self.created.is_empty() {
+            return Err(VmError::Phase("no vCPU created, or already started"));
+        }
+        for (id, fd) in (0u32..).zip(self.created.drain(..)) {
+            setup(id, &fd)?;
             let handle = VcpuHandle::spawn_tracked(
                 id,
                 fd,
@@ -384,7 +418,7 @@ impl Vm {
             self.bus.wakers().register(id, handle.wake_sender());
             self.vcpus.push(handle);
         }
-        self.resume_all_and_wait()
+        Ok(())
     }
 
     /// Number of started vCPUs.
@@ -485,6 +519,20 @@ impl Vm {
         self.exits.try_iter().collect()
     }
 }
+
+// ---- state save/restore (simrep::vmm::state) ----
+impl Vm {
+    /// The started vCPUs' handles, by index.
+    pub(crate) fn vcpu_handles(&self) -> &[VcpuHandle] {
+        &self.vcpus
+    }
+
+    /// The CPUID tables the vCPUs were created with, by index.
+    pub(crate) fn vcpu_cpuids(&self) -> &[CpuId] {
+        &self.cpuids
+    }
+}
+// ---- end state save/restore ----
 
 impl Drop for Vm {
     fn drop(&mut self) {
