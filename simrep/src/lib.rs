@@ -13,11 +13,14 @@
 //! * [`ebpf`]: loading, attaching and reading simrep's eBPF programs.
 //! * [`vmm`]: the KVM VM, its vCPU threads and MMIO devices, and the
 //!   bundled guest it boots (`simrep run`).
+//! * [`load`]: `simrep load`, the kv/bank client with `--verify`, and its
+//!   reference test server.
 //! * [`proto`]: the wire protocol of the guest's `kv` and `bank` services,
 //!   shared with the guest source.
 
 pub mod compress;
 pub mod ebpf;
+pub mod load;
 #[path = "../../simrep-guest/src/proto.rs"]
 pub mod proto;
 pub mod trace;
