@@ -6,4 +6,5 @@
 mod analyze;
 mod capture;
 mod ebpf;
+mod load;
 mod vmm;
