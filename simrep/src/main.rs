@@ -621,7 +621,9 @@ fn cmd_load_testserver(a: TestServerArgs) -> Result<ExitCode, Failure> {
     use simrep::load::testserver::{self, Faults, Service, SharedState};
     let listener = std::net::TcpListener::bind(&a.listen)
         .with_context(|| format!("listening on {}", a.listen))?;
-    let addr = listener.local_addr().context("reading the listening address")?;
+    let addr = listener
+        .local_addr()
+        .context("reading the listening address")?;
     println!("listening on {addr}");
     std::io::stdout().flush().context("writing to stdout")?;
     let service = match a.workload {

@@ -126,7 +126,21 @@ fn problems(j: &serde_json::Value) -> u64 {
 fn load_clean_kv_run_verifies_and_reports_figures() {
     let srv = ServerProc::start(&[]);
     let r = load(
-        &["--target", &srv.addr, "--duration", "2s", "--warmup", "300ms", "--verify", "--connections", "4", "--keys", "2000", "--value-size", "16-4K"],
+        &[
+            "--target",
+            &srv.addr,
+            "--duration",
+            "2s",
+            "--warmup",
+            "300ms",
+            "--verify",
+            "--connections",
+            "4",
+            "--keys",
+            "2000",
+            "--value-size",
+            "16-4K",
+        ],
         || {},
     );
     assert_eq!(r.code, Some(0), "{}", r.stderr);
@@ -141,7 +155,11 @@ fn load_clean_kv_run_verifies_and_reports_figures() {
     assert_eq!(problems(&j), 0, "{j}");
     // Every key re-read at the end.
     assert!(j["verify"]["checked"].as_u64().unwrap() >= j["responses"].as_u64().unwrap() + 2000);
-    assert!(r.stdout.contains("throughput") && r.stdout.contains("p99.9"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("throughput") && r.stdout.contains("p99.9"),
+        "{}",
+        r.stdout
+    );
     assert!(r.stdout.contains("verify      OK"), "{}", r.stdout);
     // The live line (once a second, on stderr).
     assert!(r.stderr.contains("req/s"), "{}", r.stderr);
@@ -151,13 +169,29 @@ fn load_clean_kv_run_verifies_and_reports_figures() {
 fn load_clean_bank_run_conserves_money() {
     let srv = ServerProc::start(&["--workload", "bank", "--accounts", "64"]);
     let r = load(
-        &["--target", &srv.addr, "--workload", "bank", "--accounts", "64", "--duration", "2s", "--verify", "--rate", "2000", "-q"],
+        &[
+            "--target",
+            &srv.addr,
+            "--workload",
+            "bank",
+            "--accounts",
+            "64",
+            "--duration",
+            "2s",
+            "--verify",
+            "--rate",
+            "2000",
+            "-q",
+        ],
         || {},
     );
     assert_eq!(r.code, Some(0), "{}", r.stderr);
     let j = r.json.expect("JSON report");
     assert_eq!(problems(&j), 0, "{j}");
-    assert_eq!(j["verify"]["bank_total_start"], j["verify"]["bank_total_end"]);
+    assert_eq!(
+        j["verify"]["bank_total_start"],
+        j["verify"]["bank_total_end"]
+    );
     assert_eq!(j["verify"]["bank_total_start"].as_u64(), Some(64 * 100_000));
     assert!(j["ops"]["transfer"].as_u64().unwrap() > 100, "{j}");
     // Open loop at 2000/s for 2 s.
@@ -170,10 +204,28 @@ fn load_clean_bank_run_conserves_money() {
 #[test]
 fn load_verify_catches_a_server_that_loses_writes() {
     let srv = ServerProc::start(&["--lose-writes-after", "200"]);
-    let r = load(&["--target", &srv.addr, "--duration", "2s", "--verify", "--keys", "500", "-q"], || {});
+    let r = load(
+        &[
+            "--target",
+            &srv.addr,
+            "--duration",
+            "2s",
+            "--verify",
+            "--keys",
+            "500",
+            "-q",
+        ],
+        || {},
+    );
     assert_eq!(r.code, Some(8), "{}", r.stderr);
     let j = r.json.expect("JSON report");
-    assert!(j["verify"]["problems_by_kind"]["lost_write"].as_u64().unwrap() > 0, "{j}");
+    assert!(
+        j["verify"]["problems_by_kind"]["lost_write"]
+            .as_u64()
+            .unwrap()
+            > 0,
+        "{j}"
+    );
     // The message names the key.
     let key_line = r
         .stdout
@@ -187,24 +239,58 @@ fn load_verify_catches_a_server_that_loses_writes() {
 #[test]
 fn load_verify_catches_corrupted_values() {
     let srv = ServerProc::start(&["--corrupt-reads-after", "100"]);
-    let r = load(&["--target", &srv.addr, "--duration", "1s", "--verify", "--keys", "200", "-q"], || {});
+    let r = load(
+        &[
+            "--target",
+            &srv.addr,
+            "--duration",
+            "1s",
+            "--verify",
+            "--keys",
+            "200",
+            "-q",
+        ],
+        || {},
+    );
     assert_eq!(r.code, Some(8), "{}", r.stderr);
     let j = r.json.expect("JSON report");
-    assert!(j["verify"]["problems_by_kind"]["wrong_value"].as_u64().unwrap() > 0, "{j}");
+    assert!(
+        j["verify"]["problems_by_kind"]["wrong_value"]
+            .as_u64()
+            .unwrap()
+            > 0,
+        "{j}"
+    );
     assert!(r.stdout.contains("wrong value: key "), "{}", r.stdout);
 }
 
 #[test]
 fn load_fails_over_to_a_server_with_the_same_data() {
     let state = SharedState::new(0);
-    let a = TestServer::bind("127.0.0.1:0", Service::Kv, state.clone(), Faults::default()).expect("server a");
-    let b = TestServer::bind("127.0.0.1:0", Service::Kv, state.clone(), Faults::default()).expect("server b");
+    let a = TestServer::bind("127.0.0.1:0", Service::Kv, state.clone(), Faults::default())
+        .expect("server a");
+    let b = TestServer::bind("127.0.0.1:0", Service::Kv, state.clone(), Faults::default())
+        .expect("server b");
     let (aa, ba) = (a.addr().to_string(), b.addr().to_string());
     let r = load(
-        &["--target", &aa, "--target", &ba, "--duration", "3s", "--verify", "--keys", "3000", "-q"],
+        &[
+            "--target",
+            &aa,
+            "--target",
+            &ba,
+            "--duration",
+            "3s",
+            "--verify",
+            "--keys",
+            "3000",
+            "-q",
+        ],
         move || {
             std::thread::sleep(Duration::from_millis(1200));
-            assert!(a.requests() > 0, "server a got no requests before its shutdown");
+            assert!(
+                a.requests() > 0,
+                "server a got no requests before its shutdown"
+            );
             a.shutdown(); // every connection closes at once
         },
     );
@@ -227,7 +313,18 @@ fn load_reports_writes_missing_after_failover_to_an_empty_server() {
     let b = ServerProc::start(&[]);
     let (aa, ba) = (a.addr.clone(), b.addr.clone());
     let r = load(
-        &["--target", &aa, "--target", &ba, "--duration", "3s", "--verify", "--keys", "2000", "-q"],
+        &[
+            "--target",
+            &aa,
+            "--target",
+            &ba,
+            "--duration",
+            "3s",
+            "--verify",
+            "--keys",
+            "2000",
+            "-q",
+        ],
         || {
             std::thread::sleep(Duration::from_millis(1200));
             a.kill(); // SIGKILL
@@ -235,7 +332,13 @@ fn load_reports_writes_missing_after_failover_to_an_empty_server() {
     );
     assert_eq!(r.code, Some(8), "{}", r.stderr);
     let j = r.json.expect("JSON report");
-    assert!(j["verify"]["problems_by_kind"]["lost_write"].as_u64().unwrap() > 0, "{j}");
+    assert!(
+        j["verify"]["problems_by_kind"]["lost_write"]
+            .as_u64()
+            .unwrap()
+            > 0,
+        "{j}"
+    );
     assert!(!j["failovers"].as_array().unwrap().is_empty(), "{j}");
     assert!(r.stdout.contains("acknowledged PUT"), "{}", r.stdout);
 }
@@ -259,16 +362,31 @@ fn load_unreachable_targets_exit_9() {
             .to_string()
     };
     let (t1, t2) = (port(1), port(2));
-    let r = load(&["--target", &t1, "--target", &t2, "--duration", "1s"], || {});
+    let r = load(
+        &["--target", &t1, "--target", &t2, "--duration", "1s"],
+        || {},
+    );
     assert_eq!(r.code, Some(9), "{}", r.stderr);
-    assert!(r.stderr.contains("no target reachable") && r.stderr.contains(&t2), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("no target reachable") && r.stderr.contains(&t2),
+        "{}",
+        r.stderr
+    );
 
     // Reachable at the start, then gone for longer than --failover-timeout.
     let mut srv = ServerProc::start(&[]);
     let addr = srv.addr.clone();
     let start = Instant::now();
     let r = load(
-        &["--target", &addr, "--duration", "30s", "--failover-timeout", "1s", "-q"],
+        &[
+            "--target",
+            &addr,
+            "--duration",
+            "30s",
+            "--failover-timeout",
+            "1s",
+            "-q",
+        ],
         || {
             std::thread::sleep(Duration::from_millis(700));
             srv.kill();
@@ -276,7 +394,11 @@ fn load_unreachable_targets_exit_9() {
     );
     assert_eq!(r.code, Some(9), "{}", r.stderr);
     assert!(r.stderr.contains("--failover-timeout"), "{}", r.stderr);
-    assert!(start.elapsed() < Duration::from_secs(15), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        start.elapsed()
+    );
 }
 
 #[test]

@@ -49,15 +49,31 @@ impl Conn {
     }
 
     /// Sends `req` and waits for its response: `(status, body)`.
-    pub(crate) async fn call(&mut self, req: &Encoded, timeout: Duration) -> Result<(u8, &[u8]), CallError> {
+    pub(crate) async fn call(
+        &mut self,
+        req: &Encoded,
+        timeout: Duration,
+    ) -> Result<(u8, &[u8]), CallError> {
         let id = self.next_id;
         self.next_id += 1;
         self.out.clear();
-        self.out.resize(proto::FRAME_PREFIX + proto::REQUEST_HEADER, 0);
-        proto::write_request_header(&mut self.out, id, req.op, req.key.len() as u16, req.value.len() as u32);
+        self.out
+            .resize(proto::FRAME_PREFIX + proto::REQUEST_HEADER, 0);
+        proto::write_request_header(
+            &mut self.out,
+            id,
+            req.op,
+            req.key.len() as u16,
+            req.value.len() as u32,
+        );
         self.out.extend_from_slice(&req.key);
         self.out.extend_from_slice(&req.value);
-        match tokio::time::timeout(timeout, exchange(&mut self.stream, &self.out, &mut self.buf)).await {
+        match tokio::time::timeout(
+            timeout,
+            exchange(&mut self.stream, &self.out, &mut self.buf),
+        )
+        .await
+        {
             Err(_) => return Err(CallError::Lost(format!("no response within {timeout:?}"))),
             Ok(Err(e)) => return Err(e),
             Ok(Ok(())) => {}
@@ -65,7 +81,10 @@ impl Conn {
         let r = proto::parse_response(&self.buf)
             .map_err(|e| CallError::Protocol(format!("malformed response ({e:?})")))?;
         if r.id != id {
-            return Err(CallError::Protocol(format!("response id {} to request {id}", r.id)));
+            return Err(CallError::Protocol(format!(
+                "response id {} to request {id}",
+                r.id
+            )));
         }
         if r.status > status::UNKNOWN_OP {
             return Err(CallError::Protocol(format!("unknown status {}", r.status)));
@@ -74,7 +93,11 @@ impl Conn {
     }
 }
 
-async fn exchange(s: &mut BufReader<TcpStream>, out: &[u8], buf: &mut Vec<u8>) -> Result<(), CallError> {
+async fn exchange(
+    s: &mut BufReader<TcpStream>,
+    out: &[u8],
+    buf: &mut Vec<u8>,
+) -> Result<(), CallError> {
     let lost = |e: std::io::Error| CallError::Lost(e.to_string());
     s.get_mut().write_all(out).await.map_err(lost)?;
     let mut len = [0u8; 4];
@@ -126,7 +149,11 @@ pub(crate) struct Targets {
 }
 
 impl Targets {
-    pub(crate) fn new(addrs: Vec<String>, connect_timeout: Duration, failover_timeout: Duration) -> Targets {
+    pub(crate) fn new(
+        addrs: Vec<String>,
+        connect_timeout: Duration,
+        failover_timeout: Duration,
+    ) -> Targets {
         Targets {
             addrs,
             state: Mutex::new(TargetState {
@@ -158,7 +185,10 @@ impl Targets {
         match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr.as_str())).await {
             Ok(Ok(s)) => Ok(s),
             Ok(Err(e)) => Err(format!("{addr}: {e}")),
-            Err(_) => Err(format!("{addr}: no connection within {:?}", self.connect_timeout)),
+            Err(_) => Err(format!(
+                "{addr}: no connection within {:?}",
+                self.connect_timeout
+            )),
         }
     }
 
@@ -186,7 +216,10 @@ impl Targets {
     /// (`(target, generation)`), first moves to the next target unless
     /// another connection did already. Retries with backoff, moving along
     /// the list, until the failover timeout.
-    pub(crate) async fn connect(&self, mut failed: Option<(usize, u64)>) -> Result<Conn, LoadError> {
+    pub(crate) async fn connect(
+        &self,
+        mut failed: Option<(usize, u64)>,
+    ) -> Result<Conn, LoadError> {
         let down = Instant::now();
         let mut backoff = Duration::from_millis(5);
         if failed.is_some() {
@@ -245,7 +278,8 @@ impl Targets {
     pub(crate) fn success(&self, gen: &mut u64) {
         let now = self.now_ns();
         let prev = self.last_success_ns.swap(now, Ordering::Relaxed);
-        self.longest_gap_ns.fetch_max(now.saturating_sub(prev), Ordering::Relaxed);
+        self.longest_gap_ns
+            .fetch_max(now.saturating_sub(prev), Ordering::Relaxed);
         if *gen != self.gen.load(Ordering::Acquire) {
             let mut s = self.lock();
             *gen = s.gen;

@@ -19,7 +19,8 @@ const MAX_NS: u64 = 3_600_000_000_000;
 /// A fresh latency histogram.
 pub(crate) fn histogram() -> Histogram<u64> {
     // 1 ns .. 1 h at 3 significant digits: valid bounds, cannot fail.
-    Histogram::new_with_bounds(1, MAX_NS, 3).unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable!()))
+    Histogram::new_with_bounds(1, MAX_NS, 3)
+        .unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable!()))
 }
 
 /// Outcomes of the measured requests of one connection (or all).
@@ -54,10 +55,17 @@ impl Stats {
     }
 
     /// Records one response of `latency`.
-    pub(crate) fn response(&mut self, op: &'static str, latency: Duration, good: Duration, tolerable: Duration) {
+    pub(crate) fn response(
+        &mut self,
+        op: &'static str,
+        latency: Duration,
+        good: Duration,
+        tolerable: Duration,
+    ) {
         self.requests += 1;
         self.responses += 1;
-        self.hist.saturating_record((latency.as_nanos() as u64).clamp(1, MAX_NS));
+        self.hist
+            .saturating_record((latency.as_nanos() as u64).clamp(1, MAX_NS));
         if latency <= good {
             self.good += 1;
         }
@@ -171,7 +179,12 @@ mod tests {
         let s = Stats::new();
         assert_eq!(s.latency(), Latency::default());
         let mut s = Stats::new();
-        s.response("get", Duration::from_secs(10_000), Duration::ZERO, Duration::ZERO);
+        s.response(
+            "get",
+            Duration::from_secs(10_000),
+            Duration::ZERO,
+            Duration::ZERO,
+        );
         s.response("get", Duration::ZERO, Duration::ZERO, Duration::ZERO);
         assert_eq!((s.responses, s.good), (2, 1));
         assert!(s.latency().max_ms >= 3_599_000.0);

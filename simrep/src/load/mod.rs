@@ -321,7 +321,10 @@ pub fn validate(o: &LoadOptions) -> Result<(), LoadError> {
         conn::check_target(t).map_err(LoadError::Config)?;
     }
     if !(1..=9999).contains(&o.connections) {
-        return bad(format!("--connections {} is outside 1..=9999", o.connections));
+        return bad(format!(
+            "--connections {} is outside 1..=9999",
+            o.connections
+        ));
     }
     if o.duration.is_zero() {
         return bad("--duration must be above 0".into());
@@ -350,7 +353,11 @@ pub fn validate(o: &LoadOptions) -> Result<(), LoadError> {
 /// [`LoadError`]: bad options, no reachable target (at the start or for
 /// longer than the failover timeout), a target that broke the protocol.
 /// Problems found by `--verify` are in the report, not errors.
-pub fn run(opts: &LoadOptions, stop: Arc<AtomicBool>, live: &mut dyn FnMut(&Interval)) -> Result<LoadReport, LoadError> {
+pub fn run(
+    opts: &LoadOptions,
+    stop: Arc<AtomicBool>,
+    live: &mut dyn FnMut(&Interval),
+) -> Result<LoadReport, LoadError> {
     validate(opts)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(opts.threads)
@@ -360,8 +367,16 @@ pub fn run(opts: &LoadOptions, stop: Arc<AtomicBool>, live: &mut dyn FnMut(&Inte
     rt.block_on(run_async(opts.clone(), stop, live))
 }
 
-async fn run_async(opts: LoadOptions, stop: Arc<AtomicBool>, live: &mut dyn FnMut(&Interval)) -> Result<LoadReport, LoadError> {
-    let targets = Targets::new(opts.targets.clone(), opts.connect_timeout, opts.failover_timeout);
+async fn run_async(
+    opts: LoadOptions,
+    stop: Arc<AtomicBool>,
+    live: &mut dyn FnMut(&Interval),
+) -> Result<LoadReport, LoadError> {
+    let targets = Targets::new(
+        opts.targets.clone(),
+        opts.connect_timeout,
+        opts.failover_timeout,
+    );
     targets.probe().await?;
     let seed = if opts.seed == 0 {
         std::time::SystemTime::now()
@@ -379,7 +394,9 @@ async fn run_async(opts: LoadOptions, stop: Arc<AtomicBool>, live: &mut dyn FnMu
         measure_start,
         end: measure_start + opts.duration,
         stop,
-        live: (0..opts.connections).map(|_| Mutex::new(metrics::histogram())).collect(),
+        live: (0..opts.connections)
+            .map(|_| Mutex::new(metrics::histogram()))
+            .collect(),
         failures: AtomicU64::new(0),
         problems: AtomicU64::new(0),
         opts: LoadOptions { seed, ..opts },
@@ -388,12 +405,29 @@ async fn run_async(opts: LoadOptions, stop: Arc<AtomicBool>, live: &mut dyn FnMu
     let mut set = tokio::task::JoinSet::new();
     for c in 0..o.connections {
         let work = match o.workload {
-            LoadWorkload::Kv => Work::Kv(KvModel::new(tag, c, o.connections, o.keys, o.mix.clone(), o.value_size, o.scan_len)),
-            LoadWorkload::Bank => Work::Bank(BankModel::new(c, o.connections, o.accounts, o.mix.clone(), o.max_amount)),
+            LoadWorkload::Kv => Work::Kv(KvModel::new(
+                tag,
+                c,
+                o.connections,
+                o.keys,
+                o.mix.clone(),
+                o.value_size,
+                o.scan_len,
+            )),
+            LoadWorkload::Bank => Work::Bank(BankModel::new(
+                c,
+                o.connections,
+                o.accounts,
+                o.mix.clone(),
+                o.max_amount,
+            )),
         };
         set.spawn(conn_task(Arc::clone(&sh), c, work));
     }
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + Duration::from_secs(1), Duration::from_secs(1));
+    let mut tick = tokio::time::interval_at(
+        tokio::time::Instant::now() + Duration::from_secs(1),
+        Duration::from_secs(1),
+    );
     let mut last_tick = Instant::now();
     let mut results = Vec::new();
     while !set.is_empty() {
@@ -468,8 +502,16 @@ fn report(sh: &Shared, results: Vec<ConnResult>) -> LoadReport {
     }
     let interrupted = sh.stop.load(Ordering::Relaxed);
     let measured_end = Instant::now().min(sh.end);
-    let duration_s = measured_end.saturating_duration_since(sh.measure_start).as_secs_f64();
-    let share = |n: u64| if all.requests == 0 { 0.0 } else { n as f64 / all.requests as f64 };
+    let duration_s = measured_end
+        .saturating_duration_since(sh.measure_start)
+        .as_secs_f64();
+    let share = |n: u64| {
+        if all.requests == 0 {
+            0.0
+        } else {
+            n as f64 / all.requests as f64
+        }
+    };
     LoadReport {
         workload: o.workload,
         targets: o.targets.clone(),
@@ -480,7 +522,11 @@ fn report(sh: &Shared, results: Vec<ConnResult>) -> LoadReport {
         warmup_s: o.warmup.as_secs_f64(),
         requests: all.requests,
         responses: all.responses,
-        throughput_rps: if duration_s > 0.0 { all.responses as f64 / duration_s } else { 0.0 },
+        throughput_rps: if duration_s > 0.0 {
+            all.responses as f64 / duration_s
+        } else {
+            0.0
+        },
         latency: all.latency(),
         good_ms: o.good.as_secs_f64() * 1e3,
         tolerable_ms: o.tolerable.as_secs_f64() * 1e3,
@@ -581,7 +627,8 @@ async fn conn_task(sh: Arc<Shared>, c: u32, mut work: Work) -> Result<ConnResult
     if o.verify && work.needs_baseline() {
         cx.sweep(&mut work).await?;
     }
-    let per = (o.rate > 0).then(|| Duration::from_secs_f64(f64::from(o.connections) / o.rate as f64));
+    let per =
+        (o.rate > 0).then(|| Duration::from_secs_f64(f64::from(o.connections) / o.rate as f64));
     let mut next = sh.t0
         + if o.rate > 0 {
             Duration::from_secs_f64(f64::from(c) / o.rate as f64)
@@ -674,11 +721,19 @@ pub fn render_summary(r: &LoadReport) -> String {
         r.workload,
         r.targets.join(", "),
         r.connections,
-        if r.rate == 0 { "closed loop".to_string() } else { format!("open loop at {} req/s", r.rate) },
+        if r.rate == 0 {
+            "closed loop".to_string()
+        } else {
+            format!("open loop at {} req/s", r.rate)
+        },
         r.mix,
         r.duration_s
     );
-    let _ = writeln!(s, "  throughput  {:.0} req/s ({} responses to {} requests)", r.throughput_rps, r.responses, r.requests);
+    let _ = writeln!(
+        s,
+        "  throughput  {:.0} req/s ({} responses to {} requests)",
+        r.throughput_rps, r.responses, r.requests
+    );
     let l = &r.latency;
     let _ = writeln!(
         s,
@@ -698,7 +753,11 @@ pub fn render_summary(r: &LoadReport) -> String {
         let _ = writeln!(s, "  non-OK      {}", e.join(", "));
     }
     if !r.failovers.is_empty() || r.reconnects > 0 {
-        let _ = writeln!(s, "  reconnects  {}; longest time without a response {:.1} ms", r.reconnects, r.longest_gap_ms);
+        let _ = writeln!(
+            s,
+            "  reconnects  {}; longest time without a response {:.1} ms",
+            r.reconnects, r.longest_gap_ms
+        );
     }
     for f in &r.failovers {
         let _ = writeln!(
@@ -707,16 +766,33 @@ pub fn render_summary(r: &LoadReport) -> String {
             f.at_s,
             f.from,
             f.to,
-            f.gap_ms.map_or("(no response after it)".to_string(), |g| format!("{g:.1} ms"))
+            f.gap_ms
+                .map_or("(no response after it)".to_string(), |g| format!(
+                    "{g:.1} ms"
+                ))
         );
     }
     if let Some(v) = &r.verify {
         let n = v.problem_count();
         if n == 0 {
-            let _ = writeln!(s, "  verify      OK: {} responses checked, {} sweeps, no lost or wrong data", v.checked, v.sweeps);
+            let _ = writeln!(
+                s,
+                "  verify      OK: {} responses checked, {} sweeps, no lost or wrong data",
+                v.checked, v.sweeps
+            );
         } else {
-            let kinds: Vec<String> = v.problems_by_kind.iter().map(|(k, c)| format!("{c} {k}")).collect();
-            let _ = writeln!(s, "  verify      FAILED: {} ({} responses checked, {} sweeps)", kinds.join(", "), v.checked, v.sweeps);
+            let kinds: Vec<String> = v
+                .problems_by_kind
+                .iter()
+                .map(|(k, c)| format!("{c} {k}"))
+                .collect();
+            let _ = writeln!(
+                s,
+                "  verify      FAILED: {} ({} responses checked, {} sweeps)",
+                kinds.join(", "),
+                v.checked,
+                v.sweeps
+            );
             for p in v.problems.iter().take(20) {
                 let _ = writeln!(s, "    {p}");
             }

@@ -189,7 +189,9 @@ impl KvModel {
         sizes: SizeRange,
         scan_len: u32,
     ) -> KvModel {
-        let n = keys.saturating_sub(u64::from(conn)).div_ceil(u64::from(conns)) as u32;
+        let n = keys
+            .saturating_sub(u64::from(conn))
+            .div_ceil(u64::from(conns)) as u32;
         KvModel {
             tag,
             conn,
@@ -232,7 +234,7 @@ impl KvModel {
         let i: u64 = std::str::from_utf8(rest).ok()?.parse().ok()?;
         let c = u64::from(self.conn);
         let cs = u64::from(self.conns);
-        if rest.len() != 10 || i < c || (i - c) % cs != 0 {
+        if rest.len() != 10 || i < c || !(i - c).is_multiple_of(cs) {
             return None;
         }
         u32::try_from((i - c) / cs).ok().filter(|j| *j < self.n)
@@ -362,7 +364,9 @@ impl KvModel {
         let Some(bytes) = v else {
             return Problem {
                 kind: ProblemKind::LostWrite,
-                detail: format!("key {key}: acknowledged PUT of {want_s} is missing, the key is absent"),
+                detail: format!(
+                    "key {key}: acknowledged PUT of {want_s} is missing, the key is absent"
+                ),
             };
         };
         // One of our own older versions?
@@ -412,13 +416,23 @@ impl KvModel {
     fn bad_status(&self, o: &Op, st: u8) -> Problem {
         Problem {
             kind: ProblemKind::BadStatus,
-            detail: format!("{o:?} on key {}: unexpected status {st}", self.key(op_key(o))),
+            detail: format!(
+                "{o:?} on key {}: unexpected status {st}",
+                self.key(op_key(o))
+            ),
         }
     }
 
     /// Checks the response to `o` (when `verify`) and updates the model;
     /// appends what is wrong to `problems`.
-    pub fn check(&mut self, o: &Op, st: u8, body: &[u8], verify: bool, problems: &mut Vec<Problem>) {
+    pub fn check(
+        &mut self,
+        o: &Op,
+        st: u8,
+        body: &[u8],
+        verify: bool,
+        problems: &mut Vec<Problem>,
+    ) {
         if !verify {
             return;
         }
@@ -541,7 +555,8 @@ impl KvModel {
         // The range of own keys the answer covers: up to its last key, or
         // to the end of the namespace when it is not cut short.
         let beyond = entries.iter().any(|(k, _)| !k.starts_with(&prefix));
-        let complete = entries.len() < max as usize && body.len() + 6 + MAX_KEY + MAX_VALUE <= MAX_BODY;
+        let complete =
+            entries.len() < max as usize && body.len() + 6 + MAX_KEY + MAX_VALUE <= MAX_BODY;
         let last_own = entries
             .iter()
             .filter(|(k, _)| k.starts_with(&prefix))
@@ -758,7 +773,14 @@ impl BankModel {
 
     /// Checks the response to `o` (when `verify`) and updates the model;
     /// appends what is wrong to `problems`.
-    pub fn check(&mut self, o: &Op, st: u8, body: &[u8], verify: bool, problems: &mut Vec<Problem>) {
+    pub fn check(
+        &mut self,
+        o: &Op,
+        st: u8,
+        body: &[u8],
+        verify: bool,
+        problems: &mut Vec<Problem>,
+    ) {
         if !verify {
             return;
         }
@@ -768,10 +790,19 @@ impl BankModel {
         match *o {
             Op::Balance(j) => {
                 if st != status::OK {
-                    return problems.push(self.problem(ProblemKind::BadStatus, j, format!("BALANCE status {st}")));
+                    return problems.push(self.problem(
+                        ProblemKind::BadStatus,
+                        j,
+                        format!("BALANCE status {st}"),
+                    ));
                 }
-                let (Some(bal), Some(recs), 16) = (u64_at(body, 0), u64_at(body, 8), body.len()) else {
-                    return problems.push(self.problem(ProblemKind::WrongValue, j, format!("BALANCE body of {} bytes", body.len())));
+                let (Some(bal), Some(recs), 16) = (u64_at(body, 0), u64_at(body, 8), body.len())
+                else {
+                    return problems.push(self.problem(
+                        ProblemKind::WrongValue,
+                        j,
+                        format!("BALANCE body of {} bytes", body.len()),
+                    ));
                 };
                 let a = &self.accounts[j as usize];
                 let Some(want) = a.balance else {
@@ -815,7 +846,10 @@ impl BankModel {
                 a.recent.clear();
             }
             Op::Transfer { from, to, amount } => {
-                if self.pending.is_some_and(|(f, t, _)| [f, t].iter().any(|x| *x == from || *x == to)) {
+                if self
+                    .pending
+                    .is_some_and(|(f, t, _)| [f, t].iter().any(|x| *x == from || *x == to))
+                {
                     // Cannot happen (a sweep settles it first); keep the
                     // model consistent anyway.
                     self.pending = None;
@@ -826,8 +860,13 @@ impl BankModel {
                 let tb = self.accounts[to as usize].balance.unwrap_or(0);
                 match st {
                     status::OK => {
-                        let (Some(f), Some(t), 16) = (u64_at(body, 0), u64_at(body, 8), body.len()) else {
-                            return problems.push(self.problem(ProblemKind::WrongValue, from, format!("TRANSFER body of {} bytes", body.len())));
+                        let (Some(f), Some(t), 16) = (u64_at(body, 0), u64_at(body, 8), body.len())
+                        else {
+                            return problems.push(self.problem(
+                                ProblemKind::WrongValue,
+                                from,
+                                format!("TRANSFER body of {} bytes", body.len()),
+                            ));
                         };
                         if amount > fb {
                             problems.push(self.problem(ProblemKind::LostWrite, from, format!("transfer of {amount} succeeded on a balance the model has at {fb}: earlier transfers are missing")));
@@ -853,15 +892,27 @@ impl BankModel {
                             problems.push(self.problem(ProblemKind::LostWrite, from, format!("transfer of {amount} refused for insufficient funds, but the model has {fb}")));
                         }
                     }
-                    _ => problems.push(self.problem(ProblemKind::BadStatus, from, format!("TRANSFER status {st}"))),
+                    _ => problems.push(self.problem(
+                        ProblemKind::BadStatus,
+                        from,
+                        format!("TRANSFER status {st}"),
+                    )),
                 }
             }
             Op::History(j, max) => {
                 if st != status::OK {
-                    return problems.push(self.problem(ProblemKind::BadStatus, j, format!("HISTORY status {st}")));
+                    return problems.push(self.problem(
+                        ProblemKind::BadStatus,
+                        j,
+                        format!("HISTORY status {st}"),
+                    ));
                 }
-                if body.len() % 24 != 0 {
-                    return problems.push(self.problem(ProblemKind::WrongValue, j, format!("HISTORY body of {} bytes", body.len())));
+                if !body.len().is_multiple_of(24) {
+                    return problems.push(self.problem(
+                        ProblemKind::WrongValue,
+                        j,
+                        format!("HISTORY body of {} bytes", body.len()),
+                    ));
                 }
                 if self.pending.is_some_and(|(f, t, _)| f == j || t == j) {
                     return; // settled by the BALANCE of the sweep
@@ -873,8 +924,16 @@ impl BankModel {
                 let got = body.len() / 24;
                 let want = (a.records.min(u64::from(max))) as usize;
                 if got != want {
-                    let kind = if got < want { ProblemKind::LostWrite } else { ProblemKind::WrongValue };
-                    return problems.push(self.problem(kind, j, format!("HISTORY of at most {max} returned {got} records, expected {want}")));
+                    let kind = if got < want {
+                        ProblemKind::LostWrite
+                    } else {
+                        ProblemKind::WrongValue
+                    };
+                    return problems.push(self.problem(
+                        kind,
+                        j,
+                        format!("HISTORY of at most {max} returned {got} records, expected {want}"),
+                    ));
                 }
                 let mut last_seq = u64::MAX;
                 for (i, rec) in body.chunks_exact(24).enumerate() {
@@ -883,7 +942,11 @@ impl BankModel {
                     let flags = u32::from_le_bytes(rec[12..16].try_into().unwrap_or([0; 4]));
                     let amount = u64_at(rec, 16).unwrap_or(0);
                     if seq >= last_seq {
-                        return problems.push(self.problem(ProblemKind::WrongValue, j, "HISTORY records not newest first".into()));
+                        return problems.push(self.problem(
+                            ProblemKind::WrongValue,
+                            j,
+                            "HISTORY records not newest first".into(),
+                        ));
                     }
                     last_seq = seq;
                     if let Some(&(wo, wout, wa)) = a.recent.get(i) {
@@ -934,7 +997,14 @@ impl Work {
         }
     }
     /// Checks a response.
-    pub fn check(&mut self, o: &Op, st: u8, body: &[u8], verify: bool, problems: &mut Vec<Problem>) {
+    pub fn check(
+        &mut self,
+        o: &Op,
+        st: u8,
+        body: &[u8],
+        verify: bool,
+        problems: &mut Vec<Problem>,
+    ) {
         match self {
             Work::Kv(m) => m.check(o, st, body, verify, problems),
             Work::Bank(m) => m.check(o, st, body, verify, problems),

@@ -27,10 +27,18 @@ fn call(state: &SharedState, service: Service, faults: &Faults, e: &Encoded) -> 
         key: &e.key,
         value: &e.value,
     };
-    state.handle(service, faults, &req).expect("no garbage configured")
+    state
+        .handle(service, faults, &req)
+        .expect("no garbage configured")
 }
 
-fn sweep(w: &mut Work, state: &SharedState, service: Service, faults: &Faults, problems: &mut Vec<Problem>) {
+fn sweep(
+    w: &mut Work,
+    state: &SharedState,
+    service: Service,
+    faults: &Faults,
+    problems: &mut Vec<Problem>,
+) {
     let mut e = Encoded::default();
     for o in w.sweep() {
         w.encode(&o, &mut e);
@@ -42,7 +50,14 @@ fn sweep(w: &mut Work, state: &SharedState, service: Service, faults: &Faults, p
 
 /// Drives `works` (connections) round robin for `fates.len()` steps, as the
 /// client does: a sweep after every lost response, a final sweep.
-fn drive(works: &mut [Work], state: &SharedState, service: Service, faults: &Faults, seed: u64, fates: &[Fate]) -> Vec<Problem> {
+fn drive(
+    works: &mut [Work],
+    state: &SharedState,
+    service: Service,
+    faults: &Faults,
+    seed: u64,
+    fates: &[Fate],
+) -> Vec<Problem> {
     let mut rng = Rng::new(seed);
     let mut problems = Vec::new();
     let mut e = Encoded::default();
@@ -78,7 +93,17 @@ fn drive(works: &mut [Work], state: &SharedState, service: Service, faults: &Fau
 fn kv_works(conns: u32, keys: u64, mix: &str, sizes: &str) -> Vec<Work> {
     let mix = Mix::parse(mix, &KV_OPS).unwrap();
     (0..conns)
-        .map(|c| Work::Kv(KvModel::new(0xfeed, c, conns, keys, mix.clone(), sizes.parse().unwrap(), 8)))
+        .map(|c| {
+            Work::Kv(KvModel::new(
+                0xfeed,
+                c,
+                conns,
+                keys,
+                mix.clone(),
+                sizes.parse().unwrap(),
+                8,
+            ))
+        })
         .collect()
 }
 
@@ -135,12 +160,25 @@ fn kv_corruption_is_a_wrong_value_naming_the_key() {
         ..Faults::default()
     };
     let mut works = kv_works(1, 10, "get=50,put=50", "32");
-    let p = drive(&mut works, &state, Service::Kv, &faults, 7, &[Fate::Answered; 100]);
+    let p = drive(
+        &mut works,
+        &state,
+        Service::Kv,
+        &faults,
+        7,
+        &[Fate::Answered; 100],
+    );
     assert!(!p.is_empty());
-    assert!(p.iter().all(|p| p.kind == ProblemKind::WrongValue), "{p:#?}");
+    assert!(
+        p.iter().all(|p| p.kind == ProblemKind::WrongValue),
+        "{p:#?}"
+    );
     assert!(p[0].detail.contains("key 0000feed:0000:"), "{}", p[0]);
     // One report per key until the next acknowledged write.
-    let mut keys: Vec<&str> = p.iter().map(|p| p.detail.split(':').take(3).last().unwrap_or("")).collect();
+    let mut keys: Vec<&str> = p
+        .iter()
+        .map(|p| p.detail.split(':').take(3).last().unwrap_or(""))
+        .collect();
     let n = keys.len();
     keys.dedup();
     assert!(keys.len() * 2 >= n, "{p:#?}");
@@ -150,7 +188,9 @@ fn kv_corruption_is_a_wrong_value_naming_the_key() {
 fn kv_foreign_key_in_namespace_is_unexpected() {
     let state = SharedState::new(0);
     let mut works = kv_works(1, 4, "get=1", "8");
-    let Work::Kv(m) = &works[0] else { unreachable!() };
+    let Work::Kv(m) = &works[0] else {
+        unreachable!()
+    };
     let key = m.key(2);
     let put = Request {
         id: 1,
@@ -167,7 +207,15 @@ fn kv_foreign_key_in_namespace_is_unexpected() {
 
 #[test]
 fn kv_stale_value_is_a_lost_write() {
-    let mut m = KvModel::new(1, 0, 1, 1, Mix::parse("put=1", &KV_OPS).unwrap(), SizeRange { min: 32, max: 32 }, 4);
+    let mut m = KvModel::new(
+        1,
+        0,
+        1,
+        1,
+        Mix::parse("put=1", &KV_OPS).unwrap(),
+        SizeRange { min: 32, max: 32 },
+        4,
+    );
     let mut problems = Vec::new();
     m.check(&Op::Put(0, 1, 32), status::OK, &[], true, &mut problems);
     m.check(&Op::Put(0, 2, 32), status::OK, &[], true, &mut problems);
@@ -176,7 +224,11 @@ fn kv_stale_value_is_a_lost_write() {
     m.check(&Op::Get(0), status::OK, &old, true, &mut problems);
     assert_eq!(problems.len(), 1);
     assert_eq!(problems[0].kind, ProblemKind::LostWrite);
-    assert!(problems[0].detail.contains("older version 1"), "{}", problems[0]);
+    assert!(
+        problems[0].detail.contains("older version 1"),
+        "{}",
+        problems[0]
+    );
     // A pending write accepts either outcome, once.
     m.lost(&Op::Put(0, 3, 32));
     let mut cur = Vec::new();
@@ -200,8 +252,19 @@ fn bank_lost_transfers_are_reported_per_account() {
         ..Faults::default()
     };
     let mut works = bank_works(2, 8);
-    let p = drive(&mut works, &state, Service::Bank, &faults, 3, &[Fate::Answered; 200]);
-    assert!(p.iter().any(|p| p.kind == ProblemKind::LostWrite && p.detail.starts_with("account ")), "{p:#?}");
+    let p = drive(
+        &mut works,
+        &state,
+        Service::Bank,
+        &faults,
+        3,
+        &[Fate::Answered; 200],
+    );
+    assert!(
+        p.iter()
+            .any(|p| p.kind == ProblemKind::LostWrite && p.detail.starts_with("account ")),
+        "{p:#?}"
+    );
 }
 
 #[test]
@@ -210,7 +273,15 @@ fn partition_covers_every_key_once() {
         let keys = 23u64;
         let mut all: Vec<String> = (0..conns)
             .flat_map(|c| {
-                let m = KvModel::new(9, c, conns, keys, Mix::parse("get=1", &KV_OPS).unwrap(), SizeRange { min: 1, max: 1 }, 1);
+                let m = KvModel::new(
+                    9,
+                    c,
+                    conns,
+                    keys,
+                    Mix::parse("get=1", &KV_OPS).unwrap(),
+                    SizeRange { min: 1, max: 1 },
+                    1,
+                );
                 (0..m.keys()).map(move |j| m.key(j)).collect::<Vec<_>>()
             })
             .collect();
@@ -218,7 +289,12 @@ fn partition_covers_every_key_once() {
         all.sort();
         all.dedup();
         assert_eq!(all.len() as u64, keys);
-        let b: u32 = (0..conns).map(|c| BankModel::new(c, conns, 23, Mix::parse("balance=1", &BANK_OPS).unwrap(), 1).accounts()).sum();
+        let b: u32 = (0..conns)
+            .map(|c| {
+                BankModel::new(c, conns, 23, Mix::parse("balance=1", &BANK_OPS).unwrap(), 1)
+                    .accounts()
+            })
+            .sum();
         assert_eq!(b, 23);
     }
 }

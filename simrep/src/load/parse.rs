@@ -16,9 +16,7 @@ use crate::vmm::run::parse_size;
 /// A message naming the bad value.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let t = s.trim();
-    let split = t
-        .find(|c: char| c.is_ascii_alphabetic())
-        .unwrap_or(t.len());
+    let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let n: f64 = num
         .trim()
@@ -29,9 +27,13 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "" | "s" => n,
         "m" | "min" => n * 60.0,
         "h" => n * 3600.0,
-        u => return Err(format!("bad duration `{s}`: unknown unit `{u}` (ms, s, m, h)")),
+        u => {
+            return Err(format!(
+                "bad duration `{s}`: unknown unit `{u}` (ms, s, m, h)"
+            ))
+        }
     };
-    if !secs.is_finite() || secs < 0.0 || secs > 1e9 {
+    if !secs.is_finite() || !(0.0..=1e9).contains(&secs) {
         return Err(format!("bad duration `{s}`: out of range"));
     }
     Ok(Duration::from_secs_f64(secs))
@@ -227,7 +229,10 @@ mod tests {
     fn mixes() {
         let names = ["get", "put", "del", "scan"];
         let m = Mix::parse("get=80, put=20", &names).unwrap();
-        assert_eq!((m.weight("get"), m.weight("put"), m.weight("scan")), (80, 20, 0));
+        assert_eq!(
+            (m.weight("get"), m.weight("put"), m.weight("scan")),
+            (80, 20, 0)
+        );
         assert_eq!(m.to_string(), "get=80,put=20,del=0,scan=0");
         assert!(Mix::parse("get=1,get=2", &names).is_err());
         assert!(Mix::parse("fly=1", &names).is_err());

@@ -23,15 +23,34 @@ fn validation_names_the_option() {
     };
     assert!(bad(opts(vec![])).contains("--target"));
     assert!(bad(opts(vec!["nohost".into()])).contains("HOST:PORT"));
-    assert!(bad(LoadOptions { keys: 2, ..opts(vec!["127.0.0.1:1".into()]) }).contains("--keys"));
-    assert!(bad(LoadOptions { connections: 0, ..opts(vec!["127.0.0.1:1".into()]) }).contains("--connections"));
+    assert!(bad(LoadOptions {
+        keys: 2,
+        ..opts(vec!["127.0.0.1:1".into()])
+    })
+    .contains("--keys"));
+    assert!(bad(LoadOptions {
+        connections: 0,
+        ..opts(vec!["127.0.0.1:1".into()])
+    })
+    .contains("--connections"));
     assert!(validate(&opts(vec!["localhost:7000".into(), "[::1]:7000".into()])).is_ok());
 }
 
 #[test]
 fn clean_run_in_process() {
-    let srv = TestServer::bind("127.0.0.1:0", Service::Kv, SharedState::new(0), Faults::default()).unwrap();
-    let r = run(&opts(vec![srv.addr().to_string()]), Arc::new(AtomicBool::new(false)), &mut |_| {}).unwrap();
+    let srv = TestServer::bind(
+        "127.0.0.1:0",
+        Service::Kv,
+        SharedState::new(0),
+        Faults::default(),
+    )
+    .unwrap();
+    let r = run(
+        &opts(vec![srv.addr().to_string()]),
+        Arc::new(AtomicBool::new(false)),
+        &mut |_| {},
+    )
+    .unwrap();
     assert!(r.responses > 0 && r.throughput_rps > 0.0, "{r:?}");
     let v = r.verify.as_ref().unwrap();
     assert_eq!(v.problem_count(), 0, "{v:?}");
@@ -44,7 +63,16 @@ fn clean_run_in_process() {
 #[test]
 fn unreachable_target_is_no_target() {
     // Bind then drop: a port nothing listens on.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let e = run(&opts(vec![format!("127.0.0.1:{port}")]), Arc::new(AtomicBool::new(false)), &mut |_| {}).unwrap_err();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let e = run(
+        &opts(vec![format!("127.0.0.1:{port}")]),
+        Arc::new(AtomicBool::new(false)),
+        &mut |_| {},
+    )
+    .unwrap_err();
     assert!(matches!(e, LoadError::NoTarget(_)), "{e:?}");
 }

@@ -21,7 +21,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 
-use crate::proto::{self, op, status, BANK_INITIAL_BALANCE, MAX_BODY, MAX_REQUEST, MAX_SCAN_ENTRIES};
+use crate::proto::{
+    self, op, status, BANK_INITIAL_BALANCE, MAX_BODY, MAX_REQUEST, MAX_SCAN_ENTRIES,
+};
 
 /// Which service a server offers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -99,7 +101,12 @@ impl SharedState {
     }
 
     /// Answers one request: `(status, body)`, or `None` to send garbage.
-    pub fn handle(&self, service: Service, faults: &Faults, req: &proto::Request<'_>) -> Option<(u8, Vec<u8>)> {
+    pub fn handle(
+        &self,
+        service: Service,
+        faults: &Faults,
+        req: &proto::Request<'_>,
+    ) -> Option<(u8, Vec<u8>)> {
         let mut s = self.0.lock().unwrap_or_else(|e| e.into_inner());
         s.responses += 1;
         if faults.garbage_after.is_some_and(|n| s.responses > n) {
@@ -119,7 +126,12 @@ impl State {
         faults.lose_writes_after.is_some_and(|n| self.writes > n)
     }
 
-    fn apply(&mut self, service: Service, faults: &Faults, r: &proto::Request<'_>) -> (u8, Vec<u8>) {
+    fn apply(
+        &mut self,
+        service: Service,
+        faults: &Faults,
+        r: &proto::Request<'_>,
+    ) -> (u8, Vec<u8>) {
         let bad = (status::BAD_REQUEST, Vec::new());
         match (service, r.op) {
             (_, op::PING) => (status::OK, Vec::new()),
@@ -154,7 +166,9 @@ impl State {
                 (status::OK, Vec::new())
             }
             (Service::Kv, op::SCAN) => {
-                let Some(max) = u32_at(r.value, 0).filter(|m| (1..=MAX_SCAN_ENTRIES).contains(m) && r.value.len() == 4) else {
+                let Some(max) = u32_at(r.value, 0)
+                    .filter(|m| (1..=MAX_SCAN_ENTRIES).contains(m) && r.value.len() == 4)
+                else {
                     return bad;
                 };
                 let mut body = Vec::new();
@@ -173,7 +187,10 @@ impl State {
                 let (Some(from), Some(to), Some(amount), 16) = (
                     u32_at(r.value, 0),
                     u32_at(r.value, 4),
-                    r.value.get(8..16).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes),
+                    r.value
+                        .get(8..16)
+                        .and_then(|b| b.try_into().ok())
+                        .map(u64::from_le_bytes),
                     r.value.len(),
                 ) else {
                     return bad;
@@ -185,7 +202,10 @@ impl State {
                 if from == to {
                     return bad;
                 }
-                let (fb, tb) = (self.accounts[from as usize].balance, self.accounts[to as usize].balance);
+                let (fb, tb) = (
+                    self.accounts[from as usize].balance,
+                    self.accounts[to as usize].balance,
+                );
                 if amount > fb {
                     return (status::INSUFFICIENT_FUNDS, Vec::new());
                 }
@@ -195,10 +215,20 @@ impl State {
                     let seq = self.seq;
                     let f = &mut self.accounts[from as usize];
                     f.balance = nf;
-                    f.history.push(Record { seq, other: to, outgoing: true, amount });
+                    f.history.push(Record {
+                        seq,
+                        other: to,
+                        outgoing: true,
+                        amount,
+                    });
                     let t = &mut self.accounts[to as usize];
                     t.balance = nt;
-                    t.history.push(Record { seq, other: from, outgoing: false, amount });
+                    t.history.push(Record {
+                        seq,
+                        other: from,
+                        outgoing: false,
+                        amount,
+                    });
                 }
                 let mut body = nf.to_le_bytes().to_vec();
                 body.extend_from_slice(&nt.to_le_bytes());
@@ -216,14 +246,21 @@ impl State {
                 (status::OK, body)
             }
             (Service::Bank, op::HISTORY) => {
-                let (Some(a), Some(max), 8) = (u32_at(r.value, 0), u32_at(r.value, 4), r.value.len()) else {
+                let (Some(a), Some(max), 8) =
+                    (u32_at(r.value, 0), u32_at(r.value, 4), r.value.len())
+                else {
                     return bad;
                 };
                 let Some(acc) = self.accounts.get(a as usize) else {
                     return (status::NOT_FOUND, Vec::new());
                 };
                 let mut body = Vec::new();
-                for rec in acc.history.iter().rev().take(max.min(MAX_SCAN_ENTRIES) as usize) {
+                for rec in acc
+                    .history
+                    .iter()
+                    .rev()
+                    .take(max.min(MAX_SCAN_ENTRIES) as usize)
+                {
                     body.extend_from_slice(&rec.seq.to_le_bytes());
                     body.extend_from_slice(&rec.other.to_le_bytes());
                     body.extend_from_slice(&u32::from(rec.outgoing).to_le_bytes());
@@ -252,10 +289,17 @@ impl TestServer {
     /// # Errors
     ///
     /// When the listener cannot be used or the runtime not built.
-    pub fn start(listener: std::net::TcpListener, service: Service, state: SharedState, faults: Faults) -> std::io::Result<TestServer> {
+    pub fn start(
+        listener: std::net::TcpListener,
+        service: Service,
+        state: SharedState,
+        faults: Faults,
+    ) -> std::io::Result<TestServer> {
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
         let (tx, rx) = oneshot::channel::<()>();
         let requests = Arc::new(AtomicU64::new(0));
         let counter = Arc::clone(&requests);
@@ -288,7 +332,12 @@ impl TestServer {
     /// # Errors
     ///
     /// As [`TestServer::start`], and when binding fails.
-    pub fn bind(addr: &str, service: Service, state: SharedState, faults: Faults) -> std::io::Result<TestServer> {
+    pub fn bind(
+        addr: &str,
+        service: Service,
+        state: SharedState,
+        faults: Faults,
+    ) -> std::io::Result<TestServer> {
         TestServer::start(std::net::TcpListener::bind(addr)?, service, state, faults)
     }
 
@@ -328,17 +377,38 @@ impl Drop for TestServer {
 /// # Errors
 ///
 /// When the runtime cannot be built or the listener used.
-pub fn serve_forever(listener: std::net::TcpListener, service: Service, state: SharedState, faults: Faults) -> std::io::Result<()> {
+pub fn serve_forever(
+    listener: std::net::TcpListener,
+    service: Service,
+    state: SharedState,
+    faults: Faults,
+) -> std::io::Result<()> {
     listener.set_nonblocking(true)?;
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
         let listener = TcpListener::from_std(listener)?;
-        accept_loop(listener, service, state, faults, Arc::new(AtomicU64::new(0))).await;
+        accept_loop(
+            listener,
+            service,
+            state,
+            faults,
+            Arc::new(AtomicU64::new(0)),
+        )
+        .await;
         Ok(())
     })
 }
 
-async fn accept_loop(listener: TcpListener, service: Service, state: SharedState, faults: Faults, counter: Arc<AtomicU64>) {
+async fn accept_loop(
+    listener: TcpListener,
+    service: Service,
+    state: SharedState,
+    faults: Faults,
+    counter: Arc<AtomicU64>,
+) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
@@ -358,7 +428,13 @@ async fn accept_loop(listener: TcpListener, service: Service, state: SharedState
     }
 }
 
-async fn serve_conn(stream: TcpStream, service: Service, state: SharedState, faults: Faults, counter: Arc<AtomicU64>) -> std::io::Result<()> {
+async fn serve_conn(
+    stream: TcpStream,
+    service: Service,
+    state: SharedState,
+    faults: Faults,
+    counter: Arc<AtomicU64>,
+) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
     let (r, w) = stream.into_split();
     let mut r = BufReader::new(r);
@@ -379,9 +455,14 @@ async fn serve_conn(stream: TcpStream, service: Service, state: SharedState, fau
         r.read_exact(&mut msg).await?;
         let mut hdr = [0u8; 20];
         let reply = match proto::parse_request(&msg) {
-            Ok(req) => state.handle(service, &faults, &req).map(|(st, body)| (req.id, st, body)),
+            Ok(req) => state
+                .handle(service, &faults, &req)
+                .map(|(st, body)| (req.id, st, body)),
             Err(_) => {
-                let id = msg.get(..8).and_then(|b| b.try_into().ok()).map_or(0, u64::from_le_bytes);
+                let id = msg
+                    .get(..8)
+                    .and_then(|b| b.try_into().ok())
+                    .map_or(0, u64::from_le_bytes);
                 Some((id, status::BAD_REQUEST, Vec::new()))
             }
         };
