@@ -634,6 +634,7 @@ fn cmd_load_testserver(a: TestServerArgs) -> Result<ExitCode, Failure> {
         lose_writes_after: a.lose_writes_after,
         corrupt_reads_after: a.corrupt_reads_after,
         garbage_after: a.garbage_after,
+        stall: None,
     };
     testserver::serve_forever(listener, service, SharedState::new(a.accounts), faults)
         .context("serving")?;

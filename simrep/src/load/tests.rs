@@ -76,3 +76,34 @@ fn unreachable_target_is_no_target() {
     .unwrap_err();
     assert!(matches!(e, LoadError::NoTarget(_)), "{e:?}");
 }
+
+/// A 400 ms stall at 200 req/s delays ~80 requests: the open loop counts
+/// every one of them as slow (latency from the intended send time), the
+/// closed loop only the one in flight (coordinated omission).
+#[test]
+fn open_loop_charges_a_stall_to_every_request_it_delays() {
+    let slow = |rate: u64| {
+        let faults = Faults {
+            stall: Some((100, Duration::from_millis(400))),
+            ..Faults::default()
+        };
+        let srv =
+            TestServer::bind("127.0.0.1:0", Service::Kv, SharedState::new(0), faults).unwrap();
+        let o = LoadOptions {
+            rate,
+            connections: 1,
+            duration: Duration::from_millis(1500),
+            verify: false,
+            good: Duration::from_millis(100),
+            tolerable: Duration::from_millis(100),
+            ..opts(vec![srv.addr().to_string()])
+        };
+        let r = run(&o, Arc::new(AtomicBool::new(false)), &mut |_| {}).unwrap();
+        assert!(r.latency.max_ms >= 390.0, "{r:?}");
+        r.requests - (r.good_share * r.requests as f64).round() as u64
+    };
+    let open = slow(200);
+    assert!(open >= 50, "open loop: only {open} slow requests");
+    let closed = slow(0);
+    assert!(closed <= 3, "closed loop: {closed} slow requests");
+}

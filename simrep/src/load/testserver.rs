@@ -45,6 +45,9 @@ pub struct Faults {
     /// Answer with garbage (a frame with a bad length) after this many
     /// responses.
     pub garbage_after: Option<u64>,
+    /// Once, after this many responses in all, hold the connection's next
+    /// response for this long (a stall, as during a checkpoint pause).
+    pub stall: Option<(u64, std::time::Duration)>,
 }
 
 #[derive(Debug)]
@@ -93,6 +96,11 @@ impl SharedState {
             reads: 0,
             responses: 0,
         })))
+    }
+
+    /// Responses given so far.
+    pub fn responses(&self) -> u64 {
+        self.0.lock().map_or(0, |s| s.responses)
     }
 
     /// Keys in the kv store.
@@ -467,6 +475,12 @@ async fn serve_conn(
             }
         };
         counter.fetch_add(1, Ordering::Relaxed);
+        if let Some((n, d)) = faults.stall {
+            if state.responses() == n {
+                w.flush().await?;
+                tokio::time::sleep(d).await;
+            }
+        }
         match reply {
             Some((id, st, body)) => {
                 let n = proto::write_response_header(&mut hdr, id, st, body.len() as u32);
