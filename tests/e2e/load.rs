@@ -413,3 +413,46 @@ fn load_bad_flags_exit_2() {
         assert_eq!(r.code, Some(2), "{args:?}: {}", r.stderr);
     }
 }
+
+#[test]
+fn load_bank_fails_over_with_transfers_in_flight() {
+    let state = SharedState::new(200);
+    let a = TestServer::bind(
+        "127.0.0.1:0",
+        Service::Bank,
+        state.clone(),
+        Faults::default(),
+    )
+    .expect("server a");
+    let b =
+        TestServer::bind("127.0.0.1:0", Service::Bank, state, Faults::default()).expect("server b");
+    let (aa, ba) = (a.addr().to_string(), b.addr().to_string());
+    let r = load(
+        &[
+            "--target",
+            &aa,
+            "--target",
+            &ba,
+            "--workload",
+            "bank",
+            "--accounts",
+            "200",
+            "--mix",
+            "transfer=90,balance=10",
+            "--duration",
+            "2s",
+            "--verify",
+            "-q",
+        ],
+        move || {
+            std::thread::sleep(Duration::from_millis(900));
+            a.shutdown();
+        },
+    );
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    let j = r.json.expect("JSON report");
+    assert_eq!(problems(&j), 0, "{j}");
+    assert!(!j["failovers"].as_array().unwrap().is_empty(), "{j}");
+    assert_eq!(j["verify"]["bank_total_end"].as_u64(), Some(200 * 100_000));
+    assert!(b.requests() > 100, "server b served {}", b.requests());
+}

@@ -287,6 +287,9 @@ struct Shared {
     live: Vec<Mutex<Histogram<u64>>>,
     failures: AtomicU64,
     problems: AtomicU64,
+    /// When the last connection stopped sending workload requests (ns
+    /// since `t0`): the end of the measured time (sweeps are not measured).
+    stopped_ns: AtomicU64,
 }
 
 struct ConnResult {
@@ -401,6 +404,7 @@ async fn run_async(
             .collect(),
         failures: AtomicU64::new(0),
         problems: AtomicU64::new(0),
+        stopped_ns: AtomicU64::new(0),
         opts: LoadOptions { seed, ..opts },
     });
     let o = &sh.opts;
@@ -503,7 +507,8 @@ fn report(sh: &Shared, results: Vec<ConnResult>) -> LoadReport {
         }
     }
     let interrupted = sh.stop.load(Ordering::Relaxed);
-    let measured_end = Instant::now().min(sh.end);
+    let stopped = sh.t0 + Duration::from_nanos(sh.stopped_ns.load(Ordering::Relaxed));
+    let measured_end = stopped.min(sh.end);
     let duration_s = measured_end
         .saturating_duration_since(sh.measure_start)
         .as_secs_f64();
@@ -704,6 +709,8 @@ async fn conn_task(sh: Arc<Shared>, c: u32, mut work: Work) -> Result<ConnResult
             Err(CallError::Protocol(e)) => return Err(cx.protocol(e)),
         }
     }
+    sh.stopped_ns
+        .fetch_max(sh.t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
     if o.verify {
         cx.sweep(&mut work).await?;
     }
@@ -726,10 +733,14 @@ pub fn render_summary(r: &LoadReport) -> String {
     let pct = |x: f64| x * 100.0;
     let _ = writeln!(
         s,
-        "{:?} load on {} ({} connections, {}, mix {}): {:.1} s measured",
-        r.workload,
+        "{} load on {} ({} connection{}, {}, mix {}): {:.1} s measured",
+        match r.workload {
+            LoadWorkload::Kv => "kv",
+            LoadWorkload::Bank => "bank",
+        },
         r.targets.join(", "),
         r.connections,
+        if r.connections == 1 { "" } else { "s" },
         if r.rate == 0 {
             "closed loop".to_string()
         } else {
