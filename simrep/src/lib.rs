@@ -16,12 +16,15 @@
 //! * [`vmm`]: the KVM VM, its vCPU threads and MMIO devices, and the
 //!   bundled guest it boots (`simrep run`).
 //! * [`replication`]: the replication wire protocol.
+//! * [`load`]: `simrep load`, the kv/bank client with `--verify`, and its
+//!   reference test server.
 //! * [`proto`]: the wire protocol of the guest's `kv` and `bank` services,
 //!   shared with the guest source.
 
 pub mod compress;
 pub mod dirty;
 pub mod ebpf;
+pub mod load;
 #[path = "../../simrep-guest/src/proto.rs"]
 pub mod proto;
 pub mod replication;

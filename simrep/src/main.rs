@@ -14,6 +14,8 @@ use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use simrep::compress::CodecSpec;
+use simrep::load::parse::{parse_duration, Mix, SizeRange};
+use simrep::load::{LoadError, LoadOptions, LoadWorkload};
 use simrep::trace::analysis::{self, AnalysisError, AnalyzeOptions, CodecChoice};
 use simrep::trace::capture::{self, CaptureError, CaptureOptions};
 use simrep::trace::replay::Replay;
@@ -34,6 +36,9 @@ Exit codes:
   5    the capture target could not be traced (no such process, no permission)
   6    output could not be written
   7    no usable KVM (/dev/kvm missing or not accessible)
+  8    `simrep load --verify` found lost or wrong data
+  9    `simrep load` could not reach any target
+  10   `simrep load`: a target broke the protocol (malformed response)
   130  capture interrupted (Ctrl-C); the epochs captured so far form a valid trace
 
 Logging: RUST_LOG (e.g. RUST_LOG=simrep=debug) or -v / -q.";
@@ -69,6 +74,16 @@ enum Command {
     /// paper's Fig. 1 (similarity of dirty areas by area size).
     #[command(after_help = CODEC_HELP)]
     Analyze(AnalyzeArgs),
+    // --- simrep load (begin) ---
+    /// Drive the guest's kv or bank service over TCP: throughput, latency
+    /// percentiles, good/tolerable shares; --verify checks every response
+    /// against a model of what was written; several --target fail over.
+    #[command(after_help = LOAD_HELP)]
+    Load(Box<LoadArgs>),
+    /// (testing only) A reference kv/bank server for tests of `simrep load`.
+    #[command(hide = true)]
+    LoadTestserver(TestServerArgs),
+    // --- simrep load (end) ---
 }
 
 const CODEC_HELP: &str = "\
@@ -180,7 +195,7 @@ struct RunArgs {
     checkpoint_dir: Option<PathBuf>,
     /// With --checkpoint-dir: also write a checkpoint this often (500ms,
     /// 10s, 5m).
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration, requires = "checkpoint_dir")]
+    #[arg(long, value_name = "DURATION", value_parser = parse_positive_duration, requires = "checkpoint_dir")]
     checkpoint_every: Option<std::time::Duration>,
 }
 
@@ -198,30 +213,16 @@ struct RestoreArgs {
     #[arg(long, value_name = "DIR")]
     checkpoint_dir: Option<PathBuf>,
     /// With --checkpoint-dir: also write a checkpoint this often.
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration, requires = "checkpoint_dir")]
+    #[arg(long, value_name = "DURATION", value_parser = parse_positive_duration, requires = "checkpoint_dir")]
     checkpoint_every: Option<std::time::Duration>,
 }
 
-/// Parses `500ms`, `10s`, `5m` or a plain number of seconds.
-fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    let t = s.trim();
-    let (num, scale_ms) = if let Some(n) = t.strip_suffix("ms") {
-        (n, 1)
-    } else if let Some(n) = t.strip_suffix('s') {
-        (n, 1000)
-    } else if let Some(n) = t.strip_suffix('m') {
-        (n, 60_000)
-    } else {
-        (t, 1000)
-    };
-    let n: u64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("bad duration `{s}` (expected e.g. 500ms, 10s, 5m)"))?;
-    match n.checked_mul(scale_ms) {
-        Some(0) => Err(format!("duration `{s}` must be positive")),
-        Some(ms) => Ok(std::time::Duration::from_millis(ms)),
-        None => Err(format!("duration `{s}` is too large")),
+/// A duration as `simrep load` parses them (`500ms`, `10s`, `5m`, plain
+/// seconds) that must be positive.
+fn parse_positive_duration(s: &str) -> Result<std::time::Duration, String> {
+    match parse_duration(s)? {
+        d if d.is_zero() => Err(format!("duration `{s}` must be positive")),
+        d => Ok(d),
     }
 }
 
@@ -347,6 +348,14 @@ fn classify(error: &anyhow::Error) -> u8 {
         if cause.downcast_ref::<simrep::trace::TraceError>().is_some() {
             return 3;
         }
+        if let Some(e) = cause.downcast_ref::<LoadError>() {
+            return match e {
+                LoadError::Config(_) => 2,
+                LoadError::NoTarget(_) => 9,
+                LoadError::Protocol { .. } => 10,
+                LoadError::Runtime(_) => 1,
+            };
+        }
         if cause.downcast_ref::<OutputError>().is_some() {
             return 6;
         }
@@ -367,6 +376,8 @@ fn main() -> ExitCode {
         Command::Restore(args) => cmd_restore(args),
         Command::Trace(TraceCommand::Capture(args)) => cmd_capture(args),
         Command::Analyze(args) => cmd_analyze(args),
+        Command::Load(args) => cmd_load(*args, cli.quiet),
+        Command::LoadTestserver(args) => cmd_load_testserver(args),
     };
     match result {
         Ok(code) => code,
@@ -586,3 +597,210 @@ fn cmd_restore(a: RestoreArgs) -> Result<ExitCode, Failure> {
     );
     Ok(ExitCode::SUCCESS)
 }
+
+// --- simrep load (begin) ---
+
+const LOAD_HELP: &str = "\
+Operation mixes (--mix, weights): kv get=80,put=15,del=3,scan=2 (default);
+bank transfer=50,balance=40,history=10 (default).
+
+Latency: from the send time (closed loop) or from the intended send time
+(--rate N: open loop), so a stall counts for every request it delays. Good
+and tolerable: answered within --good-ms (10) / --tolerable-ms (50); SPECweb
+uses 2 s and 4 s for whole web pages, far too lax for a sub-ms service.
+
+--verify: keys (accounts) are split between connections so each is touched
+by one connection at a time; kv keys live in a fresh namespace per run.
+Every response is checked; a write whose response was lost may or may not
+have happened until a read settles it. After every reconnection and at the
+end each connection re-reads all its keys. Lost acknowledged writes, wrong
+values, unexpected keys, a changed bank total: exit code 8.
+
+Several --target: on a lost or refused connection the client moves to the
+next target (in order, wrapping), retrying until --failover-timeout; the
+summary gives each failover's gap (time without any response).";
+
+#[derive(clap::Args)]
+struct LoadArgs {
+    /// Service address HOST:PORT; repeat for failover targets (in order).
+    #[arg(long = "target", value_name = "HOST:PORT", required = true)]
+    targets: Vec<String>,
+    /// Service: kv or bank.
+    #[arg(long, default_value = "kv")]
+    workload: LoadWorkload,
+    /// Concurrent connections, each with one request in flight.
+    #[arg(long, default_value_t = 8)]
+    connections: u32,
+    /// Measured time (500ms, 30s, 2m).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    duration: std::time::Duration,
+    /// Unmeasured time before the measurement.
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    warmup: std::time::Duration,
+    /// Requests per second over all connections (open loop); 0: closed
+    /// loop, as fast as the service answers.
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    /// Check every response against a model of all writes; re-read
+    /// everything at the end and after each failover.
+    #[arg(long)]
+    verify: bool,
+    /// kv: number of keys (split between connections).
+    #[arg(long, default_value_t = 10_000)]
+    keys: u64,
+    /// kv: PUT value size in bytes, fixed or a range (128, 64-4096, 1K-64K;
+    /// at most 64K).
+    #[arg(long, default_value = "128")]
+    value_size: SizeRange,
+    /// Operation weights (see below); default depends on the workload.
+    #[arg(long)]
+    mix: Option<String>,
+    /// kv: most entries per SCAN (1..=1024).
+    #[arg(long, default_value_t = 16)]
+    scan_len: u32,
+    /// bank: accounts 0..N used (split between connections; at most the
+    /// service's number of accounts).
+    #[arg(long, default_value_t = 1000)]
+    accounts: u32,
+    /// bank: largest transfer in cents.
+    #[arg(long, default_value_t = 1000)]
+    max_amount: u64,
+    /// A response within this many ms is good.
+    #[arg(long, default_value_t = simrep::load::DEFAULT_GOOD_MS)]
+    good_ms: f64,
+    /// A response within this many ms is tolerable.
+    #[arg(long, default_value_t = simrep::load::DEFAULT_TOLERABLE_MS)]
+    tolerable_ms: f64,
+    /// A request without response for this long counts as lost (the
+    /// connection is dropped).
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    request_timeout: std::time::Duration,
+    /// Limit of one connection attempt.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    connect_timeout: std::time::Duration,
+    /// Give up (exit 9) when no target accepts a connection for this long.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    failover_timeout: std::time::Duration,
+    /// Seed of the operation sequence (0: from the clock).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Client worker threads.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Write every figure as JSON.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct TestServerArgs {
+    /// Address to listen on (port 0: any; the address is printed on stdout).
+    #[arg(long)]
+    listen: String,
+    /// Service: kv or bank.
+    #[arg(long, default_value = "kv")]
+    workload: LoadWorkload,
+    /// bank: number of accounts.
+    #[arg(long, default_value_t = 1000)]
+    accounts: u32,
+    /// Acknowledge but drop writes after this many.
+    #[arg(long)]
+    lose_writes_after: Option<u64>,
+    /// Corrupt values read after this many reads.
+    #[arg(long)]
+    corrupt_reads_after: Option<u64>,
+    /// Answer garbage after this many responses.
+    #[arg(long)]
+    garbage_after: Option<u64>,
+}
+
+fn cmd_load(a: LoadArgs, quiet: bool) -> Result<ExitCode, Failure> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, Arc::clone(&stop))
+            .context("installing the Ctrl-C handler")?;
+    }
+    let mut o = LoadOptions::new(a.targets, a.workload);
+    if let Some(m) = &a.mix {
+        let names: &[&'static str] = match a.workload {
+            LoadWorkload::Kv => &simrep::load::model::KV_OPS,
+            LoadWorkload::Bank => &simrep::load::model::BANK_OPS,
+        };
+        o.mix = Mix::parse(m, names).map_err(LoadError::Config)?;
+    }
+    let ms = |x: f64, what: &str| -> Result<std::time::Duration, LoadError> {
+        std::time::Duration::try_from_secs_f64(x / 1e3)
+            .map_err(|_| LoadError::Config(format!("bad {what} {x}")))
+    };
+    o.connections = a.connections;
+    o.duration = a.duration;
+    o.warmup = a.warmup;
+    o.rate = a.rate;
+    o.verify = a.verify;
+    o.keys = a.keys;
+    o.value_size = a.value_size;
+    o.scan_len = a.scan_len;
+    o.accounts = a.accounts;
+    o.max_amount = a.max_amount;
+    o.good = ms(a.good_ms, "--good-ms")?;
+    o.tolerable = ms(a.tolerable_ms, "--tolerable-ms")?;
+    o.request_timeout = a.request_timeout;
+    o.connect_timeout = a.connect_timeout;
+    o.failover_timeout = a.failover_timeout;
+    o.seed = a.seed;
+    o.threads = a.threads;
+    let report = simrep::load::run(&o, stop, &mut |i| {
+        if !quiet {
+            eprintln!(
+                "{:>6.1}s {}{:>9.0} req/s  p50 {:.3} ms  p99 {:.3} ms  failures {}  verify problems {}  target {}",
+                i.elapsed_s,
+                if i.warmup { "(warm-up) " } else { "" },
+                i.rps,
+                i.p50_ms,
+                i.p99_ms,
+                i.failures,
+                i.problems,
+                i.target
+            );
+        }
+    })?;
+    print!("{}", simrep::load::render_summary(&report));
+    if let Some(path) = &a.json {
+        write_json(path, &report)?;
+    }
+    match &report.verify {
+        Some(v) if v.problem_count() > 0 => {
+            eprintln!(
+                "error: --verify found {} problems (lost or wrong data)",
+                v.problem_count()
+            );
+            Ok(ExitCode::from(8))
+        }
+        _ => Ok(ExitCode::SUCCESS),
+    }
+}
+
+fn cmd_load_testserver(a: TestServerArgs) -> Result<ExitCode, Failure> {
+    use simrep::load::testserver::{self, Faults, Service, SharedState};
+    let listener = std::net::TcpListener::bind(&a.listen)
+        .with_context(|| format!("listening on {}", a.listen))?;
+    let addr = listener
+        .local_addr()
+        .context("reading the listening address")?;
+    println!("listening on {addr}");
+    std::io::stdout().flush().context("writing to stdout")?;
+    let service = match a.workload {
+        LoadWorkload::Kv => Service::Kv,
+        LoadWorkload::Bank => Service::Bank,
+    };
+    let faults = Faults {
+        lose_writes_after: a.lose_writes_after,
+        corrupt_reads_after: a.corrupt_reads_after,
+        garbage_after: a.garbage_after,
+        stall: None,
+    };
+    testserver::serve_forever(listener, service, SharedState::new(a.accounts), faults)
+        .context("serving")?;
+    Ok(ExitCode::SUCCESS)
+}
+// --- simrep load (end) ---

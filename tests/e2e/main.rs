@@ -8,6 +8,7 @@ mod block;
 mod capture;
 mod dirty;
 mod ebpf;
+mod load;
 mod net;
 mod state;
 mod vmm;
