@@ -10,6 +10,8 @@
 //!   against. Pure: no I/O, no unsafe code.
 //! * [`trace`]: the memory-trace format, capture of real processes and the
 //!   replay analysis behind `simrep analyze`.
+//! * [`dirty`]: dirty-page tracking and the copy-on-write view of guest
+//!   memory (userfaultfd write-protect).
 //! * [`ebpf`]: loading, attaching and reading simrep's eBPF programs.
 //! * [`vmm`]: the KVM VM, its vCPU threads and MMIO devices, and the
 //!   bundled guest it boots (`simrep run`).
@@ -17,6 +19,7 @@
 //!   shared with the guest source.
 
 pub mod compress;
+pub mod dirty;
 pub mod ebpf;
 #[path = "../../simrep-guest/src/proto.rs"]
 pub mod proto;
