@@ -5,5 +5,6 @@
 
 mod analyze;
 mod capture;
+mod cow;
 mod ebpf;
 mod vmm;

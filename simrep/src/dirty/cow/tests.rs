@@ -152,7 +152,11 @@ fn view_shows_the_checkpoint_and_finish_unprotects_everything() {
 #[test]
 fn a_set_view_covers_only_its_pages() {
     let mem = memory(8 * MIB);
-    let cow = CowMemory::new(Arc::clone(&mem)).unwrap();
+    let mut cow = CowMemory::new(Arc::clone(&mem)).unwrap();
+    cow.set_options(CowOptions {
+        coalesce_gap: 0,
+        max_ranges: usize::MAX,
+    });
     let snap = snapshot(&mem);
     let set = [7u64, 5, 6, 1000, 7, 2047];
     let view = cow.arm(&set).unwrap();
@@ -177,6 +181,7 @@ fn a_set_view_covers_only_its_pages() {
     ));
     let stats = view.finish();
     assert_eq!((stats.armed_pages, stats.pages_copied), (5, 1));
+    assert_eq!(stats.protected_pages, 5);
     mem.write(1000 * PAGE, &[0; 16]).unwrap();
     assert_eq!(cow.faults_total(), before + 1);
     assert!(matches!(
@@ -451,6 +456,51 @@ proptest! {
         let stats = view.finish();
         prop_assert_eq!(stats.handler_errors, 0);
     }
+}
+
+#[test]
+fn coalesced_gaps_fault_once_without_a_copy() {
+    let mem = memory(8 * MIB);
+    let cow = CowMemory::new(Arc::clone(&mem)).unwrap();
+    let snap = snapshot(&mem);
+    // Default options: the gap 11..20 is merged into the protected range.
+    let view = cow.arm(&[10, 20]).unwrap();
+    let before = cow.faults_total();
+    mem.write(15 * PAGE, &[1; 8]).unwrap();
+    mem.write(15 * PAGE + 8, &[1; 8]).unwrap();
+    mem.write(20 * PAGE, &[1; 8]).unwrap();
+    assert_eq!(cow.faults_total(), before + 2);
+    let mut buf = [0u8; PAGE_SIZE];
+    assert!(matches!(
+        view.read_page(15, &mut buf),
+        Err(CowError::NotInView { gfn: 15 })
+    ));
+    assert_eq!(view.read_page(20, &mut buf).unwrap(), PageSource::Saved);
+    assert_eq!(&buf[..], page_of(&snap, 20));
+    let stats = view.finish();
+    assert_eq!(
+        (stats.armed_pages, stats.protected_pages, stats.pages_copied),
+        (2, 11, 1)
+    );
+}
+
+#[test]
+fn spans_coalesce_gaps_and_cap_the_ioctls() {
+    let opts = CowOptions {
+        coalesce_gap: 2,
+        max_ranges: 3,
+    };
+    assert_eq!(protect_spans(&[], opts), vec![]);
+    assert_eq!(protect_spans(&[1, 2, 5, 9], opts), vec![(1, 5), (9, 1)]);
+    assert_eq!(
+        protect_spans(&[0, 10, 20, 30], opts),
+        vec![(0, 31)],
+        "more than max_ranges: one span"
+    );
+    assert_eq!(
+        protect_spans(&[0, 10, 20], opts),
+        vec![(0, 1), (10, 1), (20, 1)]
+    );
 }
 
 #[test]
