@@ -538,3 +538,67 @@ fn many_epochs_in_a_row() {
         assert_eq!(stats.pages_copied, 1, "epoch {e}");
     }
 }
+
+/// Widens the race the seqlock check guards: readers read a few hot pages
+/// in a tight loop while writers' first writes to them are being saved,
+/// epoch after epoch. A reader that trusted a live copy without re-checking
+/// the page's state would return a torn or post-checkpoint page here.
+#[test]
+fn readers_racing_the_handler_on_hot_pages_see_the_checkpoint() {
+    const HOT: u64 = 8;
+    let mem = memory(4 * MIB);
+    let cow = CowMemory::new(Arc::clone(&mem)).unwrap();
+    let hot: Vec<u64> = (0..HOT).map(|i| 100 + i * 37).collect();
+    let (mut live_reads, mut saved_reads) = (0u64, 0u64);
+    for epoch in 0..300u64 {
+        let snap = snapshot(&mem);
+        let view = if epoch % 2 == 0 {
+            cow.arm(&hot).unwrap()
+        } else {
+            cow.arm_all().unwrap()
+        };
+        let stop = AtomicBool::new(false);
+        let counts: Vec<[u64; 2]> = std::thread::scope(|s| {
+            let readers: Vec<_> = (0..2)
+                .map(|_| {
+                    let (view, snap, hot, stop) = (&view, &snap, &hot, &stop);
+                    s.spawn(move || {
+                        let mut buf = [0u8; PAGE_SIZE];
+                        let mut n = [0u64; 2];
+                        while !stop.load(Ordering::Relaxed) {
+                            for &gfn in hot {
+                                let src = view.read_page(gfn, &mut buf).unwrap();
+                                n[(src == PageSource::Saved) as usize] += 1;
+                                assert!(
+                                    buf[..] == *page_of(snap, gfn),
+                                    "epoch {epoch}: page {gfn} ({src:?}) is not the checkpoint"
+                                );
+                            }
+                        }
+                        n
+                    })
+                })
+                .collect();
+            let (mem, hot) = (&mem, &hot);
+            let writer = s.spawn(move || {
+                // Whole-page writes: a torn read shows up anywhere.
+                for (i, &gfn) in hot.iter().enumerate() {
+                    let fill = (epoch as u8) ^ (i as u8) ^ 0xa5;
+                    mem.write(gfn * PAGE, &[fill; PAGE_SIZE]).unwrap();
+                }
+            });
+            writer.join().unwrap();
+            std::thread::sleep(Duration::from_micros(200));
+            stop.store(true, Ordering::Relaxed);
+            readers.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for c in counts {
+            live_reads += c[0];
+            saved_reads += c[1];
+        }
+        let stats = view.finish();
+        assert_eq!(stats.pages_copied, HOT, "epoch {epoch}");
+    }
+    eprintln!("hot-page reads: {live_reads} live, {saved_reads} from copies");
+    assert!(live_reads > 0 && saved_reads > 0);
+}
