@@ -12,7 +12,8 @@
 //!   replay analysis behind `simrep analyze`.
 //! * [`ebpf`]: loading, attaching and reading simrep's eBPF programs.
 //! * [`dirty`]: dirty-page tracking for the VMM (KVM dirty bitmap with
-//!   manual protect, or the dirty ring) behind one harvest interface.
+//!   manual protect, or the dirty ring) behind one harvest interface, and
+//!   the copy-on-write view of guest memory (userfaultfd write-protect).
 //! * [`vmm`]: the KVM VM, its vCPU threads and MMIO devices, and the
 //!   bundled guest it boots (`simrep run`).
 //! * [`replication`]: the replication wire protocol.

@@ -6,6 +6,7 @@
 mod analyze;
 mod block;
 mod capture;
+mod cow;
 mod dirty;
 mod ebpf;
 mod load;

@@ -40,7 +40,9 @@
 //! after `Vm::new` and before `Vm::create_vcpus` (the ring must exist before
 //! any vCPU), then take the tracker with `Vm::dirty_tracker` once the vCPUs
 //! exist. Reading the dirty pages' contents is
-//! [`crate::vmm::GuestMemory`]'s job.
+//! [`crate::vmm::GuestMemory`]'s job; reading them *as they were at the
+//! checkpoint* while the guest runs on is [`cow`]'s (userfaultfd
+//! write-protect).
 
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
@@ -48,6 +50,7 @@ use std::time::Instant;
 
 use kvm_ioctls::VmFd;
 
+pub mod cow;
 pub mod kvm;
 pub mod pages;
 pub mod ring;

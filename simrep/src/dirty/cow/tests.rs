@@ -1,0 +1,604 @@
+//! Tests of the copy-on-write view with host threads as writers (no KVM).
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use proptest::prelude::*;
+
+use super::*;
+
+const MIB: u64 = 1 << 20;
+
+/// xorshift64*: deterministic, no dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+fn memory(bytes: u64) -> Arc<GuestMemory> {
+    let mem = Arc::new(GuestMemory::new(bytes).expect("guest memory"));
+    let mut rng = Rng(0x1234_5678 ^ bytes);
+    let mut page = [0u8; PAGE_SIZE];
+    for gfn in 0..bytes / PAGE {
+        for chunk in page.chunks_exact_mut(8) {
+            chunk.copy_from_slice(&rng.next().to_le_bytes());
+        }
+        mem.write(gfn * PAGE, &page).unwrap();
+    }
+    mem
+}
+
+fn snapshot(mem: &GuestMemory) -> Vec<u8> {
+    let mut all = vec![0u8; mem.size() as usize];
+    mem.read(0, &mut all).unwrap();
+    all
+}
+
+fn page_of(snap: &[u8], gfn: u64) -> &[u8] {
+    &snap[(gfn * PAGE) as usize..][..PAGE_SIZE]
+}
+
+fn live(mem: &GuestMemory, gfn: u64) -> [u8; PAGE_SIZE] {
+    let mut buf = [0u8; PAGE_SIZE];
+    mem.read(gfn * PAGE, &mut buf).unwrap();
+    buf
+}
+
+/// Runs `f` on another thread and fails if it does not end in time (a
+/// writer blocked forever on a protected page).
+fn within<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(Duration::from_secs(10))
+        .unwrap_or_else(|_| panic!("{what}: did not finish within 10 s (writer blocked?)"))
+}
+
+/// `AnonHugePages` of the mapping that contains `addr`, from
+/// `/proc/self/smaps`, in KiB.
+fn anon_huge_kib(addr: u64) -> u64 {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+    let mut inside = false;
+    for line in smaps.lines() {
+        if let Some((range, _)) = line.split_once(' ') {
+            if let Some((a, b)) = range.split_once('-') {
+                if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
+                    inside = (a..b).contains(&addr);
+                    continue;
+                }
+            }
+        }
+        if inside {
+            if let Some(v) = line.strip_prefix("AnonHugePages:") {
+                return v.trim().trim_end_matches("kB").trim().parse().unwrap();
+            }
+        }
+    }
+    panic!("no mapping at {addr:#x} in /proc/self/smaps")
+}
+
+#[test]
+fn write_protect_works_on_anonymous_thp_guest_memory() {
+    let mem = memory(16 * MIB);
+    let thp =
+        std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
+    let huge = anon_huge_kib(mem.host_addr());
+    eprintln!(
+        "THP {}; AnonHugePages of guest memory: {huge} kB",
+        thp.trim()
+    );
+    if !thp.contains("[never]") {
+        assert!(huge > 0, "guest memory should be THP-backed");
+    }
+    let snap = snapshot(&mem);
+    let cow = CowMemory::new(Arc::clone(&mem)).expect("register guest memory for WP");
+    let view = cow.arm_all().unwrap();
+    // A write into the middle of a huge page: the handler must save exactly
+    // that 4 KiB page.
+    let gfn = 513;
+    mem.write(gfn * PAGE + 100, &[0xee; 64]).unwrap();
+    let mut buf = [0u8; PAGE_SIZE];
+    assert_eq!(view.read_page(gfn, &mut buf).unwrap(), PageSource::Saved);
+    assert_eq!(&buf[..], page_of(&snap, gfn));
+    assert_eq!(view.read_page(gfn + 1, &mut buf).unwrap(), PageSource::Live);
+    assert_eq!(&buf[..], page_of(&snap, gfn + 1));
+    assert_eq!(live(&mem, gfn)[100], 0xee);
+    let stats = view.finish();
+    assert_eq!((stats.pages_copied, stats.peak_copies), (1, 1));
+    assert_eq!(stats.peak_copy_bytes, PAGE);
+}
+
+#[test]
+fn view_shows_the_checkpoint_and_finish_unprotects_everything() {
+    let mem = memory(8 * MIB);
+    let cow = CowMemory::new(Arc::clone(&mem)).unwrap();
+    let snap = snapshot(&mem);
+    let view = cow.arm_all().unwrap();
+    assert_eq!(view.armed_pages(), cow.pages());
+    for gfn in [0, 3, 100, 2047] {
+        mem.write(gfn * PAGE, &[gfn as u8 ^ 0x5a; PAGE_SIZE])
+            .unwrap();
+        mem.write(gfn * PAGE + 8, b"again").unwrap();
+    }
+    let mut buf = [0u8; PAGE_SIZE];
+    for gfn in 0..cow.pages() {
+        view.read_page(gfn, &mut buf).unwrap();
+        assert_eq!(&buf[..], page_of(&snap, gfn), "page {gfn}");
+    }
+    assert_eq!(view.copies(), 4);
+    let stats = view.finish();
+    assert_eq!(stats.pages_copied, 4);
+    assert_eq!(stats.faults, 4, "the second write to a page must not fault");
+    assert_eq!(stats.peak_copies, 4);
+    assert!(stats.fault_median > Duration::ZERO);
+    assert!(stats.fault_max >= stats.fault_median);
+    // Nothing stays protected: writes everywhere do not fault.
+    let before = cow.faults_total();
+    for gfn in 0..cow.pages() {
+        mem.write(gfn * PAGE + 17, &[1]).unwrap();
+    }
+    assert_eq!(cow.faults_total(), before);
+}
+
+#[test]
+fn a_set_view_covers_only_its_pages() {
+    let mem = memory(8 * MIB);
+    let mut cow = CowMemory::new(Arc::clone(&mem)).unwrap();
+    cow.set_options(CowOptions {
+        coalesce_gap: 0,
+        max_ranges: usize::MAX,
+    });
+    let snap = snapshot(&mem);
+    let set = [7u64, 5, 6, 1000, 7, 2047];
+    let view = cow.arm(&set).unwrap();
+    assert_eq!(view.armed_pages(), 5);
+    let before = cow.faults_total();
+    mem.write(8 * PAGE, &[0; 16]).unwrap();
+    assert_eq!(cow.faults_total(), before, "page 8 is not armed");
+    mem.write(6 * PAGE, &[0; 16]).unwrap();
+    assert_eq!(cow.faults_total(), before + 1);
+    let mut buf = [0u8; PAGE_SIZE];
+    for gfn in [5, 6, 7, 1000, 2047] {
+        view.read_page(gfn, &mut buf).unwrap();
+        assert_eq!(&buf[..], page_of(&snap, gfn));
+    }
+    assert!(matches!(
+        view.read_page(8, &mut buf),
+        Err(CowError::NotInView { gfn: 8 })
+    ));
+    assert!(matches!(
+        view.read_page(2048, &mut buf),
+        Err(CowError::OutOfRange { gfn: 2048, .. })
+    ));
+    let stats = view.finish();
+    assert_eq!((stats.armed_pages, stats.pages_copied), (5, 1));
+    assert_eq!(stats.protected_pages, 5);
+    mem.write(1000 * PAGE, &[0; 16]).unwrap();
+    assert_eq!(cow.faults_total(), before + 1);
+    assert!(matches!(
+        cow.arm(&[1, 2048]),
+        Err(CowError::OutOfRange { gfn: 2048, .. })
+    ));
+}
+
+#[test]
+fn release_drops_copies_and_protection_early() {
+    let mem = memory(8 * MIB);
+    let cow = CowMemory::new(Arc::clone(&mem)).unwrap();
+    let snap = snapshot(&mem);
+    let view = cow.arm_all().unwrap();
+    let mut buf = [0u8; PAGE_SIZE];
+    // A page not written yet: release removes its protection.
+    view.release(10).unwrap();
+    let before = cow.faults_total();
+    mem.write(10 * PAGE, &[9; 8]).unwrap();
+    assert_eq!(cow.faults_total(), before, "a released page must not fault");
+    assert!(matches!(
+        view.read_page(10, &mut buf),
+        Err(CowError::Released { gfn: 10 })
+    ));
+    // A saved page: release frees its copy.
+    mem.write(11 * PAGE, &[9; 8]).unwrap();
+    assert_eq!(view.copies(), 1);
+    view.read_page(11, &mut buf).unwrap();
+    assert_eq!(&buf[..], page_of(&snap, 11));
+    view.release(11).unwrap();
+    view.release(11).unwrap();
+    assert_eq!(view.copies(), 0);
+    assert!(view.read_page(11, &mut buf).is_err());
+    assert!(matches!(
+        cow.arm_all(),
+        Err(CowError::AlreadyArmed { epoch: 1 })
+    ));
+    let stats = view.finish();
+    assert_eq!(
+        (stats.pages_copied, stats.released, stats.peak_copies),
+        (1, 2, 1)
+    );
+}
+
+#[test]
+fn dropping_the_memory_closes_an_open_view_without_blocking_writers() {
+    let mem = memory(4 * MIB);
+    let cow = CowMemory::new(Arc::clone(&mem)).unwrap();
+    let view = cow.arm_all().unwrap();
+    drop(cow);
+    let m = Arc::clone(&mem);
+    within("write after drop", move || {
+        m.write(5 * PAGE, &[1; 8]).unwrap()
+    });
+    let mut buf = [0u8; PAGE_SIZE];
+    assert!(matches!(
+        view.read_page(5, &mut buf),
+        Err(CowError::Closed { epoch: 1 })
+    ));
+    assert!(matches!(view.release(5), Err(CowError::Closed { .. })));
+    let stats = view.finish();
+    assert_eq!(stats.pages_copied, 0, "a closed view has no stats");
+}
+
+/// Many writer threads hammer random pages while reader threads read the
+/// whole view; every page must equal the snapshot. Without releases the
+/// number of copies equals the number of distinct pages written, exactly.
+fn hammer(rounds: u32, writers: usize, readers: usize, release: bool, set: bool) {
+    let mem = memory(32 * MIB);
+    let cow = CowMemory::new(Arc::clone(&mem)).unwrap();
+    let pages = cow.pages();
+    for round in 0..rounds {
+        let snap = snapshot(&mem);
+        let armed: Vec<u64> = if set {
+            let mut rng = Rng(u64::from(round) + 77);
+            (0..pages / 3).map(|_| rng.next() % pages).collect()
+        } else {
+            (0..pages).collect()
+        };
+        let armed_set: BTreeSet<u64> = armed.iter().copied().collect();
+        let view = if set {
+            cow.arm(&armed).unwrap()
+        } else {
+            cow.arm_all().unwrap()
+        };
+        let stop = AtomicBool::new(false);
+        let written: Vec<BTreeSet<u64>> = std::thread::scope(|s| {
+            let ws: Vec<_> = (0..writers)
+                .map(|w| {
+                    let (mem, stop) = (&mem, &stop);
+                    s.spawn(move || {
+                        let mut rng = Rng((u64::from(round) << 8) + w as u64 + 1);
+                        let mut touched = BTreeSet::new();
+                        while !stop.load(Ordering::Relaxed) {
+                            let gfn = rng.next() % pages;
+                            let off = rng.next() % (PAGE - 8);
+                            mem.write(gfn * PAGE + off, &rng.next().to_le_bytes())
+                                .unwrap();
+                            touched.insert(gfn);
+                        }
+                        touched
+                    })
+                })
+                .collect();
+            let rs: Vec<_> = (0..readers)
+                .map(|r| {
+                    let (view, snap, armed_set) = (&view, &snap, &armed_set);
+                    s.spawn(move || {
+                        let mut buf = [0u8; PAGE_SIZE];
+                        let mut sources = [0u64; 2];
+                        // Readers walk the pages in different orders.
+                        let order: Vec<u64> = if r % 2 == 0 {
+                            armed_set.iter().copied().collect()
+                        } else {
+                            armed_set.iter().rev().copied().collect()
+                        };
+                        for gfn in order {
+                            match view.read_page(gfn, &mut buf) {
+                                Ok(src) => {
+                                    sources[(src == PageSource::Saved) as usize] += 1;
+                                    assert!(
+                                        buf[..] == *page_of(snap, gfn),
+                                        "round {round}: page {gfn} differs from the checkpoint ({src:?})"
+                                    );
+                                }
+                                Err(CowError::Released { .. }) if release => {}
+                                Err(e) => panic!("round {round}: page {gfn}: {e}"),
+                            }
+                            if release && r == 0 && gfn % 2 == 0 {
+                                view.release(gfn).unwrap();
+                            }
+                        }
+                        sources
+                    })
+                })
+                .collect();
+            let sources: Vec<[u64; 2]> = rs.into_iter().map(|h| h.join().unwrap()).collect();
+            stop.store(true, Ordering::Relaxed);
+            eprintln!("round {round}: reads [live, saved] per reader {sources:?}");
+            ws.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let written: BTreeSet<u64> = written.into_iter().flatten().collect();
+        let written_armed = written.intersection(&armed_set).count() as u64;
+        let stats = view.finish();
+        eprintln!(
+            "round {round}: {} pages written ({written_armed} armed), stats {stats:?}",
+            written.len()
+        );
+        assert!(stats.pages_copied <= written_armed);
+        assert!(stats.peak_copies <= stats.pages_copied);
+        if !release {
+            assert_eq!(
+                stats.pages_copied, written_armed,
+                "every armed page written must be copied exactly once"
+            );
+            assert_eq!(stats.peak_copies, stats.pages_copied);
+        }
+        assert_eq!(stats.handler_errors, 0);
+        assert!(written_armed > 0, "the writers did not overlap the readers");
+    }
+    let before = cow.faults_total();
+    for gfn in 0..pages {
+        mem.write(gfn * PAGE, &[0]).unwrap();
+    }
+    assert_eq!(cow.faults_total(), before, "pages left protected");
+}
+
+#[test]
+fn hammer_whole_view_with_many_writers() {
+    hammer(3, 4, 2, false, false);
+}
+
+#[test]
+fn hammer_with_early_release() {
+    hammer(2, 3, 2, true, false);
+}
+
+#[test]
+fn hammer_set_views() {
+    hammer(2, 3, 2, false, true);
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Write { gfn: u64, off: u16, byte: u8 },
+    Read { gfn: u64 },
+    Release { gfn: u64 },
+    Rearm { set: Option<Vec<u64>> },
+}
+
+const PROP_PAGES: u64 = 1024;
+
+fn op() -> impl Strategy<Value = Op> {
+    let gfn = 0..PROP_PAGES;
+    // Small page numbers more often, so ops collide.
+    let hot = prop_oneof![0..16u64, gfn];
+    prop_oneof![
+        6 => (hot.clone(), 0..4096u16, any::<u8>()).prop_map(|(gfn, off, byte)| Op::Write { gfn, off, byte }),
+        4 => hot.clone().prop_map(|gfn| Op::Read { gfn }),
+        2 => hot.prop_map(|gfn| Op::Release { gfn }),
+        1 => proptest::option::of(proptest::collection::vec(0..32u64, 1..20)).prop_map(|set| Op::Rearm { set }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: std::env::var("PROPTEST_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(24),
+        ..ProptestConfig::default()
+    })]
+
+    /// A model of the view: the snapshot at arm, the armed set, the
+    /// released pages. Every read must agree with it; the copies counted
+    /// must be the armed, unreleased pages written.
+    #[test]
+    fn view_matches_a_model(ops in proptest::collection::vec(op(), 1..120)) {
+        let mem = memory(PROP_PAGES * PAGE);
+        let cow = CowMemory::new(Arc::clone(&mem)).unwrap();
+        let mut snap = snapshot(&mem);
+        let mut armed: Option<BTreeSet<u64>> = None;
+        let mut view = cow.arm_all().unwrap();
+        let mut released = BTreeSet::new();
+        let mut copied: HashMap<u64, ()> = HashMap::new();
+        let mut buf = [0u8; PAGE_SIZE];
+        for op in ops {
+            let in_view = |g: u64, armed: &Option<BTreeSet<u64>>| armed.as_ref().is_none_or(|s| s.contains(&g));
+            match op {
+                Op::Write { gfn, off, byte } => {
+                    let off = u64::from(off).min(PAGE - 1);
+                    mem.write(gfn * PAGE + off, &[byte]).unwrap();
+                    if in_view(gfn, &armed) && !released.contains(&gfn) {
+                        copied.insert(gfn, ());
+                    }
+                }
+                Op::Read { gfn } => {
+                    let got = view.read_page(gfn, &mut buf);
+                    if !in_view(gfn, &armed) {
+                        prop_assert!(matches!(got, Err(CowError::NotInView { .. })), "{got:?}");
+                    } else if released.contains(&gfn) {
+                        prop_assert!(matches!(got, Err(CowError::Released { .. })), "{got:?}");
+                    } else {
+                        let src = got.unwrap();
+                        prop_assert_eq!(src == PageSource::Saved, copied.contains_key(&gfn));
+                        prop_assert!(buf[..] == *page_of(&snap, gfn), "page {}", gfn);
+                    }
+                }
+                Op::Release { gfn } => {
+                    let got = view.release(gfn);
+                    if in_view(gfn, &armed) {
+                        got.unwrap();
+                        released.insert(gfn);
+                        copied.remove(&gfn);
+                    } else {
+                        prop_assert!(matches!(got, Err(CowError::NotInView { .. })), "{got:?}");
+                    }
+                }
+                Op::Rearm { set } => {
+                    let copies = view.copies() as u64;
+                    prop_assert_eq!(copies, copied.len() as u64);
+                    view.finish();
+                    snap = snapshot(&mem);
+                    view = match &set {
+                        None => cow.arm_all().unwrap(),
+                        Some(s) => cow.arm(s).unwrap(),
+                    };
+                    armed = set.map(|s| s.into_iter().collect());
+                    released.clear();
+                    copied.clear();
+                }
+            }
+        }
+        prop_assert_eq!(view.copies() as u64, copied.len() as u64);
+        let stats = view.finish();
+        prop_assert_eq!(stats.handler_errors, 0);
+    }
+}
+
+#[test]
+fn coalesced_gaps_fault_once_without_a_copy() {
+    let mem = memory(8 * MIB);
+    let cow = CowMemory::new(Arc::clone(&mem)).unwrap();
+    let snap = snapshot(&mem);
+    // Default options: the gap 11..20 is merged into the protected range.
+    let view = cow.arm(&[10, 20]).unwrap();
+    let before = cow.faults_total();
+    mem.write(15 * PAGE, &[1; 8]).unwrap();
+    mem.write(15 * PAGE + 8, &[1; 8]).unwrap();
+    mem.write(20 * PAGE, &[1; 8]).unwrap();
+    assert_eq!(cow.faults_total(), before + 2);
+    let mut buf = [0u8; PAGE_SIZE];
+    assert!(matches!(
+        view.read_page(15, &mut buf),
+        Err(CowError::NotInView { gfn: 15 })
+    ));
+    assert_eq!(view.read_page(20, &mut buf).unwrap(), PageSource::Saved);
+    assert_eq!(&buf[..], page_of(&snap, 20));
+    let stats = view.finish();
+    assert_eq!(
+        (stats.armed_pages, stats.protected_pages, stats.pages_copied),
+        (2, 11, 1)
+    );
+}
+
+#[test]
+fn spans_coalesce_gaps_and_cap_the_ioctls() {
+    let opts = CowOptions {
+        coalesce_gap: 2,
+        max_ranges: 3,
+    };
+    assert_eq!(protect_spans(&[], opts), vec![]);
+    assert_eq!(protect_spans(&[1, 2, 5, 9], opts), vec![(1, 5), (9, 1)]);
+    assert_eq!(
+        protect_spans(&[0, 10, 20, 30], opts),
+        vec![(0, 31)],
+        "more than max_ranges: one span"
+    );
+    assert_eq!(
+        protect_spans(&[0, 10, 20], opts),
+        vec![(0, 1), (10, 1), (20, 1)]
+    );
+}
+
+#[test]
+fn runs_merge_consecutive_frames() {
+    assert_eq!(runs([1, 2, 3, 7, 9, 10]), vec![(1, 3), (7, 1), (9, 2)]);
+    assert_eq!(runs([]), vec![]);
+}
+
+#[test]
+fn effective_state_follows_the_epoch() {
+    assert_eq!(effective(0, 1, true), PROTECTED);
+    assert_eq!(effective(0, 1, false), IDLE);
+    assert_eq!(effective((1 << 2) | SAVED, 1, false), SAVED);
+    assert_eq!(effective((1 << 2) | SAVED, 2, true), PROTECTED);
+    assert_eq!(effective((1 << 2) | RELEASED, 2, false), IDLE);
+}
+
+#[test]
+fn many_epochs_in_a_row() {
+    let mem = memory(4 * MIB);
+    let cow = CowMemory::new(Arc::clone(&mem)).unwrap();
+    let mut buf = [0u8; PAGE_SIZE];
+    for e in 1..=200u32 {
+        let snap = snapshot(&mem);
+        let view = if e % 3 == 0 {
+            cow.arm(&[u64::from(e) % 1024, 5]).unwrap()
+        } else {
+            cow.arm_all().unwrap()
+        };
+        assert_eq!(view.epoch(), e);
+        mem.write(5 * PAGE, &e.to_le_bytes()).unwrap();
+        view.read_page(5, &mut buf).unwrap();
+        assert_eq!(&buf[..], page_of(&snap, 5));
+        let stats = view.finish();
+        assert_eq!(stats.pages_copied, 1, "epoch {e}");
+    }
+}
+
+/// Widens the race the seqlock check guards: readers read a few hot pages
+/// in a tight loop while writers' first writes to them are being saved,
+/// epoch after epoch. A reader that trusted a live copy without re-checking
+/// the page's state would return a torn or post-checkpoint page here.
+#[test]
+fn readers_racing_the_handler_on_hot_pages_see_the_checkpoint() {
+    const HOT: u64 = 8;
+    let mem = memory(4 * MIB);
+    let cow = CowMemory::new(Arc::clone(&mem)).unwrap();
+    let hot: Vec<u64> = (0..HOT).map(|i| 100 + i * 37).collect();
+    let (mut live_reads, mut saved_reads) = (0u64, 0u64);
+    for epoch in 0..300u64 {
+        let snap = snapshot(&mem);
+        let view = if epoch % 2 == 0 {
+            cow.arm(&hot).unwrap()
+        } else {
+            cow.arm_all().unwrap()
+        };
+        let stop = AtomicBool::new(false);
+        let counts: Vec<[u64; 2]> = std::thread::scope(|s| {
+            let readers: Vec<_> = (0..2)
+                .map(|_| {
+                    let (view, snap, hot, stop) = (&view, &snap, &hot, &stop);
+                    s.spawn(move || {
+                        let mut buf = [0u8; PAGE_SIZE];
+                        let mut n = [0u64; 2];
+                        while !stop.load(Ordering::Relaxed) {
+                            for &gfn in hot {
+                                let src = view.read_page(gfn, &mut buf).unwrap();
+                                n[(src == PageSource::Saved) as usize] += 1;
+                                assert!(
+                                    buf[..] == *page_of(snap, gfn),
+                                    "epoch {epoch}: page {gfn} ({src:?}) is not the checkpoint"
+                                );
+                            }
+                        }
+                        n
+                    })
+                })
+                .collect();
+            let (mem, hot) = (&mem, &hot);
+            let writer = s.spawn(move || {
+                // Whole-page writes: a torn read shows up anywhere.
+                for (i, &gfn) in hot.iter().enumerate() {
+                    let fill = (epoch as u8) ^ (i as u8) ^ 0xa5;
+                    mem.write(gfn * PAGE, &[fill; PAGE_SIZE]).unwrap();
+                }
+            });
+            writer.join().unwrap();
+            std::thread::sleep(Duration::from_micros(200));
+            stop.store(true, Ordering::Relaxed);
+            readers.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for c in counts {
+            live_reads += c[0];
+            saved_reads += c[1];
+        }
+        let stats = view.finish();
+        assert_eq!(stats.pages_copied, HOT, "epoch {epoch}");
+    }
+    eprintln!("hot-page reads: {live_reads} live, {saved_reads} from copies");
+    assert!(live_reads > 0 && saved_reads > 0);
+}
