@@ -894,3 +894,112 @@ fn kv_changes_survive_a_restart_through_the_disk_log() {
     drop(c);
     server.finish();
 }
+
+/// `simrep run --workload W --port 0` as a child process, and the address
+/// its log names.
+fn spawn_service(workload: &str, extra: &[&str]) -> (std::process::Child, SocketAddr) {
+    require_kvm();
+    let mut child = Command::new(tests::simrep_bin())
+        .args([
+            "run",
+            "--workload",
+            workload,
+            "--mem",
+            "128M",
+            "--port",
+            "0",
+        ])
+        .args(["--bind", "127.0.0.1"])
+        .args(extra)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn simrep");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(strip_ansi(&line));
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) else {
+            let _ = child.kill();
+            panic!("no `listening on` line within 60 s");
+        };
+        if let Some(rest) = line.split("net: listening on ").nth(1) {
+            let addr = rest.split_whitespace().next().unwrap().parse().unwrap();
+            return (child, addr);
+        }
+    }
+}
+
+/// The real client against the real guest service, in separate
+/// processes: `simrep load --verify` finds no lost or wrong data, for kv
+/// and for bank, and reports its figures as JSON.
+#[test]
+fn simrep_load_verifies_the_guest_services() {
+    for (workload, extra) in [("kv", vec![]), ("bank", vec!["--accounts", "500"])] {
+        let (mut server, addr) = spawn_service(workload, &extra);
+        let dir = tempfile::tempdir().unwrap();
+        let json = dir.path().join("load.json");
+        let target = addr.to_string();
+        let mut args = vec![
+            "load",
+            "--target",
+            &target,
+            "--workload",
+            workload,
+            "--duration",
+            "3s",
+            "--connections",
+            "4",
+            "--verify",
+            "-q",
+            "--json",
+        ];
+        let json_arg = json.to_str().unwrap().to_owned();
+        args.push(&json_arg);
+        if workload == "bank" {
+            args.extend(["--accounts", "500"]);
+        }
+        let out = Command::new(tests::simrep_bin())
+            .args(&args)
+            .output()
+            .expect("run simrep load");
+        let _ = server.kill();
+        let _ = server.wait();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{workload}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+        assert!(
+            report["responses"].as_u64().unwrap() > 100,
+            "{workload}: {report}"
+        );
+        let verify = &report["verify"];
+        assert!(
+            verify["checked"].as_u64().unwrap() > 100,
+            "{workload}: {verify}"
+        );
+        assert_eq!(
+            verify["problems"].as_array().unwrap().len(),
+            0,
+            "{workload}: {verify}"
+        );
+        if workload == "bank" {
+            assert_eq!(verify["bank_total_start"], verify["bank_total_end"]);
+            assert!(verify["bank_total_start"].as_u64().unwrap() > 0);
+        }
+    }
+}
