@@ -66,6 +66,10 @@ pub struct GuestMemory {
     mem: GuestMemoryMmap,
     size: u64,
     host_addr: u64,
+    /// One bit per 4 KiB page the VMM wrote through [`Self::write`] or
+    /// [`Self::write_obj`] (device emulation): KVM's dirty log only sees
+    /// the guest's own writes.
+    host_written: Box<[std::sync::atomic::AtomicU64]>,
 }
 
 impl GuestMemory {
@@ -101,10 +105,14 @@ impl GuestMemory {
         let region =
             GuestRegionMmap::new(region, GuestAddress(0)).ok_or(MemoryError::BadSize { size })?;
         let mem = GuestMemoryMmap::from_regions(vec![region]).map_err(MemoryError::Regions)?;
+        let pages = size / super::abi::PAGE_SIZE;
         Ok(GuestMemory {
             mem,
             size,
             host_addr: host as u64,
+            host_written: (0..pages.div_ceil(64))
+                .map(|_| std::sync::atomic::AtomicU64::new(0))
+                .collect(),
         })
     }
 
@@ -139,12 +147,43 @@ impl GuestMemory {
         gpa.checked_add(len).is_some_and(|end| end <= self.size)
     }
 
+    /// Records that the VMM wrote `gpa..gpa+len`.
+    fn mark_host_written(&self, gpa: u64, len: usize) {
+        if len == 0 {
+            return;
+        }
+        let first = gpa / super::abi::PAGE_SIZE;
+        let last = (gpa + len as u64 - 1) / super::abi::PAGE_SIZE;
+        for page in first..=last {
+            if let Some(w) = self.host_written.get((page / 64) as usize) {
+                w.fetch_or(1 << (page % 64), Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The guest pages (GPA / 4 KiB, increasing) the VMM wrote through
+    /// [`Self::write`] / [`Self::write_obj`] since the last call; the set
+    /// starts over. A checkpoint adds them to KVM's dirty pages, which
+    /// never include writes made through the VMM's own mapping.
+    pub fn take_host_written(&self) -> Vec<u64> {
+        let mut out = Vec::new();
+        for (i, w) in self.host_written.iter().enumerate() {
+            let mut bits = w.swap(0, Ordering::Relaxed);
+            while bits != 0 {
+                out.push(i as u64 * 64 + u64::from(bits.trailing_zeros()));
+                bits &= bits - 1;
+            }
+        }
+        out
+    }
+
     /// Copies `data` into guest memory at `gpa` (volatile).
     ///
     /// # Errors
     ///
     /// [`MemoryError::Access`] when the range is not in guest RAM.
     pub fn write(&self, gpa: u64, data: &[u8]) -> Result<(), MemoryError> {
+        self.mark_host_written(gpa, data.len());
         self.mem
             .write_slice(data, GuestAddress(gpa))
             .map_err(|source| MemoryError::Access {
@@ -175,6 +214,7 @@ impl GuestMemory {
     ///
     /// [`MemoryError::Access`] when the range is not in guest RAM.
     pub fn write_obj<T: vm_memory::ByteValued>(&self, gpa: u64, val: T) -> Result<(), MemoryError> {
+        self.mark_host_written(gpa, size_of::<T>());
         self.mem
             .write_obj(val, GuestAddress(gpa))
             .map_err(|source| MemoryError::Access {
@@ -255,5 +295,21 @@ mod tests {
         let region = mem.kvm_region(0);
         assert_eq!(region.memory_size, 4 << 20);
         assert_eq!(region.userspace_addr, mem.host_addr());
+    }
+
+    #[test]
+    fn host_writes_are_recorded_by_page_and_taken_once() {
+        let mem = GuestMemory::new(4 << 20).unwrap();
+        assert!(mem.take_host_written().is_empty());
+        mem.write(0x0fff, b"ab").unwrap(); // pages 0 and 1
+        mem.write_obj(0x3f_f000 + 8, 7u64).unwrap(); // the last page
+        mem.write(0x10_0000, &[]).unwrap(); // nothing
+        let mut buf = [0u8; 8];
+        mem.read(0x5000, &mut buf).unwrap(); // reads are not writes
+        assert_eq!(mem.take_host_written(), vec![0, 1, 0x3ff]);
+        assert!(mem.take_host_written().is_empty());
+        // A failed (out of range) write marks nothing inside RAM wrongly.
+        assert!(mem.write(4 << 20, b"x").is_err());
+        assert!(mem.take_host_written().is_empty());
     }
 }

@@ -20,6 +20,8 @@
 //!   request/response rings in guest memory, the output gate).
 //! * [`boot`], [`elf`]: page tables, GDT, long-mode register state and the
 //!   ELF loader for the guest image.
+//! * [`epoch`]: one replication checkpoint: pause, dirty harvest, state
+//!   save, copy-on-write arm, resume, with its timings.
 //! * [`run`](mod@run): `simrep run`: boot the guest with a workload and run it until
 //!   it ends or the caller stops it.
 //! * [`state`]: full VM state save/restore ([`state::VmSnapshot`],
@@ -35,6 +37,7 @@ pub mod boot;
 pub mod checkpoint;
 pub mod devices;
 pub mod elf;
+pub mod epoch;
 pub mod memory;
 pub mod net;
 pub mod run;

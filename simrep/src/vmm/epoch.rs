@@ -1,0 +1,152 @@
+//! The checkpoint step of a replication epoch (DESIGN.md, "One replication
+//! epoch", step 2), with the guest paused as briefly as possible:
+//!
+//! 1. pause every vCPU;
+//! 2. harvest the dirty pages (KVM's log, plus the pages the VMM's own
+//!    devices wrote, which KVM never logs);
+//! 3. save vCPU, VM and device state;
+//! 4. arm copy-on-write over the dirty pages, so that the encoder reads
+//!    exactly this checkpoint's contents while the guest runs on;
+//! 5. resume.
+//!
+//! The encoder then reads the pages through [`EpochCheckpoint::view`] and
+//! calls [`CowView::finish`] when done; the next checkpoint needs the
+//! previous view finished.
+
+use std::time::{Duration, Instant};
+
+use crate::dirty::cow::{CowError, CowMemory, CowView};
+use crate::dirty::{DirtyError, DirtyPages, DirtyTracker};
+
+use super::state::{StateError, VmSnapshot};
+use super::vm::{Vm, VmError};
+
+/// Errors of a checkpoint. After one, the VM may be left paused.
+#[derive(Debug, thiserror::Error)]
+pub enum EpochError {
+    /// Pausing or resuming the vCPUs failed.
+    #[error("checkpoint: pausing or resuming the vCPUs failed")]
+    Vm(#[from] VmError),
+    /// The dirty harvest failed.
+    #[error("checkpoint: dirty harvest failed")]
+    Dirty(#[from] DirtyError),
+    /// Saving the state failed.
+    #[error("checkpoint: saving the VM state failed")]
+    State(#[from] StateError),
+    /// Arming copy-on-write failed.
+    #[error("checkpoint: arming copy-on-write failed")]
+    Cow(#[from] CowError),
+}
+
+/// Where the pause time of one checkpoint went.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EpochTimings {
+    /// Until every vCPU was out of `KVM_RUN`.
+    pub pause: Duration,
+    /// The dirty harvest (KVM log read and re-armed, device pages merged).
+    pub harvest: Duration,
+    /// vCPU, VM and device state saved.
+    pub save: Duration,
+    /// Copy-on-write armed over the dirty pages.
+    pub arm: Duration,
+    /// Until every vCPU was told to run again.
+    pub resume: Duration,
+    /// From the pause request to the resume: what the guest lost.
+    pub total: Duration,
+}
+
+/// One checkpoint: what changed, the saved state, and a stable view of
+/// the changed pages' contents at the checkpoint.
+#[derive(Debug)]
+pub struct EpochCheckpoint {
+    /// Guest frame numbers written since the previous checkpoint, sorted,
+    /// unique (by the guest or by the VMM's devices).
+    pub dirty: Vec<u64>,
+    /// The saved vCPU, VM and device state.
+    pub state: VmSnapshot,
+    /// The checkpoint's contents of the dirty pages, while the guest runs.
+    pub view: CowView,
+    /// Pause-time breakdown.
+    pub timings: EpochTimings,
+}
+
+/// Takes checkpoints of one VM.
+#[derive(Debug)]
+pub struct EpochCheckpointer {
+    tracker: DirtyTracker,
+    cow: CowMemory,
+    pages: DirtyPages,
+}
+
+impl EpochCheckpointer {
+    /// A checkpointer for `vm` with its dirty `tracker` (from
+    /// [`super::run::boot_tracked`] or [`Vm::dirty_tracker`]). Registers
+    /// guest memory for copy-on-write.
+    ///
+    /// # Errors
+    ///
+    /// [`EpochError::Cow`] when userfaultfd is not available.
+    pub fn new(vm: &Vm, tracker: DirtyTracker) -> Result<Self, EpochError> {
+        Ok(EpochCheckpointer {
+            tracker,
+            cow: CowMemory::new(vm.memory().clone())?,
+            pages: DirtyPages::default(),
+        })
+    }
+
+    /// The copy-on-write memory (for statistics).
+    pub fn cow(&self) -> &CowMemory {
+        &self.cow
+    }
+
+    /// Takes one checkpoint; the guest is running again when it returns.
+    /// The first checkpoint's dirty set is all of guest memory.
+    ///
+    /// # Errors
+    ///
+    /// [`EpochError`]; [`EpochError::Cow`] with
+    /// [`CowError::AlreadyArmed`] when the previous view is not finished.
+    pub fn checkpoint(&mut self, vm: &Vm) -> Result<EpochCheckpoint, EpochError> {
+        let t0 = Instant::now();
+        vm.pause_all()?;
+        let t_pause = Instant::now();
+        self.tracker.harvest_into(&mut self.pages)?;
+        let mut dirty: Vec<u64> = self.pages.as_slice().to_vec();
+        let mut host = vm.memory().take_host_written();
+        if let Some(net) = vm.bus().net() {
+            host.extend(net.take_written_pages());
+        }
+        if !host.is_empty() {
+            dirty.extend(host);
+            dirty.sort_unstable();
+            dirty.dedup();
+        }
+        let t_harvest = Instant::now();
+        let state = vm.save_state()?;
+        let t_save = Instant::now();
+        let view = match self.cow.arm(&dirty) {
+            Ok(v) => v,
+            Err(e) => {
+                // Do not leave the guest paused on an arming error.
+                let _ = vm.resume_all();
+                return Err(e.into());
+            }
+        };
+        let t_arm = Instant::now();
+        vm.resume_all()?;
+        let t_resume = Instant::now();
+        Ok(EpochCheckpoint {
+            dirty,
+            state,
+            view,
+            timings: EpochTimings {
+                pause: t_pause - t0,
+                harvest: t_harvest - t_pause,
+                save: t_save - t_harvest,
+                arm: t_arm - t_save,
+                resume: t_resume - t_arm,
+                total: t_resume - t0,
+            },
+        })
+    }
+}
