@@ -4,11 +4,15 @@
 //!   (idempotent; seconds when nothing is missing).
 //! * `test`: setup, then every test: unit, property, end-to-end, and a short
 //!   run of every fuzz target.
-//! * `run`: setup, then the main job: a real server under real load is
-//!   traced and the trace analysed.
+//! * `run`: setup, then the main job: the bundled guest's `kv` service
+//!   under `simrep run` with a disk, driven by `simrep load --verify` with
+//!   live figures.
+//! * `trace-demo`: a real server (memcached) under real load is traced and
+//!   the trace analysed with every codec.
 //! * `figures`: traces several real servers under their own load tools and
 //!   analyses each trace (the README's table).
 
+mod guest_run;
 mod servers;
 mod setup;
 
@@ -33,9 +37,13 @@ enum Command {
     /// Set up, then run every test: unit, property, end-to-end (real
     /// processes, real eBPF), and each fuzz target for a short while.
     Test(TestArgs),
-    /// Set up, then the main job: trace memcached under memaslap load with
-    /// `simrep trace capture` and analyse the trace with `simrep analyze`.
-    Run(RunArgs),
+    /// Set up, then the main job: the bundled guest's kv service (`simrep
+    /// run --workload kv` with a disk) under `simrep load --verify`, with a
+    /// live line per second and a summary; Ctrl-C stops both cleanly.
+    Run(GuestRunArgs),
+    /// Set up, then trace memcached under memaslap load with `simrep trace
+    /// capture` and analyse the trace with `simrep analyze`.
+    TraceDemo(RunArgs),
     /// Trace several real servers under their own load tools and analyse
     /// each trace: the figures in the README.
     Figures(FiguresArgs),
@@ -54,6 +62,19 @@ struct TestArgs {
 }
 
 #[derive(clap::Args)]
+struct GuestRunArgs {
+    /// How long the client drives the guest (30s, 2m, ...).
+    #[arg(long, default_value = "30s")]
+    duration: String,
+    /// Guest memory.
+    #[arg(long, default_value = "512M")]
+    mem: String,
+    /// Where the client's JSON report and the guest's disk go.
+    #[arg(long, default_value = "out/run")]
+    out: PathBuf,
+}
+
+#[derive(clap::Args)]
 struct RunArgs {
     /// Delta epochs to capture.
     #[arg(long, default_value_t = 30)]
@@ -62,7 +83,7 @@ struct RunArgs {
     #[arg(long, default_value_t = 100)]
     epoch_ms: u32,
     /// Where the trace, the JSON report and the plots go.
-    #[arg(long, default_value = "out/run")]
+    #[arg(long, default_value = "out/trace-demo")]
     out: PathBuf,
 }
 
@@ -86,7 +107,12 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Setup(opts) => setup::run(&opts),
         Command::Test(args) => test(&root, &args),
-        Command::Run(args) => run(&root, &args),
+        Command::Run(args) => {
+            setup::run(&setup::SetupOptions::default())?;
+            let simrep = build_release(&root)?;
+            guest_run::run(&simrep, &args.out, &args.duration, &args.mem)
+        }
+        Command::TraceDemo(args) => run(&root, &args),
         Command::Figures(args) => figures(&root, &args),
     }
 }
