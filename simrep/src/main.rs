@@ -548,6 +548,16 @@ fn cmd_run(a: RunArgs) -> Result<ExitCode, Failure> {
         bank_history: a.history,
         ..Default::default()
     };
+    if a.checkpoint_dir.is_some() && (opts.workload.uses_network() || opts.disk.is_some()) {
+        return Err(Failure {
+            code: 2,
+            error: anyhow::anyhow!(
+                "--checkpoint-dir does not support the {} workload{} yet: the network and block devices' state is not part of a checkpoint",
+                opts.workload,
+                if opts.disk.is_some() { " with --disk" } else { "" }
+            ),
+        });
+    }
     let mut checkpointer = checkpointer(a.checkpoint_dir, a.checkpoint_every)?;
     let s = checkpoint::run_with_checkpoints(&opts, &stop, checkpointer.as_mut())?;
     tracing::info!(

@@ -521,4 +521,20 @@ fn bad_configuration_is_rejected_before_kvm() {
     let (code, err) = run_cli(&["run", "--vcpus", "0"], Duration::from_secs(30));
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("vCPUs requested"), "{err}");
+    // Checkpoints do not hold network or disk device state yet: refused,
+    // not silently incomplete.
+    let (code, err) = run_cli(
+        &[
+            "run",
+            "--workload",
+            "kv",
+            "--port",
+            "0",
+            "--checkpoint-dir",
+            "/nonexistent",
+        ],
+        Duration::from_secs(30),
+    );
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("not part of a checkpoint"), "{err}");
 }

@@ -89,7 +89,14 @@ pub fn run(simrep: &Path, out: &Path, duration: &str, mem: &str) -> Result<()> {
             "--connections",
             "8",
         ])
-        .args(["--value-size", "64-4096", "--warmup", "2s", "--verify", "--json"])
+        .args([
+            "--value-size",
+            "64-4096",
+            "--warmup",
+            "2s",
+            "--verify",
+            "--json",
+        ])
         .arg(&json)
         .status()
         .context("starting simrep load")?;
