@@ -629,63 +629,74 @@ fn snapshot(vm: &Vm) -> Vec<u8> {
 /// read through the view equals the guest memory at the checkpoint.
 #[test]
 fn epoch_checkpoints_cover_every_change_and_views_hold_the_checkpoint() {
-    use simrep::vmm::epoch::EpochCheckpointer;
-    let (vm, tracker, p) = gated(DirtyMode::Bitmap, 64 << 20, 300);
-    let mut ck = EpochCheckpointer::new(&vm, tracker).expect("checkpointer");
-    vm.pause_all().expect("pause");
-    let mut before = snapshot(&vm);
-    let first = ck.checkpoint(&vm).expect("first checkpoint");
-    assert_eq!(first.dirty.len() as u64, (64 << 20) / PAGE, "first = all");
-    first.view.finish();
-    // Round r may start once `go` >= r - 1; `rounds_done` counts rounds.
-    let mut rounds = header(&vm, &p, 0).rounds_done;
-    let mut one_round = |vm: &Vm| {
-        go(vm, &p, rounds);
-        rounds += 1;
-        wait_round(vm, &p, rounds);
-    };
-    for epoch in 1..=5 {
-        // A round of guest writes, and the VMM's own write of `go`.
-        one_round(&vm);
+    use simrep::vmm::epoch::{EpochCheckpointer, EpochView};
+    // copy_limit 0: every view is copy-on-write; the default: these small
+    // epochs are copied during the pause.
+    for copy_limit in [0, simrep::vmm::epoch::DEFAULT_COPY_LIMIT] {
+        let (vm, tracker, p) = gated(DirtyMode::Bitmap, 64 << 20, 300);
+        let mut ck = EpochCheckpointer::new(&vm, tracker).expect("checkpointer");
+        ck.copy_limit = copy_limit;
         vm.pause_all().expect("pause");
-        let at = snapshot(&vm);
-        let c = ck.checkpoint(&vm).expect("checkpoint");
-        let dirty: HashSet<u64> = c.dirty.iter().copied().collect();
-        let changed: Vec<u64> = (0..at.len() / PAGE as usize)
-            .filter(|&i| {
-                let r = i * PAGE as usize..(i + 1) * PAGE as usize;
-                before[r.clone()] != at[r]
-            })
-            .map(|i| i as u64)
-            .collect();
-        assert!(
-            changed.len() >= 250,
-            "epoch {epoch}: only {} pages changed",
-            changed.len()
-        );
-        for gfn in &changed {
-            assert!(
-                dirty.contains(gfn),
-                "epoch {epoch}: page {gfn:#x} changed but is not dirty"
+        let mut before = snapshot(&vm);
+        let first = ck.checkpoint(&vm).expect("first checkpoint");
+        assert_eq!(first.dirty.len() as u64, (64 << 20) / PAGE, "first = all");
+        first.view.finish();
+        // Round r may start once `go` >= r - 1; `rounds_done` counts rounds.
+        let mut rounds = header(&vm, &p, 0).rounds_done;
+        let mut one_round = |vm: &Vm| {
+            go(vm, &p, rounds);
+            rounds += 1;
+            wait_round(vm, &p, rounds);
+        };
+        for epoch in 1..=5 {
+            // A round of guest writes, and the VMM's own write of `go`.
+            one_round(&vm);
+            vm.pause_all().expect("pause");
+            let at = snapshot(&vm);
+            let c = ck.checkpoint(&vm).expect("checkpoint");
+            assert_eq!(
+                matches!(c.view, EpochView::Cow(_)),
+                copy_limit == 0,
+                "view kind with copy_limit {copy_limit}"
             );
-        }
-        // The guest writes another round into the open view.
-        one_round(&vm);
-        let mut page = [0u8; 4096];
-        for &gfn in &c.dirty {
-            c.view.read_page(gfn, &mut page).expect("read view");
-            let off = (gfn * PAGE) as usize;
+            let dirty: HashSet<u64> = c.dirty.iter().copied().collect();
+            let changed: Vec<u64> = (0..at.len() / PAGE as usize)
+                .filter(|&i| {
+                    let r = i * PAGE as usize..(i + 1) * PAGE as usize;
+                    before[r.clone()] != at[r]
+                })
+                .map(|i| i as u64)
+                .collect();
             assert!(
-                page[..] == at[off..off + PAGE as usize],
-                "epoch {epoch}: view of page {gfn:#x} differs from the checkpoint"
+                changed.len() >= 250,
+                "epoch {epoch}: only {} pages changed",
+                changed.len()
             );
+            for gfn in &changed {
+                assert!(
+                    dirty.contains(gfn),
+                    "epoch {epoch}: page {gfn:#x} changed but is not dirty"
+                );
+            }
+            // The guest writes another round into the open view.
+            one_round(&vm);
+            let mut page = [0u8; 4096];
+            for &gfn in &c.dirty {
+                c.view.read_page(gfn, &mut page).expect("read view");
+                let off = (gfn * PAGE) as usize;
+                assert!(
+                    page[..] == at[off..off + PAGE as usize],
+                    "epoch {epoch}: view of page {gfn:#x} differs from the checkpoint"
+                );
+            }
+            if let Some(stats) = c.view.finish() {
+                assert!(
+                    stats.pages_copied > 0,
+                    "epoch {epoch}: the guest wrote into the view without a copy"
+                );
+            }
+            before = at;
         }
-        let stats = c.view.finish();
-        assert!(
-            stats.pages_copied > 0,
-            "epoch {epoch}: the guest wrote into the view without a copy"
-        );
-        before = at;
     }
 }
 
@@ -697,10 +708,17 @@ fn epoch_checkpoints_cover_every_change_and_views_hold_the_checkpoint() {
 fn checkpoint_pause_1gib() {
     use simrep::vmm::epoch::EpochCheckpointer;
     const EPOCHS: usize = 30;
-    for per_round in [1000u32, 20000] {
+    for (per_round, copy_limit) in [
+        (1000u32, usize::MAX),
+        (1000, 0),
+        (20000, usize::MAX),
+        (20000, 0),
+    ] {
         let (vm, tracker, p) = gated(DirtyMode::Bitmap, 1 << 30, per_round);
         let mut ck = EpochCheckpointer::new(&vm, tracker).expect("checkpointer");
+        ck.copy_limit = 0;
         ck.checkpoint(&vm).expect("first checkpoint").view.finish();
+        ck.copy_limit = copy_limit;
         let mut rounds = header(&vm, &p, 0).rounds_done;
         let (mut total, mut harvest, mut save, mut arm, mut pause, mut resume, mut over) =
             (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
@@ -723,8 +741,9 @@ fn checkpoint_pause_1gib() {
         }
         pages.sort();
         eprintln!(
-            "1 GiB, {} dirty pages/epoch (median): checkpoint pause {}; harvest {}; pause-minus-harvest {}; state save {}; COW arm {}; vCPU pause {}; resume {}",
+            "1 GiB, {} dirty pages/epoch (median), {}: checkpoint pause {}; harvest {}; pause-minus-harvest {}; state save {}; copy/COW arm {}; vCPU pause {}; resume {}",
             pages[pages.len() / 2],
+            if copy_limit == 0 { "copy-on-write" } else { "copied in the pause" },
             stats(&mut total),
             stats(&mut harvest),
             stats(&mut over),
