@@ -930,6 +930,7 @@ fn spawn_service(workload: &str, extra: &[&str]) -> (std::process::Child, Socket
     loop {
         let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) else {
             let _ = child.kill();
+            let _ = child.wait();
             panic!("no `listening on` line within 60 s");
         };
         if let Some(rest) = line.split("net: listening on ").nth(1) {
