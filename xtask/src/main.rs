@@ -156,6 +156,7 @@ fn test(root: &Path, args: &TestArgs) -> Result<()> {
         for target in [
             "decode_epoch",
             "trace_reader",
+            "vm_state",
             "replication_record",
             "backup_receive",
         ] {
