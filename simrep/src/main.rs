@@ -215,6 +215,13 @@ struct RestoreArgs {
     /// With --checkpoint-dir: also write a checkpoint this often.
     #[arg(long, value_name = "DURATION", value_parser = parse_positive_duration, requires = "checkpoint_dir")]
     checkpoint_every: Option<std::time::Duration>,
+    /// kv, bank: TCP port of the restored service (0: an ephemeral port;
+    /// the log says which).
+    #[arg(long, default_value_t = 7000)]
+    port: u16,
+    /// kv, bank: address the restored service listens on.
+    #[arg(long, default_value = "0.0.0.0")]
+    bind: std::net::IpAddr,
 }
 
 /// A duration as `simrep load` parses them (`500ms`, `10s`, `5m`, plain
@@ -548,13 +555,11 @@ fn cmd_run(a: RunArgs) -> Result<ExitCode, Failure> {
         bank_history: a.history,
         ..Default::default()
     };
-    if a.checkpoint_dir.is_some() && (opts.workload.uses_network() || opts.disk.is_some()) {
+    if a.checkpoint_dir.is_some() && opts.disk.is_some() {
         return Err(Failure {
             code: 2,
             error: anyhow::anyhow!(
-                "--checkpoint-dir does not support the {} workload{} yet: the network and block devices' state is not part of a checkpoint",
-                opts.workload,
-                if opts.disk.is_some() { " with --disk" } else { "" }
+                "--checkpoint-dir does not support --disk yet: the disk image is not part of a checkpoint"
             ),
         });
     }
@@ -595,6 +600,7 @@ fn cmd_restore(a: RestoreArgs) -> Result<ExitCode, Failure> {
     let mut checkpointer = checkpointer(a.checkpoint_dir, a.checkpoint_every)?;
     let ropts = checkpoint::RestoreOptions {
         watchdog: (a.watchdog > 0).then(|| std::time::Duration::from_secs(a.watchdog)),
+        listen: Some(std::net::SocketAddr::new(a.bind, a.port)),
     };
     let s = checkpoint::restore_and_run(&a.dir, &ropts, &stop, checkpointer.as_mut())
         .with_context(|| format!("restoring from {}", a.dir.display()))?;

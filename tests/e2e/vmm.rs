@@ -521,15 +521,15 @@ fn bad_configuration_is_rejected_before_kvm() {
     let (code, err) = run_cli(&["run", "--vcpus", "0"], Duration::from_secs(30));
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("vCPUs requested"), "{err}");
-    // Checkpoints do not hold network or disk device state yet: refused,
-    // not silently incomplete.
+    // Checkpoints do not hold the disk image yet: refused, not silently
+    // incomplete.
     let (code, err) = run_cli(
         &[
             "run",
             "--workload",
-            "kv",
-            "--port",
-            "0",
+            "disk",
+            "--disk",
+            "/dev/null",
             "--checkpoint-dir",
             "/nonexistent",
         ],

@@ -911,6 +911,9 @@ pub fn run_with_checkpoints(
 pub struct RestoreOptions {
     /// Stop when no vCPU's progress counter moves for this long.
     pub watchdog: Option<Duration>,
+    /// `kv` / `bank` guests: where the restored service listens (`None`:
+    /// 0.0.0.0:7000).
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 /// `simrep restore`: loads the checkpoint in `dir`, restores it into a
@@ -933,6 +936,15 @@ pub fn restore_and_run(
     let ckpt = load(dir)?;
     let t_load = t0.elapsed();
     let (vm, times) = restore(&ckpt)?;
+    let workload = ckpt.snapshot.boot_params().map(|bp| bp.workload);
+    let net = if matches!(
+        workload,
+        Some(super::abi::workload::KV | super::abi::workload::BANK)
+    ) {
+        Some(attach_restored_net(&vm, ropts.listen)?)
+    } else {
+        None
+    };
     let t_restore = t0.elapsed();
     vm.resume_all_and_wait()
         .map_err(|e| CheckpointError::Vm(StateError::Vm(e)))?;
@@ -960,9 +972,32 @@ pub fn restore_and_run(
         ..Default::default()
     };
     match checkpointer {
-        Some(c) => supervise(vm, None, &opts, stop, &mut tick(c)),
-        None => supervise(vm, None, &opts, stop, &mut |_| Ok(())),
+        Some(c) => supervise(vm, net, &opts, stop, &mut tick(c)),
+        None => supervise(vm, net, &opts, stop, &mut |_| Ok(())),
     }
+}
+
+/// Gives a restored `kv`/`bank` guest its network device back (its ring
+/// positions come from the snapshot) and a listening service.
+fn attach_restored_net(
+    vm: &Vm,
+    listen: Option<std::net::SocketAddr>,
+) -> Result<super::net::NetService, VmmError> {
+    use super::net::{ImmediateGate, NetDevice, NetError, NetService, OutputGate};
+    let addr = listen.unwrap_or_else(|| std::net::SocketAddr::from(([0, 0, 0, 0], 7000)));
+    let listener = std::net::TcpListener::bind(addr).map_err(|source| NetError::Listen {
+        addr: addr.to_string(),
+        source,
+    })?;
+    let dev = NetDevice::new(vm.bus().wakers().clone(), |d| {
+        std::sync::Arc::new(ImmediateGate::new(d)) as std::sync::Arc<dyn OutputGate>
+    });
+    vm.bus().attach_net(dev.clone());
+    vm.bus().register_device_state(dev.clone())?;
+    let service = NetService::start(listener, dev)?;
+    let addr = service.local_addr();
+    tracing::info!(%addr, "net: listening on {addr}");
+    Ok(service)
 }
 
 #[cfg(test)]

@@ -355,6 +355,19 @@ struct Rings {
 
 /// Checks the ring block the guest wrote at `ctl`; returns the two rings.
 fn validate_setup(ctl: u64, r: &NetRings, mem_size: u64) -> Result<(Ring, Ring)> {
+    let rings = validate_layout(ctl, r, mem_size)?;
+    if (r.req_head, r.req_tail, r.resp_head, r.resp_tail) != (0, 0, 0, 0) {
+        return Err(NetError::BadSetup {
+            gpa: ctl,
+            reason: "ring positions must start at 0".into(),
+        });
+    }
+    Ok(rings)
+}
+
+/// [`validate_setup`] without the fresh-positions check: a restored ring
+/// block carries the positions it had at the snapshot.
+fn validate_layout(ctl: u64, r: &NetRings, mem_size: u64) -> Result<(Ring, Ring)> {
     let bad = |reason: String| NetError::BadSetup { gpa: ctl, reason };
     if !ctl.is_multiple_of(64) {
         return Err(bad("the block is not 64-byte aligned".into()));
@@ -396,9 +409,6 @@ fn validate_setup(ctl: u64, r: &NetRings, mem_size: u64) -> Result<(Ring, Ring)>
         || overlap((resp.gpa, resp.size), block)
     {
         return Err(bad("the rings and the block overlap".into()));
-    }
-    if (r.req_head, r.req_tail, r.resp_head, r.resp_tail) != (0, 0, 0, 0) {
-        return Err(bad("ring positions must start at 0".into()));
     }
     Ok((req, resp))
 }
@@ -493,6 +503,102 @@ pub struct NetDevice {
     stopped: AtomicBool,
     /// Guest pages the device wrote since the last harvest.
     written: Mutex<HashSet<u64>>,
+    /// Ring positions from a restored snapshot, applied (and checked
+    /// against the restored guest memory) at the next guest access.
+    restored: Mutex<Option<SavedNet>>,
+}
+
+/// The device state a snapshot holds: where the rings are and the VMM's
+/// positions in them. Connections are not saved: they belong to the old
+/// process; responses the guest still owes them are discarded, and new
+/// connections get ids above every saved one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SavedNet {
+    /// GPA of the ring block (0: the guest had not set up its rings).
+    ctl: u64,
+    req_head: u64,
+    req_tail: u64,
+    resp_tail: u64,
+    next_conn: u32,
+}
+
+/// Version byte of the saved state.
+const NET_STATE_VERSION: u8 = 1;
+/// Bytes of the saved state.
+const NET_STATE_LEN: usize = 1 + 8 * 4 + 4;
+
+impl SavedNet {
+    fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(NET_STATE_LEN);
+        b.push(NET_STATE_VERSION);
+        for v in [self.ctl, self.req_head, self.req_tail, self.resp_tail] {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        b.extend_from_slice(&self.next_conn.to_le_bytes());
+        b
+    }
+
+    fn decode(b: &[u8]) -> std::result::Result<Self, String> {
+        if b.len() != NET_STATE_LEN {
+            return Err(format!("{} bytes, expected {NET_STATE_LEN}", b.len()));
+        }
+        if b[0] != NET_STATE_VERSION {
+            return Err(format!("version {}, expected {NET_STATE_VERSION}", b[0]));
+        }
+        let u = |i: usize| u64_of(&b[1 + 8 * i..9 + 8 * i]);
+        let s = SavedNet {
+            ctl: u(0),
+            req_head: u(1),
+            req_tail: u(2),
+            resp_tail: u(3),
+            next_conn: u32::from_le_bytes([b[33], b[34], b[35], b[36]]),
+        };
+        if s.req_tail > s.req_head {
+            return Err("request tail ahead of head".into());
+        }
+        Ok(s)
+    }
+}
+
+impl super::state::DeviceState for NetDevice {
+    fn state_name(&self) -> &str {
+        "net"
+    }
+
+    fn save_state(&self) -> Vec<u8> {
+        if let Some(saved) = *lock(&self.restored) {
+            // Restored but not touched by the guest since: unchanged.
+            return saved.encode();
+        }
+        let rings = lock(&self.rings);
+        let next_conn = self.conns.next_id.load(Ordering::Relaxed);
+        match rings.as_ref() {
+            Some(r) => SavedNet {
+                ctl: r.ctl,
+                req_head: r.req_head,
+                req_tail: r.req_tail,
+                resp_tail: r.resp_tail,
+                next_conn,
+            },
+            None => SavedNet {
+                ctl: 0,
+                req_head: 0,
+                req_tail: 0,
+                resp_tail: 0,
+                next_conn,
+            },
+        }
+        .encode()
+    }
+
+    fn restore_state(&self, bytes: &[u8]) -> std::result::Result<(), String> {
+        let saved = SavedNet::decode(bytes)?;
+        self.conns.next_id.store(saved.next_conn, Ordering::Relaxed);
+        if saved.ctl != 0 {
+            *lock(&self.restored) = Some(saved);
+        }
+        Ok(())
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -530,7 +636,50 @@ impl NetDevice {
             counters,
             stopped: AtomicBool::new(false),
             written: Mutex::new(HashSet::new()),
+            restored: Mutex::new(None),
         })
+    }
+
+    /// Rebuilds the rings from a restored snapshot against the restored
+    /// guest memory (which must hold a valid ring block at the saved
+    /// address, and positions that match the saved ones).
+    fn apply_restored(&self, rings: &mut Option<Rings>, mem: &GuestMemory) -> Result<()> {
+        let Some(saved) = lock(&self.restored).take() else {
+            return Ok(());
+        };
+        let block: NetRings = if mem.contains(saved.ctl, size_of::<NetRings>() as u64) {
+            mem.read_obj(saved.ctl)?
+        } else {
+            return Err(NetError::BadSetup {
+                gpa: saved.ctl,
+                reason: "the restored ring block is outside guest RAM".into(),
+            });
+        };
+        let (req, resp) = validate_layout(saved.ctl, &block, mem.size())?;
+        if saved.req_head - saved.req_tail > req.size
+            || (block.req_head, block.resp_tail) != (saved.req_head, saved.resp_tail)
+        {
+            return Err(NetError::BadSetup {
+                gpa: saved.ctl,
+                reason: "the restored positions do not match the ring block in guest memory".into(),
+            });
+        }
+        tracing::info!(
+            block = format_args!("{:#x}", saved.ctl),
+            req_head = saved.req_head,
+            resp_tail = saved.resp_tail,
+            next_connection = saved.next_conn,
+            "net: rings restored from the snapshot"
+        );
+        *rings = Some(Rings {
+            ctl: saved.ctl,
+            req,
+            resp,
+            req_head: saved.req_head,
+            req_tail: saved.req_tail,
+            resp_tail: saved.resp_tail,
+        });
+        Ok(())
     }
 
     /// The counters so far.
@@ -620,6 +769,7 @@ impl NetDevice {
         }
         let value = u64_of(data);
         let mut rings = lock(&self.rings);
+        self.apply_restored(&mut rings, mem)?;
         if gpa == abi::NET_SETUP {
             if rings.is_some() {
                 return Err(NetError::AlreadySetUp.into());
@@ -680,6 +830,7 @@ impl NetDevice {
     /// As [`NetDevice::write`].
     pub fn wait_done(&self, vcpu: u32, mem: &GuestMemory) -> Result<(), NetError> {
         let mut rings = lock(&self.rings);
+        self.apply_restored(&mut rings, mem)?;
         let mut p = lock(&self.pending);
         if vcpu < 64 {
             p.waiting &= !(1 << vcpu);

@@ -554,6 +554,7 @@ pub fn boot_service(
             Arc::new(ImmediateGate::new(d)) as Arc<dyn OutputGate>
         });
         vm.bus().attach_net(dev.clone());
+        vm.bus().register_device_state(dev.clone())?;
         service = Some(NetService::start(listener, dev)?);
         Ok(())
     })?;

@@ -506,3 +506,27 @@ fn frames_are_cut_and_garbage_is_refused() {
     half_header.truncate(10);
     assert!(matches!(err(half_header), FrameError::Truncated { .. }));
 }
+
+#[test]
+fn saved_state_round_trips_and_rejects_bad_bytes() {
+    let s = SavedNet {
+        ctl: 0x40_0000,
+        req_head: 900,
+        req_tail: 800,
+        resp_tail: 77,
+        next_conn: 12,
+    };
+    let b = s.encode();
+    assert_eq!(SavedNet::decode(&b), Ok(s));
+    for n in 0..b.len() {
+        assert!(SavedNet::decode(&b[..n]).is_err(), "truncated to {n}");
+    }
+    let mut v = b.clone();
+    v[0] = 9;
+    assert!(SavedNet::decode(&v).is_err(), "unknown version");
+    let bad = SavedNet { req_tail: 901, ..s };
+    assert!(
+        SavedNet::decode(&bad.encode()).is_err(),
+        "tail ahead of head"
+    );
+}
