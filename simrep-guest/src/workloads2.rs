@@ -2,78 +2,16 @@
 //! is about to write so the VMM can check its dirty harvest exactly, and
 //! `random`, incompressible writes at a rate.
 //!
-//! The few MMIO/console helpers are repeated here rather than shared with
-//! `user.rs`, which several workloads edit at once.
+//! They use the console and MMIO helpers of [`crate::user`].
 
-use core::arch::asm;
-use core::fmt::{self, Write};
 use core::ptr::{read_volatile, write_volatile};
 use core::sync::atomic::{compiler_fence, Ordering};
 
-use crate::abi::{self, BootParams, TouchLogHeader, VcpuStatus};
-
-fn mmio_write(addr: u64, value: u64) {
-    // SAFETY: `addr` is in the MMIO window (mapped, no memory behind it):
-    // the write exits to the VMM. Without `nomem` the asm is a memory
-    // clobber, so buffers the value points at are written before it.
-    unsafe {
-        asm!("mov qword ptr [{0}], {1}", in(reg) addr, in(reg) value, options(nostack, preserves_flags))
-    };
-}
-
-fn rdtsc() -> u64 {
-    let lo: u32;
-    let hi: u32;
-    // SAFETY: `rdtsc` reads the TSC; CR4.TSD is clear, so CPL3 may use it.
-    unsafe {
-        asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags))
-    };
-    u64::from(hi) << 32 | u64::from(lo)
-}
-
-struct Line {
-    buf: [u8; 200],
-    len: usize,
-}
-
-impl Write for Line {
-    fn write_str(&mut self, s: &str) -> fmt::Result {
-        let n = s.len().min(self.buf.len() - self.len);
-        self.buf[self.len..self.len + n].copy_from_slice(&s.as_bytes()[..n]);
-        self.len += n;
-        Ok(())
-    }
-}
-
-fn print(args: fmt::Arguments<'_>) {
-    let mut line = Line {
-        buf: [0; 200],
-        len: 0,
-    };
-    let _ = line.write_fmt(args);
-    let gpa = line.buf.as_ptr() as u64; // identity-mapped
-    mmio_write(
-        abi::CONSOLE_LINE,
-        gpa | (line.len as u64) << abi::CONSOLE_LEN_SHIFT,
-    );
-}
-
-macro_rules! println {
-    ($($arg:tt)*) => { print(format_args!($($arg)*)) };
-}
-
-fn exit(status: u64) -> ! {
-    mmio_write(abi::SYS_EXIT, status);
-    loop {
-        core::hint::spin_loop();
-    }
-}
+use crate::abi::{self, BootParams, TouchLogHeader};
+use crate::user::{exit, mmio_write, println, rdtsc, status};
 
 fn set_progress(cpu: u64, progress: u64) {
-    let st = (abi::STATUS_GPA + cpu * core::mem::size_of::<VcpuStatus>() as u64) as *mut VcpuStatus;
-    // SAFETY: this vCPU's slot in the status page, mapped writable at CPL3;
-    // only this vCPU writes it.
-    unsafe { write_volatile(&raw mut (*st).progress, progress) };
+    crate::user::set_progress(status(cpu), progress);
 }
 
 /// xorshift64 (the choice of pages).
