@@ -82,3 +82,35 @@ pub fn require_root(what: &str) {
         "{what} needs root (run the tests as root, as CI does)"
     );
 }
+
+/// Fails the test with the reason unless KVM is usable here (`/dev/kvm`
+/// exists and this user may open it).
+///
+/// # Panics
+/// Without usable KVM.
+pub fn require_kvm() {
+    if !Path::new("/dev/kvm").exists() {
+        panic!("these tests need KVM: /dev/kvm does not exist on this host");
+    }
+    if let Err(e) = simrep::vmm::vm::open_kvm() {
+        panic!("these tests need KVM: {e} (run as root)");
+    }
+}
+
+/// `s` without ANSI escape sequences (log lines may carry colours).
+pub fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}

@@ -9,6 +9,7 @@
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
+use tests::require_kvm;
 
 use simrep::vmm::abi;
 
@@ -17,15 +18,6 @@ const SECTOR: usize = 512;
 /// right after it.
 const LOG_SECTORS: usize = 2048;
 const SEED: u64 = 1;
-
-fn require_kvm() {
-    if !Path::new("/dev/kvm").exists() {
-        panic!("these tests need KVM: /dev/kvm does not exist on this host");
-    }
-    if let Err(e) = simrep::vmm::vm::open_kvm() {
-        panic!("these tests need KVM: {e} (run as root)");
-    }
-}
 
 /// Runs `simrep args...` with a deadline; returns (exit code, stderr
 /// without colours).

@@ -9,21 +9,13 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tests::require_kvm;
 
 use simrep::dirty::cow::{CowMemory, CowOptions, CowStats, PageSource, PAGE_SIZE};
 use simrep::vmm::run::{self, ChurnOptions, RunOptions, Workload};
 use simrep::vmm::Vm;
 
 const PAGE: u64 = PAGE_SIZE as u64;
-
-fn require_kvm() {
-    if !std::path::Path::new("/dev/kvm").exists() {
-        panic!("these tests need KVM: /dev/kvm does not exist on this host");
-    }
-    if let Err(e) = simrep::vmm::vm::open_kvm() {
-        panic!("these tests need KVM: {e} (run as root)");
-    }
-}
 
 fn churn(mem_bytes: u64, vcpus: u32, rate_mib_s: u32) -> RunOptions {
     RunOptions {

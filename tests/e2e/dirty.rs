@@ -9,6 +9,7 @@
 use std::collections::HashSet;
 use std::ops::Range;
 use std::time::{Duration, Instant};
+use tests::require_kvm;
 
 use simrep::dirty::{DirtyMode, DirtyPages, DirtyTracker};
 use simrep::vmm::abi::{self, TouchLogHeader, TouchParams};
@@ -16,12 +17,6 @@ use simrep::vmm::run::{self, RunOptions, TouchOptions, Workload};
 use simrep::vmm::Vm;
 
 const PAGE: u64 = abi::PAGE_SIZE;
-
-fn require_kvm() {
-    if let Err(e) = simrep::vmm::vm::open_kvm() {
-        panic!("these tests need KVM: {e} (run as root on a host with /dev/kvm)");
-    }
-}
 
 fn touch_opts(mem_bytes: u64, vcpus: u32, timer_hz: u32, touch: TouchOptions) -> RunOptions {
     RunOptions {

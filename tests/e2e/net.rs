@@ -11,19 +11,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+use tests::{require_kvm, strip_ansi};
 
 use simrep::proto::{self, op, status};
 use simrep::vmm::run::{self, RunOptions, RunSummary, Workload};
 use simrep::vmm::VmmError;
-
-fn require_kvm() {
-    if !std::path::Path::new("/dev/kvm").exists() {
-        panic!("these tests need KVM: /dev/kvm does not exist on this host");
-    }
-    if let Err(e) = simrep::vmm::vm::open_kvm() {
-        panic!("these tests need KVM: {e} (run as root)");
-    }
-}
 
 /// A guest service running in this process on an ephemeral port.
 struct Server {
@@ -642,23 +634,6 @@ fn bank_transfers_keep_the_total_and_record_history() {
     let records: u64 = (0..accounts).map(|a| balance(&mut c, a).1).sum();
     assert_eq!(records, 2 * (done + 11));
     srv.finish();
-}
-
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for d in chars.by_ref() {
-                if d.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 #[test]

@@ -12,21 +12,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
+use tests::require_kvm;
 
 use simrep::vmm::abi;
 use simrep::vmm::checkpoint::{self, MemoryCopy};
 use simrep::vmm::run::{self, ChurnOptions, RunOptions, Workload};
 use simrep::vmm::state::{self, StateError, VmSnapshot};
 use simrep::vmm::Vm;
-
-fn require_kvm() {
-    if !Path::new("/dev/kvm").exists() {
-        panic!("these tests need KVM: /dev/kvm does not exist on this host");
-    }
-    if let Err(e) = simrep::vmm::vm::open_kvm() {
-        panic!("these tests need KVM: {e} (run as root)");
-    }
-}
 
 fn churn_opts(vcpus: u32, mem_bytes: u64) -> RunOptions {
     RunOptions {

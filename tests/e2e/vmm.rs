@@ -8,21 +8,12 @@
 use std::process::{Command, Stdio};
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
+use tests::{require_kvm, strip_ansi};
 
 use simrep::vmm::abi;
 use simrep::vmm::run::{self, ChurnOptions, Fault, RunOptions, Workload};
 use simrep::vmm::vcpu::{VcpuError, VcpuOutcome, VcpuState};
 use simrep::vmm::{boot, Vm, VmmError, GUEST_ELF};
-
-/// Fails the test with the reason when KVM is not usable here.
-fn require_kvm() {
-    if !std::path::Path::new("/dev/kvm").exists() {
-        panic!("these tests need KVM: /dev/kvm does not exist on this host");
-    }
-    if let Err(e) = simrep::vmm::vm::open_kvm() {
-        panic!("these tests need KVM: {e} (run as root)");
-    }
-}
 
 fn simrep() -> Command {
     Command::new(tests::simrep_bin())
@@ -58,23 +49,6 @@ fn run_cli(args: &[&str], deadline: Duration) -> (Option<i32>, String) {
         out.status.code(),
         strip_ansi(&String::from_utf8_lossy(&out.stderr)),
     )
-}
-
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for d in chars.by_ref() {
-                if d.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 fn small(workload: Workload) -> RunOptions {
