@@ -264,11 +264,13 @@ fn the_disk_workload_passes_its_checks_after_a_restore() {
         "--disk-pattern-sectors",
         "20000",
         "--disk-log-records",
-        "400",
+        "200",
+        "--disk-bench",
+        "32M",
         "--checkpoint-dir",
         &ck_s,
         "--checkpoint-every",
-        "20ms",
+        "10ms",
     ]);
     assert_eq!(code, Some(0), "the checkpointed run:\n{err}");
     assert!(err.contains("disk: ok"), "{err}");
@@ -276,11 +278,35 @@ fn the_disk_workload_passes_its_checks_after_a_restore() {
     assert!(checkpoints > 0, "no checkpoint during the run:\n{err}");
     let m = manifest(&ck);
     assert!(m.disk.is_some());
+    assert!(
+        m.disk_data_bytes.unwrap() > 0,
+        "the last checkpoint was taken before the guest wrote anything"
+    );
     let restored = dir.path().join("restored.img");
-    let (code, err) = run_cli(&["restore", &ck_s, "--disk", restored.to_str().unwrap()]);
+    let restored_s = restored.to_str().unwrap().to_owned();
+    let (code, err) = run_cli(&["restore", &ck_s, "--disk", &restored_s]);
     assert_eq!(code, Some(0), "the restored run:\n{err}");
     assert!(err.contains("disk: ok"), "{err}");
     assert!(!err.contains("FAIL"), "{err}");
+    // It continued the guest rather than booting it again.
+    assert!(!err.contains("disk: capacity"), "{err}");
+    // The restored disk holds the whole log: a fresh guest replays it.
+    let (code, err) = run_cli(&[
+        "run",
+        "--workload",
+        "disk",
+        "--mem",
+        "64M",
+        "--disk",
+        &restored_s,
+        "--disk-pattern-sectors",
+        "16",
+        "--disk-log-records",
+        "1",
+    ]);
+    assert_eq!(code, Some(0), "the run on the restored disk:\n{err}");
+    assert!(err.contains("disk: log: replayed 200 records"), "{err}");
+    assert!(err.contains("replay: 201 records, all valid"), "{err}");
     eprintln!("{checkpoints} checkpoints during the run; the restore passed");
 }
 
