@@ -142,7 +142,10 @@ fn a_kv_guest_with_a_disk_restores_consistently_and_its_disk_boots_alone() {
     // The copy is sparse.
     let allocated = {
         use std::os::unix::fs::MetadataExt;
-        std::fs::metadata(ckpt_path.join(DISK_FILE)).unwrap().blocks() * 512
+        std::fs::metadata(ckpt_path.join(DISK_FILE))
+            .unwrap()
+            .blocks()
+            * 512
     };
     assert!(allocated < 32 << 20, "disk.raw allocates {allocated} bytes");
 
@@ -151,13 +154,27 @@ fn a_kv_guest_with_a_disk_restores_consistently_and_its_disk_boots_alone() {
     let (code, err) = run_cli(&["restore", &ck, "--port", "0"]);
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("holds a disk image"), "{err}");
-    let (code, err) = run_cli(&["restore", &ck, "--port", "0", "--disk", disk.to_str().unwrap()]);
+    let (code, err) = run_cli(&[
+        "restore",
+        &ck,
+        "--port",
+        "0",
+        "--disk",
+        disk.to_str().unwrap(),
+    ]);
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("exists"), "{err}");
 
     let restored_s = restored.to_str().unwrap().to_owned();
     let (mut second, addr) = spawn_listening(&[
-        "restore", &ck, "--port", "0", "--bind", "127.0.0.1", "--disk", &restored_s,
+        "restore",
+        &ck,
+        "--port",
+        "0",
+        "--bind",
+        "127.0.0.1",
+        "--disk",
+        &restored_s,
     ]);
     let mut c = Client::connect(addr);
     check_checkpoint_data(&mut c, KEYS);
@@ -233,7 +250,11 @@ fn a_kv_guest_with_a_disk_restores_consistently_and_its_disk_boots_alone() {
     ]);
     assert_eq!(code, Some(3), "{err}");
     assert!(err.contains("disk.raw is corrupt"), "{err}");
-    assert!(!target.exists(), "a corrupt image left {}", target.display());
+    assert!(
+        !target.exists(),
+        "a corrupt image left {}",
+        target.display()
+    );
     let leftovers: Vec<PathBuf> = std::fs::read_dir(dir.path())
         .unwrap()
         .map(|e| e.unwrap().path())

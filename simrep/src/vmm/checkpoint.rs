@@ -717,7 +717,10 @@ pub fn load(dir: &Path) -> Result<Loaded, CheckpointError> {
     }
     if let Some(d) = &manifest.disk {
         if d.file != DISK_FILE {
-            return Err(bad(format!("file `{}` where `{DISK_FILE}` belongs", d.file)));
+            return Err(bad(format!(
+                "file `{}` where `{DISK_FILE}` belongs",
+                d.file
+            )));
         }
         if d.bytes == 0 || d.bytes % super::block::SECTOR as u64 != 0 {
             return Err(bad(format!("disk image of {} bytes", d.bytes)));
@@ -873,8 +876,8 @@ pub fn restore_disk(
     tmp_name.push(".restoring");
     let tmp = PathBuf::from(tmp_name);
     let dst = File::create(&tmp).map_err(werr(&tmp))?;
-    let copied = super::disk_image::copy_sparse(&src, Some(&dst), entry.bytes).map_err(
-        |(read, source)| {
+    let copied =
+        super::disk_image::copy_sparse(&src, Some(&dst), entry.bytes).map_err(|(read, source)| {
             if read {
                 CheckpointError::Read {
                     path: src_path.clone(),
@@ -886,8 +889,7 @@ pub fn restore_disk(
                     source,
                 }
             }
-        },
-    );
+        });
     let checked = copied.and_then(|c| {
         if c.crc32 != entry.crc32 {
             return Err(CheckpointError::Corrupt {

@@ -174,7 +174,10 @@ mod tests {
         // Blocks with data: 1 (hello) + 3 (9000 bytes over 4 KiB blocks) + the tail.
         assert_eq!(c.data_bytes, 4096 + 3 * 4096 + (len % 4096));
         let mut back = vec![0u8; len as usize];
-        File::open(&dst_path).unwrap().read_exact_at(&mut back, 0).unwrap();
+        File::open(&dst_path)
+            .unwrap()
+            .read_exact_at(&mut back, 0)
+            .unwrap();
         assert!(back == all);
         let allocated = std::fs::metadata(&dst_path).map(|m| {
             use std::os::unix::fs::MetadataExt;
@@ -183,7 +186,10 @@ mod tests {
         assert!(allocated.unwrap() < 1 << 20, "the copy is sparse");
         // Verifying only gives the same CRC; one changed byte changes it.
         assert_eq!(copy_sparse(&src, None, len).unwrap().crc32, c.crc32);
-        let f = std::fs::OpenOptions::new().write(true).open(&src_path).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&src_path)
+            .unwrap();
         f.write_all_at(&[0xab], 5 << 20).unwrap();
         assert_ne!(copy_sparse(&src, None, len).unwrap().crc32, c.crc32);
     }

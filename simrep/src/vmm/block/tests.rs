@@ -544,7 +544,10 @@ fn a_checkpoint_hold_freezes_the_file_at_the_checkpoint() {
     dev.write(1, &sectors_of(0x11, 1)).unwrap();
     dev.flush().unwrap();
     dev.write(2, &sectors_of(0x22, 1)).unwrap();
-    let hold = dev.hold_for_checkpoint().unwrap().expect("a disk is attached");
+    let hold = dev
+        .hold_for_checkpoint()
+        .unwrap()
+        .expect("a disk is attached");
     assert!(dev.is_held());
     // After it: a rewrite of sector 1 and a new sector 3.
     dev.write(1, &sectors_of(0x33, 1)).unwrap();
