@@ -191,6 +191,7 @@ struct RunArgs {
     history: u32,
     /// Write checkpoints into this directory: on SIGUSR1, and periodically
     /// with --checkpoint-every. `simrep restore DIR` continues the guest.
+    /// With --disk the disk image is part of each checkpoint (disk.raw).
     #[arg(long, value_name = "DIR")]
     checkpoint_dir: Option<PathBuf>,
     /// With --checkpoint-dir: also write a checkpoint this often (500ms,

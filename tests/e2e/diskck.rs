@@ -96,7 +96,8 @@ fn check_checkpoint_data(c: &mut Client, keys: u32) {
 /// restored guest (on a copy of the checkpoint's disk) serves exactly the
 /// checkpoint's data; stopped, its disk alone boots a fresh guest whose log
 /// replay shows the same data plus what the restored guest wrote. The
-/// checkpoint restores twice; (3) a corrupt `disk.raw` is refused with
+/// restored guest checkpoints again and that checkpoint restores too. The
+/// first checkpoint restores twice; (3) a corrupt `disk.raw` is refused with
 /// exit code 3 and leaves no file behind; the disk choice errors are exit
 /// code 2.
 #[test]
@@ -166,6 +167,9 @@ fn a_kv_guest_with_a_disk_restores_consistently_and_its_disk_boots_alone() {
     assert!(err.contains("exists"), "{err}");
 
     let restored_s = restored.to_str().unwrap().to_owned();
+    // The restored guest checkpoints again (its new disk included).
+    let ck2dir = dir.path().join("ck2");
+    let ck2 = ck2dir.to_str().unwrap().to_owned();
     let (mut second, addr) = spawn_listening(&[
         "restore",
         &ck,
@@ -175,13 +179,42 @@ fn a_kv_guest_with_a_disk_restores_consistently_and_its_disk_boots_alone() {
         "127.0.0.1",
         "--disk",
         &restored_s,
+        "--checkpoint-dir",
+        &ck2,
     ]);
     let mut c = Client::connect(addr);
     check_checkpoint_data(&mut c, KEYS);
     assert_eq!(c.call(op::PUT, b"restored", b"yes").0, status::OK);
     assert_eq!(c.call(op::DEL, b"k001", b"").0, status::OK);
+    signal(&second, nix::sys::signal::Signal::SIGUSR1);
+    wait_for(
+        &ck2dir.join("latest").join("manifest.json"),
+        "second checkpoint",
+    );
+    assert_eq!(c.call(op::PUT, b"after2", b"kept").0, status::OK);
     drop(c);
     stop_cleanly(&mut second, "the restored guest");
+    let from_ck2 = dir.path().join("from-ck2.img");
+    let (mut again2, addr) = spawn_listening(&[
+        "restore",
+        &ck2,
+        "--port",
+        "0",
+        "--bind",
+        "127.0.0.1",
+        "--disk",
+        from_ck2.to_str().unwrap(),
+    ]);
+    let mut c = Client::connect(addr);
+    assert_eq!(
+        c.call(op::GET, b"restored", b""),
+        (status::OK, b"yes".to_vec())
+    );
+    assert_eq!(c.call(op::GET, b"k001", b"").0, status::NOT_FOUND);
+    assert_eq!(c.call(op::GET, b"k002", b""), (status::OK, value(2)));
+    assert_eq!(c.call(op::GET, b"after2", b"").0, status::NOT_FOUND);
+    drop(c);
+    stop_cleanly(&mut again2, "the restore of the second checkpoint");
 
     // The restored disk alone: a fresh guest replays its log.
     let (mut third, addr) = spawn_service("kv", &["--disk", &restored_s]);
@@ -198,6 +231,12 @@ fn a_kv_guest_with_a_disk_restores_consistently_and_its_disk_boots_alone() {
     assert_eq!(
         c.call(op::GET, b"restored", b""),
         (status::OK, b"yes".to_vec())
+    );
+    // Written after the second checkpoint by a guest stopped cleanly: on
+    // its disk.
+    assert_eq!(
+        c.call(op::GET, b"after2", b""),
+        (status::OK, b"kept".to_vec())
     );
     drop(c);
     stop_cleanly(&mut third, "the guest booted on the restored disk");
@@ -358,6 +397,27 @@ fn measure_disk_checkpoint_256mib() {
         std::sync::Arc::new(AtomicBool::new(false)),
     )
     .unwrap();
+    // A second client keeps putting small values meanwhile: each PUT is a
+    // logged write and a FLUSH, which waits while the disk is held.
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let putter = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut c = Client::connect(addr);
+            let mut lat = Vec::new();
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let t = Instant::now();
+                assert_eq!(
+                    c.call(op::PUT, format!("p{}", i % 64).as_bytes(), b"v").0,
+                    status::OK
+                );
+                lat.push(t.elapsed());
+                i += 1;
+            }
+            lat
+        })
+    };
     for round in 0..3u32 {
         for i in 0..200u32 {
             let key = format!("r{round}-{i}");
@@ -376,6 +436,17 @@ fn measure_disk_checkpoint_256mib() {
         // The guest runs after the checkpoint.
         assert_eq!(c.call(op::GET, b"r0-0", b"").0, status::OK);
     }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut lat = putter.join().unwrap();
+    lat.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    eprintln!(
+        "concurrent small PUTs: {} done, p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms",
+        lat.len(),
+        ms(lat[lat.len() / 2]),
+        ms(lat[lat.len() * 99 / 100]),
+        ms(*lat.last().unwrap())
+    );
     drop(c);
     drop(net);
     vm.shutdown();
