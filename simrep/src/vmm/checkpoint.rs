@@ -1283,6 +1283,100 @@ mod tests {
         assert_eq!(parse_ckpt_name("latest"), None);
     }
 
+    fn manifest_for_tests(mem_bytes: u64, mem_crc: u32, disk: Option<FileEntry>) -> Manifest {
+        Manifest {
+            format: FORMAT_NAME.into(),
+            version: FORMAT_VERSION,
+            sequence: 1,
+            created_unix_ms: 0,
+            mem_bytes,
+            vcpus: 1,
+            state: FileEntry {
+                file: STATE_FILE.into(),
+                bytes: 0,
+                crc32: 0,
+            },
+            memory: FileEntry {
+                file: MEMORY_FILE.into(),
+                bytes: mem_bytes,
+                crc32: mem_crc,
+            },
+            memory_data_pages: 0,
+            save_us: 0,
+            write_ms: 0,
+            disk,
+            disk_data_bytes: None,
+            disk_copy_ms: None,
+        }
+    }
+
+    #[test]
+    fn a_held_disk_is_copied_as_of_the_checkpoint_and_restores_to_new_files_only() {
+        use super::super::block::{BlockDevice, FlushPolicy, SECTOR};
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("guest.img");
+        File::create(&img).unwrap().set_len(1 << 20).unwrap();
+        let dev = Arc::new(BlockDevice::open(&img, FlushPolicy::default()).unwrap());
+        dev.write(3, &[0xaa; SECTOR]).unwrap();
+        let hold = dev.hold_for_checkpoint().unwrap().unwrap();
+        dev.write(3, &[0xbb; SECTOR]).unwrap();
+        dev.write(100, &[0xcc; SECTOR]).unwrap();
+        let ck = dir.path().join("ckpt");
+        fs::create_dir(&ck).unwrap();
+        let (copy, _) = write_disk(&ck.join(DISK_FILE), hold).unwrap();
+        assert!(!dev.is_held(), "the hold ends with the copy");
+        let mut expected = vec![0u8; 1 << 20];
+        expected[3 * SECTOR..4 * SECTOR].fill(0xaa);
+        assert_eq!(fs::read(ck.join(DISK_FILE)).unwrap(), expected);
+        assert_eq!(copy.crc32, crc32fast::hash(&expected));
+        let loaded = Loaded {
+            path: ck.clone(),
+            manifest: manifest_for_tests(
+                4 << 20,
+                0,
+                Some(FileEntry {
+                    file: DISK_FILE.into(),
+                    bytes: copy.bytes,
+                    crc32: copy.crc32,
+                }),
+            ),
+            snapshot: crate::vmm::state::tests::sample_snapshot(1),
+        };
+        let target = dir.path().join("restored.img");
+        restore_disk(&loaded, &target).unwrap();
+        assert_eq!(fs::read(&target).unwrap(), expected);
+        // An existing target is refused and left alone.
+        assert!(matches!(
+            restore_disk(&loaded, &target),
+            Err(CheckpointError::DiskChoice { .. })
+        ));
+        assert!(matches!(
+            restore_disk(&loaded, &img),
+            Err(CheckpointError::DiskChoice { .. })
+        ));
+        // A corrupt image: refused, nothing left behind, the checkpoint untouched.
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .open(ck.join(DISK_FILE))
+            .unwrap();
+        f.write_all_at(&[0xab], 3 * SECTOR as u64 + 7).unwrap();
+        let other = dir.path().join("other.img");
+        let e = restore_disk(&loaded, &other).unwrap_err();
+        assert!(matches!(e, CheckpointError::Corrupt { .. }), "{e}");
+        assert!(e.is_bad_input());
+        assert!(!other.exists());
+        assert!(!dir.path().join("other.img.restoring").exists());
+        // A checkpoint without a disk has nothing to restore.
+        let no_disk = Loaded {
+            manifest: manifest_for_tests(4 << 20, 0, None),
+            ..loaded
+        };
+        assert!(matches!(
+            restore_disk(&no_disk, &other),
+            Err(CheckpointError::DiskChoice { .. })
+        ));
+    }
+
     #[test]
     fn memory_image_round_trips_sparse_and_detects_corruption() {
         let dir = tempfile::tempdir().unwrap();
