@@ -528,6 +528,60 @@ impl WriteBuffer {
     }
 }
 
+// --- checkpoints of the disk: buffer pieces (begin) ---
+
+impl WriteBuffer {
+    /// The sector tables of the closed epochs up to `epoch`, oldest first,
+    /// shared (no copy): a checkpoint writes them to the file outside the
+    /// device lock, then calls [`WriteBuffer::drop_upto`].
+    fn closed_upto(&self, epoch: u64) -> Vec<Arc<Table>> {
+        let open = self.open_epoch();
+        self.epochs
+            .iter()
+            .filter(|t| t.epoch <= epoch && t.epoch < open)
+            .map(|t| Arc::clone(&t.sectors))
+            .collect()
+    }
+
+    /// Drops the closed epochs up to `epoch` (their writes are in the
+    /// file).
+    fn drop_upto(&mut self, epoch: u64) {
+        let open = self.open_epoch();
+        while self
+            .epochs
+            .front()
+            .is_some_and(|t| t.epoch <= epoch && t.epoch < open)
+        {
+            let t = self.epochs.pop_front().expect("checked");
+            self.sectors -= t.sectors.len();
+        }
+    }
+}
+
+/// Merges shared sector tables (oldest first; newest content per sector)
+/// into runs of consecutive sectors.
+fn runs_of_tables(tables: &[Arc<Table>]) -> Vec<SectorRun> {
+    let mut merged: BTreeMap<u64, &Sector> = BTreeMap::new();
+    for t in tables {
+        for (&s, d) in t.iter() {
+            merged.insert(s, d);
+        }
+    }
+    let mut runs: Vec<SectorRun> = Vec::new();
+    for (s, d) in merged {
+        match runs.last_mut() {
+            Some(r) if r.sector + r.sectors() == s => r.data.extend_from_slice(&d[..]),
+            _ => runs.push(SectorRun {
+                sector: s,
+                data: d.to_vec(),
+            }),
+        }
+    }
+    runs
+}
+
+// --- checkpoints of the disk: buffer pieces (end) ---
+
 /// When buffered writes reach the file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FlushPolicy {
@@ -1078,8 +1132,26 @@ impl DiskHold {
     ///
     /// [`BlockError::Write`], [`BlockError::Sync`].
     pub fn settle(&self) -> Result<u64, BlockError> {
-        let st = self.dev.state();
-        self.dev.commit_locked(st, self.epoch)
+        // The closed epochs are immutable and, while the hold lives, the
+        // only writes to the file: they are written outside the device
+        // lock, so the guest's requests do not wait for this I/O. Reads
+        // meanwhile see the same data in the buffer and in the file.
+        let tables = self.dev.state().buffer.closed_upto(self.epoch);
+        let runs = runs_of_tables(&tables);
+        drop(tables);
+        let disk = self.disk();
+        let n: u64 = runs.iter().map(SectorRun::sectors).sum();
+        if n > 0 {
+            disk.write_runs(&runs)?;
+            disk.sync()?;
+        }
+        let mut st = self.dev.state();
+        st.buffer.drop_upto(self.epoch);
+        if n > 0 {
+            st.stats.sectors_to_file += n;
+            st.stats.syncs += 1;
+        }
+        Ok(n)
     }
 
     /// The disk file (frozen at the checkpoint once [`DiskHold::settle`]d).

@@ -554,6 +554,9 @@ fn a_checkpoint_hold_freezes_the_file_at_the_checkpoint() {
     dev.write(3, &sectors_of(0x44, 2)).unwrap();
     // The checkpoint's buffered writes reach the file, the later ones not.
     assert_eq!(hold.settle().unwrap(), 1);
+    // Only the writes made after the checkpoint stay buffered.
+    assert_eq!(dev.buffered_bytes(), 3 * SECTOR as u64);
+    assert_eq!(hold.settle().unwrap(), 0, "settling twice writes nothing");
     let file = file_bytes(&f);
     assert_eq!(&file[SECTOR..2 * SECTOR], &sectors_of(0x11, 1)[..]);
     assert_eq!(&file[2 * SECTOR..3 * SECTOR], &sectors_of(0x22, 1)[..]);
