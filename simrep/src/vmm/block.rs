@@ -32,6 +32,16 @@
 //!   (without a sync) to bound the VMM's memory; at the end of a run what
 //!   is buffered is written and synced.
 //!
+//! * **Checkpoints** (`simrep run --checkpoint-dir`, write-back mode):
+//!   during the pause [`BlockDevice::hold_for_checkpoint`] closes the open
+//!   epoch and *holds* the device: until the returned [`DiskHold`] ends, no
+//!   write made after the checkpoint reaches the file (the buffer may grow
+//!   past its bound; a guest FLUSH waits). [`DiskHold::settle`] writes the
+//!   epochs closed at the checkpoint to the file outside the device lock,
+//!   after which the file is the disk as of the checkpoint and can be
+//!   copied while the guest runs. The device's capacity, policy and open
+//!   epoch are its [`DeviceState`](super::state::DeviceState) (`block`).
+//!
 //! # What a completed request guarantees (write-back mode)
 //!
 //! * A WRITE with status OK is visible to every later READ, from any vCPU.
