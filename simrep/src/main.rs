@@ -191,6 +191,7 @@ struct RunArgs {
     history: u32,
     /// Write checkpoints into this directory: on SIGUSR1, and periodically
     /// with --checkpoint-every. `simrep restore DIR` continues the guest.
+    /// With --disk the disk image is part of each checkpoint (disk.raw).
     #[arg(long, value_name = "DIR")]
     checkpoint_dir: Option<PathBuf>,
     /// With --checkpoint-dir: also write a checkpoint this often (500ms,
@@ -222,6 +223,11 @@ struct RestoreArgs {
     /// kv, bank: address the restored service listens on.
     #[arg(long, default_value = "0.0.0.0")]
     bind: std::net::IpAddr,
+    /// A checkpoint with a disk image: a new file (it must not exist) that
+    /// receives a copy of the checkpoint's disk.raw and becomes the
+    /// restored guest's disk. The checkpoint itself is never modified.
+    #[arg(long, value_name = "FILE")]
+    disk: Option<PathBuf>,
 }
 
 /// A duration as `simrep load` parses them (`500ms`, `10s`, `5m`, plain
@@ -333,6 +339,7 @@ fn classify(error: &anyhow::Error) -> u8 {
                 VmmError::Checkpoint(c) if c.is_bad_input() => 3,
                 VmmError::State(s) if s.is_bad_input() => 3,
                 VmmError::Checkpoint(CheckpointError::Write { .. }) => 6,
+                VmmError::Checkpoint(CheckpointError::DiskChoice { .. }) => 2,
                 _ => 1,
             };
         }
@@ -555,14 +562,6 @@ fn cmd_run(a: RunArgs) -> Result<ExitCode, Failure> {
         bank_history: a.history,
         ..Default::default()
     };
-    if a.checkpoint_dir.is_some() && opts.disk.is_some() {
-        return Err(Failure {
-            code: 2,
-            error: anyhow::anyhow!(
-                "--checkpoint-dir does not support --disk yet: the disk image is not part of a checkpoint"
-            ),
-        });
-    }
     let mut checkpointer = checkpointer(a.checkpoint_dir, a.checkpoint_every)?;
     let s = checkpoint::run_with_checkpoints(&opts, &stop, checkpointer.as_mut())?;
     tracing::info!(
@@ -601,6 +600,7 @@ fn cmd_restore(a: RestoreArgs) -> Result<ExitCode, Failure> {
     let ropts = checkpoint::RestoreOptions {
         watchdog: (a.watchdog > 0).then(|| std::time::Duration::from_secs(a.watchdog)),
         listen: Some(std::net::SocketAddr::new(a.bind, a.port)),
+        disk: a.disk,
     };
     let s = checkpoint::restore_and_run(&a.dir, &ropts, &stop, checkpointer.as_mut())
         .with_context(|| format!("restoring from {}", a.dir.display()))?;

@@ -8,6 +8,7 @@ mod block;
 mod capture;
 mod cow;
 mod dirty;
+mod diskck;
 mod ebpf;
 mod load;
 mod net;

@@ -77,13 +77,13 @@ fn opts(workload: Workload) -> RunOptions {
 }
 
 /// A blocking client.
-struct Client {
+pub(crate) struct Client {
     s: TcpStream,
     next_id: u64,
 }
 
 impl Client {
-    fn connect(addr: SocketAddr) -> Client {
+    pub(crate) fn connect(addr: SocketAddr) -> Client {
         let s = TcpStream::connect(addr).expect("connect");
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         s.set_nodelay(true).unwrap();
@@ -112,7 +112,7 @@ impl Client {
         (r.id, r.status, r.body.to_vec())
     }
 
-    fn call(&mut self, op: u8, key: &[u8], value: &[u8]) -> (u8, Vec<u8>) {
+    pub(crate) fn call(&mut self, op: u8, key: &[u8], value: &[u8]) -> (u8, Vec<u8>) {
         let id = self.send(op, key, value);
         let (rid, st, body) = self.recv();
         assert_eq!(rid, id, "response to another request");
@@ -872,7 +872,7 @@ fn kv_changes_survive_a_restart_through_the_disk_log() {
 
 /// `simrep run --workload W --port 0` as a child process, and the address
 /// its log names.
-fn spawn_service(workload: &str, extra: &[&str]) -> (std::process::Child, SocketAddr) {
+pub(crate) fn spawn_service(workload: &str, extra: &[&str]) -> (std::process::Child, SocketAddr) {
     let mut args = vec![
         "run",
         "--workload",
@@ -888,7 +888,7 @@ fn spawn_service(workload: &str, extra: &[&str]) -> (std::process::Child, Socket
 }
 
 /// `simrep ARGS` as a child process that logs `net: listening on ADDR`.
-fn spawn_listening(args: &[&str]) -> (std::process::Child, SocketAddr) {
+pub(crate) fn spawn_listening(args: &[&str]) -> (std::process::Child, SocketAddr) {
     require_kvm();
     let mut child = Command::new(tests::simrep_bin())
         .args(args)

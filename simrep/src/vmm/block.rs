@@ -32,6 +32,16 @@
 //!   (without a sync) to bound the VMM's memory; at the end of a run what
 //!   is buffered is written and synced.
 //!
+//! * **Checkpoints** (`simrep run --checkpoint-dir`, write-back mode):
+//!   during the pause [`BlockDevice::hold_for_checkpoint`] closes the open
+//!   epoch and *holds* the device: until the returned [`DiskHold`] ends, no
+//!   write made after the checkpoint reaches the file (the buffer may grow
+//!   past its bound; a guest FLUSH waits). [`DiskHold::settle`] writes the
+//!   epochs closed at the checkpoint to the file outside the device lock,
+//!   after which the file is the disk as of the checkpoint and can be
+//!   copied while the guest runs. The device's capacity, policy and open
+//!   epoch are its [`DeviceState`](super::state::DeviceState) (`block`).
+//!
 //! # What a completed request guarantees (write-back mode)
 //!
 //! * A WRITE with status OK is visible to every later READ, from any vCPU.
@@ -55,7 +65,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use super::abi::{self, block_op, block_status, BlockRequest};
 use super::devices::{DeviceError, MmioAction};
@@ -158,6 +168,12 @@ pub enum BlockError {
     /// The device has no disk attached.
     #[error("no disk attached")]
     NoDisk,
+    /// Checkpoint holds need write-back mode.
+    #[error("a checkpoint cannot hold the disk under the replicated flush policy")]
+    HoldReplicated,
+    /// A checkpoint hold is already in progress.
+    #[error("a checkpoint of the disk is already in progress")]
+    AlreadyHeld,
 }
 
 /// A disk image: a host file of whole 512-byte sectors.
@@ -522,6 +538,60 @@ impl WriteBuffer {
     }
 }
 
+// --- checkpoints of the disk: buffer pieces (begin) ---
+
+impl WriteBuffer {
+    /// The sector tables of the closed epochs up to `epoch`, oldest first,
+    /// shared (no copy): a checkpoint writes them to the file outside the
+    /// device lock, then calls [`WriteBuffer::drop_upto`].
+    fn closed_upto(&self, epoch: u64) -> Vec<Arc<Table>> {
+        let open = self.open_epoch();
+        self.epochs
+            .iter()
+            .filter(|t| t.epoch <= epoch && t.epoch < open)
+            .map(|t| Arc::clone(&t.sectors))
+            .collect()
+    }
+
+    /// Drops the closed epochs up to `epoch` (their writes are in the
+    /// file).
+    fn drop_upto(&mut self, epoch: u64) {
+        let open = self.open_epoch();
+        while self
+            .epochs
+            .front()
+            .is_some_and(|t| t.epoch <= epoch && t.epoch < open)
+        {
+            let t = self.epochs.pop_front().expect("checked");
+            self.sectors -= t.sectors.len();
+        }
+    }
+}
+
+/// Merges shared sector tables (oldest first; newest content per sector)
+/// into runs of consecutive sectors.
+fn runs_of_tables(tables: &[Arc<Table>]) -> Vec<SectorRun> {
+    let mut merged: BTreeMap<u64, &Sector> = BTreeMap::new();
+    for t in tables {
+        for (&s, d) in t.iter() {
+            merged.insert(s, d);
+        }
+    }
+    let mut runs: Vec<SectorRun> = Vec::new();
+    for (s, d) in merged {
+        match runs.last_mut() {
+            Some(r) if r.sector + r.sectors() == s => r.data.extend_from_slice(&d[..]),
+            _ => runs.push(SectorRun {
+                sector: s,
+                data: d.to_vec(),
+            }),
+        }
+    }
+    runs
+}
+
+// --- checkpoints of the disk: buffer pieces (end) ---
+
 /// When buffered writes reach the file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FlushPolicy {
@@ -568,6 +638,9 @@ struct State {
     buffer: WriteBuffer,
     policy: FlushPolicy,
     stats: BlockStats,
+    /// A checkpoint's disk copy is in progress: no write may reach the
+    /// file (see [`BlockDevice::hold_for_checkpoint`]).
+    held: bool,
 }
 
 /// The guest's block device: an optional [`DiskFile`] behind a
@@ -577,6 +650,8 @@ struct State {
 pub struct BlockDevice {
     disk: Option<DiskFile>,
     state: Mutex<State>,
+    /// Signalled when a checkpoint hold ends.
+    released: Condvar,
     last_status: [AtomicU32; abi::MAX_VCPUS as usize],
 }
 
@@ -608,13 +683,25 @@ impl BlockDevice {
                 buffer: WriteBuffer::new(0),
                 policy,
                 stats: BlockStats::default(),
+                held: false,
             }),
+            released: Condvar::new(),
             last_status: std::array::from_fn(|_| AtomicU32::new(block_status::OK)),
         }
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The state, once no checkpoint hold is in progress (for operations
+    /// that write to the file).
+    fn state_unheld(&self) -> MutexGuard<'_, State> {
+        let mut st = self.state();
+        while st.held {
+            st = self.released.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        st
     }
 
     fn disk(&self) -> Result<&DiskFile, BlockError> {
@@ -685,7 +772,9 @@ impl BlockDevice {
         let mut st = self.state();
         st.buffer.write(sector, data)?;
         if let FlushPolicy::WriteBack { max_buffered } = st.policy {
-            if st.buffer.buffered_bytes() > max_buffered {
+            // While a checkpoint's disk copy runs the buffer may grow past
+            // its bound: nothing may reach the file then.
+            if !st.held && st.buffer.buffered_bytes() > max_buffered {
                 Self::drain(disk, &mut st, false)?;
             }
         }
@@ -707,14 +796,15 @@ impl BlockDevice {
     }
 
     /// The guest's FLUSH. Write-back: every buffered write reaches the file
-    /// and is synced. Replicated: nothing to do.
+    /// and is synced (after a checkpoint's hold, if one is in progress: see
+    /// [`BlockDevice::hold_for_checkpoint`]). Replicated: nothing to do.
     ///
     /// # Errors
     ///
     /// [`BlockError::NoDisk`], [`BlockError::Write`], [`BlockError::Sync`].
     pub fn flush(&self) -> Result<(), BlockError> {
         let disk = self.disk()?;
-        let mut st = self.state();
+        let mut st = self.state_unheld();
         st.stats.flushes += 1;
         match st.policy {
             FlushPolicy::WriteBack { .. } => Self::drain(disk, &mut st, true),
@@ -724,7 +814,8 @@ impl BlockDevice {
 
     /// Writes and syncs everything buffered, whatever the policy: the end
     /// of a `simrep run`. Under replication call [`BlockDevice::commit`]
-    /// instead (uncommitted writes must not reach the file).
+    /// instead (uncommitted writes must not reach the file). Waits for a
+    /// checkpoint's hold to end.
     ///
     /// # Errors
     ///
@@ -733,7 +824,7 @@ impl BlockDevice {
         let Some(disk) = self.disk.as_ref() else {
             return Ok(());
         };
-        let mut st = self.state();
+        let mut st = self.state_unheld();
         if st.buffer.buffered_sectors() == 0 {
             return Ok(());
         }
@@ -757,7 +848,7 @@ impl BlockDevice {
 
     /// Replication, when the backup acked `epoch`: writes every closed
     /// epoch up to `epoch` to the file (newest content per sector), syncs,
-    /// and drops them from the buffer. Returns the sectors written. An
+    /// and drops them from the buffer (after a checkpoint's hold ends). Returns the sectors written. An
     /// epoch already committed is a no-op.
     ///
     /// # Errors
@@ -766,7 +857,11 @@ impl BlockDevice {
     /// [`BlockError::Sync`]. Without a disk nothing was ever buffered, and
     /// this returns `Ok(0)`.
     pub fn commit(&self, epoch: u64) -> Result<u64, BlockError> {
-        let mut st = self.state();
+        let st = self.state_unheld();
+        self.commit_locked(st, epoch)
+    }
+
+    fn commit_locked(&self, mut st: MutexGuard<'_, State>, epoch: u64) -> Result<u64, BlockError> {
         let runs = st.buffer.commit(epoch)?;
         let Some(disk) = self.disk.as_ref() else {
             return Ok(0);
@@ -969,6 +1064,209 @@ impl BlockDevice {
         Ok(())
     }
 }
+
+// --- checkpoints of the disk (begin) ---
+
+/// Name of the block device's state blob in a snapshot.
+pub const BLOCK_STATE: &str = "block";
+/// Version byte of the block device's state blob.
+const BLOCK_STATE_VERSION: u8 = 1;
+/// Size of the block device's state blob.
+const BLOCK_STATE_BYTES: usize = 1 + 8 + 1 + 8 + 8;
+
+/// A checkpoint's hold on a block device, from [`BlockDevice::hold_for_checkpoint`]:
+/// while it lives no write reaches the disk file except the ones made
+/// before the checkpoint ([`DiskHold::settle`]), so the file can be copied
+/// while the guest runs. Dropping it (or [`DiskHold::release`]) lets
+/// buffered writes drain again.
+#[derive(Debug)]
+pub struct DiskHold {
+    dev: Arc<BlockDevice>,
+    epoch: u64,
+}
+
+impl BlockDevice {
+    /// At a checkpoint (the vCPUs paused): closes the open epoch, so that
+    /// the disk as of the checkpoint is the file with the buffered epochs
+    /// up to the closed one over it, and holds every later write in the
+    /// write buffer until the returned hold ends. Meanwhile reads keep
+    /// seeing the newest data (the buffer layers over the file), the
+    /// buffer may grow past its bound, and a guest FLUSH,
+    /// [`BlockDevice::commit`] and [`BlockDevice::flush_all`] wait for the
+    /// release (a FLUSH's promise needs the file). `Ok(None)` without a
+    /// disk.
+    ///
+    /// # Errors
+    ///
+    /// [`BlockError::HoldReplicated`] under [`FlushPolicy::Replicated`]
+    /// (writes of uncommitted epochs must not reach the file);
+    /// [`BlockError::AlreadyHeld`] when a hold is in progress.
+    pub fn hold_for_checkpoint(self: &Arc<Self>) -> Result<Option<DiskHold>, BlockError> {
+        if self.disk.is_none() {
+            return Ok(None);
+        }
+        let mut st = self.state();
+        if st.policy == FlushPolicy::Replicated {
+            return Err(BlockError::HoldReplicated);
+        }
+        if st.held {
+            return Err(BlockError::AlreadyHeld);
+        }
+        st.held = true;
+        let epoch = st.buffer.close_epoch();
+        Ok(Some(DiskHold {
+            dev: Arc::clone(self),
+            epoch,
+        }))
+    }
+
+    /// Whether a checkpoint hold is in progress.
+    pub fn is_held(&self) -> bool {
+        self.state().held
+    }
+}
+
+impl DiskHold {
+    /// The epoch closed at the checkpoint: its writes and older ones
+    /// belong to the checkpoint, later ones do not.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Writes the checkpoint's buffered writes (epochs up to
+    /// [`DiskHold::epoch`]) to the file and syncs; returns the sectors
+    /// written. Afterwards, until the hold ends, the file is exactly the
+    /// disk as of the checkpoint. Call it after resuming the guest.
+    ///
+    /// # Errors
+    ///
+    /// [`BlockError::Write`], [`BlockError::Sync`].
+    pub fn settle(&self) -> Result<u64, BlockError> {
+        // The closed epochs are immutable and, while the hold lives, the
+        // only writes to the file: they are written outside the device
+        // lock, so the guest's requests do not wait for this I/O. Reads
+        // meanwhile see the same data in the buffer and in the file.
+        let tables = self.dev.state().buffer.closed_upto(self.epoch);
+        let runs = runs_of_tables(&tables);
+        drop(tables);
+        let disk = self.disk();
+        let n: u64 = runs.iter().map(SectorRun::sectors).sum();
+        if n > 0 {
+            disk.write_runs(&runs)?;
+            disk.sync()?;
+        }
+        let mut st = self.dev.state();
+        st.buffer.drop_upto(self.epoch);
+        if n > 0 {
+            st.stats.sectors_to_file += n;
+            st.stats.syncs += 1;
+        }
+        Ok(n)
+    }
+
+    /// The disk file (frozen at the checkpoint once [`DiskHold::settle`]d).
+    pub fn disk(&self) -> &DiskFile {
+        self.dev
+            .disk
+            .as_ref()
+            .expect("a hold exists only for a device with a disk")
+    }
+
+    /// Ends the hold: buffered writes may reach the file again (at the next
+    /// guest FLUSH, or at once if the buffer is over its bound).
+    pub fn release(self) {}
+}
+
+impl Drop for DiskHold {
+    fn drop(&mut self) {
+        let mut st = self.dev.state();
+        st.held = false;
+        if let (Some(disk), FlushPolicy::WriteBack { max_buffered }) =
+            (self.dev.disk.as_ref(), st.policy)
+        {
+            if st.buffer.buffered_bytes() > max_buffered {
+                if let Err(e) = BlockDevice::drain(disk, &mut st, false) {
+                    tracing::error!(error = %e, "cannot write buffered disk writes after a checkpoint");
+                }
+            }
+        }
+        drop(st);
+        self.dev.released.notify_all();
+    }
+}
+
+impl DiskFile {
+    /// The open file (for copying the image).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+}
+
+impl super::state::DeviceState for BlockDevice {
+    fn state_name(&self) -> &str {
+        BLOCK_STATE
+    }
+
+    /// Version, capacity in sectors, the flush policy (tag and bound) and
+    /// the open epoch. Buffered writes are not in it: a checkpoint holds
+    /// them in its disk image.
+    fn save_state(&self) -> Vec<u8> {
+        let st = self.state();
+        let (tag, bound) = match st.policy {
+            FlushPolicy::WriteBack { max_buffered } => (0u8, max_buffered),
+            FlushPolicy::Replicated => (1u8, 0),
+        };
+        let mut v = Vec::with_capacity(BLOCK_STATE_BYTES);
+        v.push(BLOCK_STATE_VERSION);
+        v.extend_from_slice(&self.capacity().to_le_bytes());
+        v.push(tag);
+        v.extend_from_slice(&bound.to_le_bytes());
+        v.extend_from_slice(&st.buffer.open_epoch().to_le_bytes());
+        v
+    }
+
+    fn restore_state(&self, bytes: &[u8]) -> Result<(), String> {
+        if bytes.len() != BLOCK_STATE_BYTES {
+            return Err(format!(
+                "{} bytes of block device state, expected {BLOCK_STATE_BYTES}",
+                bytes.len()
+            ));
+        }
+        if bytes[0] != BLOCK_STATE_VERSION {
+            return Err(format!(
+                "block device state version {} is not supported",
+                bytes[0]
+            ));
+        }
+        let u64_at = |at: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&bytes[at..at + 8]);
+            u64::from_le_bytes(b)
+        };
+        let capacity = u64_at(1);
+        let policy = match (bytes[9], u64_at(10)) {
+            (0, max_buffered) if max_buffered > 0 => FlushPolicy::WriteBack { max_buffered },
+            (1, 0) => FlushPolicy::Replicated,
+            (tag, bound) => return Err(format!("bad flush policy {tag} (bound {bound})")),
+        };
+        let epoch = u64_at(18);
+        if capacity != self.capacity() {
+            return Err(format!(
+                "the saved disk has {capacity} sectors, the attached one {}",
+                self.capacity()
+            ));
+        }
+        let mut st = self.state();
+        if st.buffer.buffered_sectors() != 0 {
+            return Err("the device already holds buffered writes".into());
+        }
+        st.buffer = WriteBuffer::new(epoch);
+        st.policy = policy;
+        Ok(())
+    }
+}
+
+// --- checkpoints of the disk (end) ---
 
 impl Drop for BlockDevice {
     /// A safety net for runs that end on an error path: in write-back mode

@@ -10,6 +10,7 @@
 //!     manifest.json                written last; see [`Manifest`]
 //!     state.bin                    the encoded VmSnapshot (super::state)
 //!     memory.raw                   guest RAM from GPA 0, sparse: zero pages are holes
+//!     disk.raw                     with `--disk`: the disk image, sparse (see below)
 //! ```
 //!
 //! `manifest.json` is human-readable: the format name and version, the
@@ -37,6 +38,31 @@
 //! verifies the image's CRC. Anything missing, truncated or corrupt is a
 //! [`CheckpointError`] for which [`CheckpointError::is_bad_input`] holds.
 //!
+//! # The disk
+//!
+//! A guest with a disk (`simrep run --disk FILE --checkpoint-dir DIR`)
+//! gets its disk image into the checkpoint, consistent with memory and
+//! vCPU state, without staying paused for the copy. During the pause the
+//! block device's open epoch of buffered writes is closed and the device
+//! is *held* ([`BlockDevice::hold_for_checkpoint`](super::block::BlockDevice::hold_for_checkpoint)):
+//! from then on no write reaches the file. After the guest resumes, the
+//! writes buffered before the checkpoint are written to the file and
+//! synced ([`DiskHold::settle`]), so the file is exactly the disk as of
+//! the checkpoint; it is copied into the checkpoint as `disk.raw`
+//! (sparse: `SEEK_DATA`/`SEEK_HOLE`, holes stay holes; see
+//! [`super::disk_image`]) with its CRC-32 in the manifest; then the hold
+//! ends and buffered writes drain again. Meanwhile the guest runs: its
+//! reads see the newest data (the write buffer layers over the file); a
+//! guest FLUSH waits for the end of the copy (its promise needs the file).
+//! The block device's own state (capacity, flush policy, epoch) travels in
+//! `state.bin` as the `block` device blob.
+//!
+//! `simrep restore DIR --disk FILE` copies `disk.raw` to `FILE` (which must
+//! not exist; written as `FILE.restoring` and renamed once its CRC-32
+//! matched), attaches the block device on it and continues the guest. The
+//! checkpoint's files are never modified, so a checkpoint can be restored
+//! any number of times.
+//!
 //! Until a copy-on-write view of guest memory exists, the guest stays
 //! paused while `memory.raw` is written (the log line says for how long).
 
@@ -52,6 +78,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use super::abi::{LARGE_PAGE_SIZE, PAGE_SIZE};
+use super::block::DiskHold;
 use super::memory::GuestMemory;
 use super::run::{supervise, RunOptions, RunSummary};
 use super::state::{RestoreTimes, StateError, VmSnapshot, MAX_STATE_BYTES};
@@ -68,6 +95,8 @@ pub const MANIFEST_FILE: &str = "manifest.json";
 pub const STATE_FILE: &str = "state.bin";
 /// The memory image's file name.
 pub const MEMORY_FILE: &str = "memory.raw";
+/// The disk image's file name.
+pub const DISK_FILE: &str = "disk.raw";
 /// The symlink to the newest checkpoint.
 pub const LATEST_LINK: &str = "latest";
 /// Largest manifest read.
@@ -125,6 +154,16 @@ pub enum CheckpointError {
     /// Pausing, saving or resuming the running VM failed.
     #[error("checkpointing the running VM")]
     Vm(#[source] StateError),
+    /// The checkpoint's disk and the restore's `--disk` do not go together
+    /// (exit code 2 in the CLI).
+    #[error("{reason}")]
+    DiskChoice {
+        /// What is wrong and what to do.
+        reason: String,
+    },
+    /// The block device refused a checkpoint hold or its write-out.
+    #[error("checkpointing the disk")]
+    Disk(#[source] super::block::BlockError),
 }
 
 impl CheckpointError {
@@ -137,7 +176,10 @@ impl CheckpointError {
             | CheckpointError::Manifest { .. }
             | CheckpointError::Corrupt { .. } => true,
             CheckpointError::State { source, .. } => source.is_bad_input(),
-            CheckpointError::Write { .. } | CheckpointError::Vm(_) => false,
+            CheckpointError::Write { .. }
+            | CheckpointError::Vm(_)
+            | CheckpointError::DiskChoice { .. }
+            | CheckpointError::Disk(_) => false,
         }
     }
 }
@@ -180,6 +222,15 @@ pub struct Manifest {
     pub save_us: u64,
     /// How long writing the files took, in ms.
     pub write_ms: u64,
+    /// The disk image (`disk.raw`, sparse), for guests with a disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<FileEntry>,
+    /// Bytes of the disk image that are not in all-zero 4 KiB blocks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_data_bytes: Option<u64>,
+    /// How long the guest's disk was held (settle + copy + sync), in ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_copy_ms: Option<u64>,
 }
 
 /// What [`write()`] reports.
@@ -191,6 +242,8 @@ pub struct Written {
     pub manifest: Manifest,
     /// Writing memory (copy, zero check, CRC, write, fsync).
     pub memory_time: Duration,
+    /// Settling and copying the disk (the hold's length), if any.
+    pub disk_time: Option<Duration>,
     /// The whole write.
     pub total_time: Duration,
 }
@@ -424,6 +477,56 @@ pub fn write(
     mem: &MemoryCopy,
     save_time: Duration,
 ) -> Result<Written, CheckpointError> {
+    write_with_disk(dir, seq, snapshot, mem, save_time, None)
+}
+
+/// Settles the held disk, copies it to `path` (sparse) and syncs; the hold
+/// ends when this returns.
+fn write_disk(
+    path: &Path,
+    hold: DiskHold,
+) -> Result<(super::disk_image::ImageCopy, Duration), CheckpointError> {
+    let t = Instant::now();
+    hold.settle().map_err(CheckpointError::Disk)?;
+    let disk = hold.disk();
+    let dst = File::create(path).map_err(werr(path))?;
+    let len = disk.capacity() * super::block::SECTOR as u64;
+    let copy = super::disk_image::copy_sparse(disk.file(), Some(&dst), len).map_err(
+        |(read, source)| {
+            if read {
+                CheckpointError::Read {
+                    path: disk.path().to_owned(),
+                    source,
+                }
+            } else {
+                CheckpointError::Write {
+                    path: path.to_owned(),
+                    source,
+                }
+            }
+        },
+    )?;
+    dst.sync_all().map_err(werr(path))?;
+    hold.release();
+    Ok((copy, t.elapsed()))
+}
+
+/// [`write()`] with the disk held at the same pause (see the module docs):
+/// `disk.raw` is written first, so the hold is short, and the hold ends
+/// once it is synced (also on errors).
+///
+/// # Errors
+///
+/// As [`write()`], plus [`CheckpointError::Disk`] and
+/// [`CheckpointError::Read`] of the disk image.
+pub fn write_with_disk(
+    dir: &Path,
+    seq: u64,
+    snapshot: &VmSnapshot,
+    mem: &MemoryCopy,
+    save_time: Duration,
+    disk: Option<DiskHold>,
+) -> Result<Written, CheckpointError> {
     let t0 = Instant::now();
     fs::create_dir_all(dir).map_err(werr(dir))?;
     let tmp = dir.join(format!(".tmp-{seq}-{}", std::process::id()));
@@ -431,6 +534,10 @@ pub fn write(
         fs::remove_dir_all(&tmp).map_err(werr(&tmp))?;
     }
     fs::create_dir(&tmp).map_err(werr(&tmp))?;
+    let disk = match disk {
+        Some(hold) => Some(write_disk(&tmp.join(DISK_FILE), hold)?),
+        None => None,
+    };
     let state = snapshot.encode();
     write_file(&tmp.join(STATE_FILE), &state)?;
     let t_mem = Instant::now();
@@ -458,6 +565,13 @@ pub fn write(
         memory_data_pages: data_pages,
         save_us: save_time.as_micros() as u64,
         write_ms: t0.elapsed().as_millis() as u64,
+        disk: disk.map(|(c, _)| FileEntry {
+            file: DISK_FILE.into(),
+            bytes: c.bytes,
+            crc32: c.crc32,
+        }),
+        disk_data_bytes: disk.map(|(c, _)| c.data_bytes),
+        disk_copy_ms: disk.map(|(_, t)| t.as_millis() as u64),
     };
     let mut json = serde_json::to_vec_pretty(&manifest).map_err(|e| CheckpointError::Write {
         path: tmp.join(MANIFEST_FILE),
@@ -491,6 +605,7 @@ pub fn write(
         path: final_path,
         manifest,
         memory_time,
+        disk_time: disk.map(|(_, t)| t),
         total_time: t0.elapsed(),
     })
 }
@@ -600,6 +715,25 @@ pub fn load(dir: &Path) -> Result<Loaded, CheckpointError> {
             "memory size or vCPU count differs from the state".into()
         ));
     }
+    if let Some(d) = &manifest.disk {
+        if d.file != DISK_FILE {
+            return Err(bad(format!(
+                "file `{}` where `{DISK_FILE}` belongs",
+                d.file
+            )));
+        }
+        if d.bytes == 0 || d.bytes % super::block::SECTOR as u64 != 0 {
+            return Err(bad(format!("disk image of {} bytes", d.bytes)));
+        }
+        let dpath = path.join(DISK_FILE);
+        let len = fs::metadata(&dpath).map_err(rerr(&dpath))?.len();
+        if len != d.bytes {
+            return Err(CheckpointError::Corrupt {
+                path: dpath,
+                reason: format!("{len} bytes, the manifest says {}", d.bytes),
+            });
+        }
+    }
     let mpath = path.join(MEMORY_FILE);
     let len = fs::metadata(&mpath).map_err(rerr(&mpath))?.len();
     if len != manifest.memory.bytes {
@@ -704,6 +838,80 @@ pub fn load_memory(ckpt: &Loaded, mem: &GuestMemory) -> Result<(), CheckpointErr
         });
     }
     Ok(())
+}
+
+/// Copies the checkpoint's `disk.raw` to `target` (sparse), checking its
+/// CRC-32 against the manifest: written as `target.restoring`, synced and
+/// renamed only when it matches, so a corrupt image leaves nothing behind.
+/// `target` must not exist. The checkpoint's files are not modified.
+///
+/// # Errors
+///
+/// [`CheckpointError::DiskChoice`] when the checkpoint has no disk or
+/// `target` exists; [`CheckpointError::Corrupt`] for a CRC mismatch;
+/// [`CheckpointError::Read`], [`CheckpointError::Write`].
+pub fn restore_disk(
+    ckpt: &Loaded,
+    target: &Path,
+) -> Result<super::disk_image::ImageCopy, CheckpointError> {
+    let Some(entry) = &ckpt.manifest.disk else {
+        return Err(CheckpointError::DiskChoice {
+            reason: format!(
+                "checkpoint {} holds no disk image; restore it without --disk",
+                ckpt.path.display()
+            ),
+        });
+    };
+    if target.exists() || target.is_symlink() {
+        return Err(CheckpointError::DiskChoice {
+            reason: format!(
+                "{} exists: --disk names a new file that receives a copy of the checkpoint's disk image",
+                target.display()
+            ),
+        });
+    }
+    let src_path = ckpt.path.join(DISK_FILE);
+    let src = File::open(&src_path).map_err(rerr(&src_path))?;
+    let mut tmp_name = target.as_os_str().to_owned();
+    tmp_name.push(".restoring");
+    let tmp = PathBuf::from(tmp_name);
+    let dst = File::create(&tmp).map_err(werr(&tmp))?;
+    let copied =
+        super::disk_image::copy_sparse(&src, Some(&dst), entry.bytes).map_err(|(read, source)| {
+            if read {
+                CheckpointError::Read {
+                    path: src_path.clone(),
+                    source,
+                }
+            } else {
+                CheckpointError::Write {
+                    path: tmp.clone(),
+                    source,
+                }
+            }
+        });
+    let checked = copied.and_then(|c| {
+        if c.crc32 != entry.crc32 {
+            return Err(CheckpointError::Corrupt {
+                path: src_path.clone(),
+                reason: format!(
+                    "CRC-32 {:#010x}, the manifest says {:#010x}",
+                    c.crc32, entry.crc32
+                ),
+            });
+        }
+        dst.sync_all().map_err(werr(&tmp))?;
+        fs::rename(&tmp, target).map_err(werr(target))?;
+        Ok(c)
+    });
+    if checked.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    let c = checked?;
+    if let Some(parent) = target.parent().filter(|p| !p.as_os_str().is_empty()) {
+        fsync_dir(parent)?;
+    }
+    Ok(c)
 }
 
 /// Restores the checkpoint `ckpt` into a fresh VM, vCPUs Paused (see
@@ -820,6 +1028,7 @@ impl Checkpointer {
                 a
             }
         };
+        let block = vm.bus().block();
         let t0 = Instant::now();
         vm.pause_all()
             .map_err(|e| CheckpointError::Vm(StateError::Vm(e)))?;
@@ -832,14 +1041,16 @@ impl Checkpointer {
                     let copy = MemoryCopy::capture_into(vm.memory(), arena)
                         .map_err(|e| CheckpointError::Vm(StateError::Memory(e)))?;
                     copy_time = t.elapsed();
-                    Ok((snap, times, copy))
+                    // The disk as of this pause (see the module docs).
+                    let hold = block.hold_for_checkpoint().map_err(CheckpointError::Disk)?;
+                    Ok((snap, times, copy, hold))
                 });
         let resumed = vm.resume_all();
         let paused = t0.elapsed();
         resumed.map_err(|e| CheckpointError::Vm(StateError::Vm(e)))?;
-        let (snap, times, copy) = captured?;
+        let (snap, times, copy, hold) = captured?;
         let seq = self.seq + 1;
-        let written = write(&self.opts.dir, seq, &snap, &copy, times.total);
+        let written = write_with_disk(&self.opts.dir, seq, &snap, &copy, times.total, hold);
         self.arena = Some(copy.into_arena());
         let written = written?;
         self.seq = seq;
@@ -850,6 +1061,8 @@ impl Checkpointer {
             copy_ms = copy_time.as_secs_f64() * 1e3,
             write_ms = written.total_time.as_secs_f64() * 1e3,
             data_pages = written.manifest.memory_data_pages,
+            disk_copy_ms = written.disk_time.map(|t| t.as_secs_f64() * 1e3),
+            disk_data_bytes = written.manifest.disk_data_bytes,
             "checkpoint written"
         );
         Ok(CheckpointReport {
@@ -914,6 +1127,10 @@ pub struct RestoreOptions {
     /// `kv` / `bank` guests: where the restored service listens (`None`:
     /// 0.0.0.0:7000).
     pub listen: Option<std::net::SocketAddr>,
+    /// A checkpoint with a disk: the new file that receives a copy of its
+    /// `disk.raw` and becomes the restored guest's disk (required then,
+    /// refused otherwise; see [`restore_disk`]).
+    pub disk: Option<PathBuf>,
 }
 
 /// `simrep restore`: loads the checkpoint in `dir`, restores it into a
@@ -934,8 +1151,50 @@ pub fn restore_and_run(
 ) -> Result<RunSummary, VmmError> {
     let t0 = Instant::now();
     let ckpt = load(dir)?;
+    let disk = match (&ckpt.manifest.disk, &ropts.disk) {
+        (Some(_), None) => {
+            return Err(CheckpointError::DiskChoice {
+                reason: format!(
+                    "checkpoint {} holds a disk image: give --disk FILE (a new file that receives a copy of it)",
+                    ckpt.path.display()
+                ),
+            }
+            .into())
+        }
+        (None, Some(_)) => {
+            return Err(CheckpointError::DiskChoice {
+                reason: format!(
+                    "checkpoint {} holds no disk image; restore it without --disk",
+                    ckpt.path.display()
+                ),
+            }
+            .into())
+        }
+        (None, None) => None,
+        (Some(_), Some(target)) => {
+            let t = Instant::now();
+            let c = restore_disk(&ckpt, target)?;
+            tracing::info!(
+                path = %target.display(),
+                mib = c.bytes >> 20,
+                data_mib = c.data_bytes as f64 / (1u64 << 20) as f64,
+                elapsed = ?t.elapsed(),
+                "disk image restored"
+            );
+            Some(target.clone())
+        }
+    };
     let t_load = t0.elapsed();
     let (vm, times) = restore(&ckpt)?;
+    if let Some(path) = &disk {
+        let dev = Arc::new(super::block::BlockDevice::open(
+            path,
+            super::block::FlushPolicy::default(),
+        )?);
+        vm.bus().attach_block(Arc::clone(&dev));
+        // Claims the `block` blob: capacity check, policy, epoch.
+        vm.bus().register_device_state(dev)?;
+    }
     let workload = ckpt.snapshot.boot_params().map(|bp| bp.workload);
     let net = if matches!(
         workload,
@@ -1024,6 +1283,100 @@ mod tests {
         assert_eq!(parse_ckpt_name("latest"), None);
     }
 
+    fn manifest_for_tests(mem_bytes: u64, mem_crc: u32, disk: Option<FileEntry>) -> Manifest {
+        Manifest {
+            format: FORMAT_NAME.into(),
+            version: FORMAT_VERSION,
+            sequence: 1,
+            created_unix_ms: 0,
+            mem_bytes,
+            vcpus: 1,
+            state: FileEntry {
+                file: STATE_FILE.into(),
+                bytes: 0,
+                crc32: 0,
+            },
+            memory: FileEntry {
+                file: MEMORY_FILE.into(),
+                bytes: mem_bytes,
+                crc32: mem_crc,
+            },
+            memory_data_pages: 0,
+            save_us: 0,
+            write_ms: 0,
+            disk,
+            disk_data_bytes: None,
+            disk_copy_ms: None,
+        }
+    }
+
+    #[test]
+    fn a_held_disk_is_copied_as_of_the_checkpoint_and_restores_to_new_files_only() {
+        use super::super::block::{BlockDevice, FlushPolicy, SECTOR};
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("guest.img");
+        File::create(&img).unwrap().set_len(1 << 20).unwrap();
+        let dev = Arc::new(BlockDevice::open(&img, FlushPolicy::default()).unwrap());
+        dev.write(3, &[0xaa; SECTOR]).unwrap();
+        let hold = dev.hold_for_checkpoint().unwrap().unwrap();
+        dev.write(3, &[0xbb; SECTOR]).unwrap();
+        dev.write(100, &[0xcc; SECTOR]).unwrap();
+        let ck = dir.path().join("ckpt");
+        fs::create_dir(&ck).unwrap();
+        let (copy, _) = write_disk(&ck.join(DISK_FILE), hold).unwrap();
+        assert!(!dev.is_held(), "the hold ends with the copy");
+        let mut expected = vec![0u8; 1 << 20];
+        expected[3 * SECTOR..4 * SECTOR].fill(0xaa);
+        assert_eq!(fs::read(ck.join(DISK_FILE)).unwrap(), expected);
+        assert_eq!(copy.crc32, crc32fast::hash(&expected));
+        let loaded = Loaded {
+            path: ck.clone(),
+            manifest: manifest_for_tests(
+                4 << 20,
+                0,
+                Some(FileEntry {
+                    file: DISK_FILE.into(),
+                    bytes: copy.bytes,
+                    crc32: copy.crc32,
+                }),
+            ),
+            snapshot: crate::vmm::state::tests::sample_snapshot(1),
+        };
+        let target = dir.path().join("restored.img");
+        restore_disk(&loaded, &target).unwrap();
+        assert_eq!(fs::read(&target).unwrap(), expected);
+        // An existing target is refused and left alone.
+        assert!(matches!(
+            restore_disk(&loaded, &target),
+            Err(CheckpointError::DiskChoice { .. })
+        ));
+        assert!(matches!(
+            restore_disk(&loaded, &img),
+            Err(CheckpointError::DiskChoice { .. })
+        ));
+        // A corrupt image: refused, nothing left behind, the checkpoint untouched.
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .open(ck.join(DISK_FILE))
+            .unwrap();
+        f.write_all_at(&[0xab], 3 * SECTOR as u64 + 7).unwrap();
+        let other = dir.path().join("other.img");
+        let e = restore_disk(&loaded, &other).unwrap_err();
+        assert!(matches!(e, CheckpointError::Corrupt { .. }), "{e}");
+        assert!(e.is_bad_input());
+        assert!(!other.exists());
+        assert!(!dir.path().join("other.img.restoring").exists());
+        // A checkpoint without a disk has nothing to restore.
+        let no_disk = Loaded {
+            manifest: manifest_for_tests(4 << 20, 0, None),
+            ..loaded
+        };
+        assert!(matches!(
+            restore_disk(&no_disk, &other),
+            Err(CheckpointError::DiskChoice { .. })
+        ));
+    }
+
     #[test]
     fn memory_image_round_trips_sparse_and_detects_corruption() {
         let dir = tempfile::tempdir().unwrap();
@@ -1059,6 +1412,9 @@ mod tests {
                 memory_data_pages: pages,
                 save_us: 0,
                 write_ms: 0,
+                disk: None,
+                disk_data_bytes: None,
+                disk_copy_ms: None,
             },
             snapshot: crate::vmm::state::tests::sample_snapshot(1),
         };

@@ -36,6 +36,7 @@ pub mod block;
 pub mod boot;
 pub mod checkpoint;
 pub mod devices;
+pub mod disk_image;
 pub mod elf;
 pub mod epoch;
 pub mod memory;

@@ -487,7 +487,10 @@ fn boot_image_with(
     }
     if let Some(disk) = disk {
         tracing::info!(path = %path_of(&disk), sectors = disk.capacity(), policy = ?opts.disk_policy, "disk attached");
-        vm.bus().attach_block(std::sync::Arc::new(disk));
+        let disk = std::sync::Arc::new(disk);
+        vm.bus().attach_block(disk.clone());
+        // Its state (capacity, policy, epoch) travels with snapshots.
+        vm.bus().register_device_state(disk)?;
     }
     let t_mem = t0.elapsed();
     vm.create_vcpus(opts.vcpus)?;

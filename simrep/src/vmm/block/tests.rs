@@ -533,3 +533,134 @@ proptest! {
         check_ops(ops, false);
     }
 }
+
+// --- checkpoints of the disk (begin) ---
+
+#[test]
+fn a_checkpoint_hold_freezes_the_file_at_the_checkpoint() {
+    let f = image(SECTORS);
+    let dev = Arc::new(device(&f, FlushPolicy::default()));
+    // Before the checkpoint: one sector flushed, one only buffered.
+    dev.write(1, &sectors_of(0x11, 1)).unwrap();
+    dev.flush().unwrap();
+    dev.write(2, &sectors_of(0x22, 1)).unwrap();
+    let hold = dev
+        .hold_for_checkpoint()
+        .unwrap()
+        .expect("a disk is attached");
+    assert!(dev.is_held());
+    // After it: a rewrite of sector 1 and a new sector 3.
+    dev.write(1, &sectors_of(0x33, 1)).unwrap();
+    dev.write(3, &sectors_of(0x44, 2)).unwrap();
+    // The checkpoint's buffered writes reach the file, the later ones not.
+    assert_eq!(hold.settle().unwrap(), 1);
+    // Only the writes made after the checkpoint stay buffered.
+    assert_eq!(dev.buffered_bytes(), 3 * SECTOR as u64);
+    assert_eq!(hold.settle().unwrap(), 0, "settling twice writes nothing");
+    let file = file_bytes(&f);
+    assert_eq!(&file[SECTOR..2 * SECTOR], &sectors_of(0x11, 1)[..]);
+    assert_eq!(&file[2 * SECTOR..3 * SECTOR], &sectors_of(0x22, 1)[..]);
+    assert!(file[3 * SECTOR..5 * SECTOR].iter().all(|&b| b == 0));
+    // Reads see the newest data.
+    let mut buf = vec![0u8; 5 * SECTOR];
+    dev.read(0, &mut buf).unwrap();
+    assert_eq!(&buf[SECTOR..2 * SECTOR], &sectors_of(0x33, 1)[..]);
+    assert_eq!(&buf[3 * SECTOR..5 * SECTOR], &sectors_of(0x44, 2)[..]);
+    // A guest FLUSH waits for the end of the hold, then writes through.
+    let flusher = {
+        let dev = Arc::clone(&dev);
+        std::thread::spawn(move || dev.flush())
+    };
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert!(!flusher.is_finished(), "a FLUSH completed during the hold");
+    assert!(file_bytes(&f)[3 * SECTOR..5 * SECTOR]
+        .iter()
+        .all(|&b| b == 0));
+    hold.release();
+    flusher.join().unwrap().unwrap();
+    assert!(!dev.is_held());
+    let file = file_bytes(&f);
+    assert_eq!(&file[SECTOR..2 * SECTOR], &sectors_of(0x33, 1)[..]);
+    assert_eq!(&file[3 * SECTOR..5 * SECTOR], &sectors_of(0x44, 2)[..]);
+}
+
+#[test]
+fn a_hold_lets_the_buffer_pass_its_bound_and_drains_it_at_the_end() {
+    let f = image(SECTORS);
+    let dev = Arc::new(device(
+        &f,
+        FlushPolicy::WriteBack {
+            max_buffered: 2 * SECTOR as u64,
+        },
+    ));
+    let hold = dev.hold_for_checkpoint().unwrap().unwrap();
+    dev.write(0, &sectors_of(0x55, 8)).unwrap();
+    assert_eq!(dev.buffered_bytes(), 8 * SECTOR as u64);
+    assert!(file_bytes(&f).iter().all(|&b| b == 0));
+    drop(hold);
+    assert_eq!(dev.buffered_bytes(), 0);
+    assert_eq!(&file_bytes(&f)[..8 * SECTOR], &sectors_of(0x55, 8)[..]);
+}
+
+#[test]
+fn holds_are_refused_when_they_cannot_work() {
+    let f = image(SECTORS);
+    let dev = Arc::new(device(&f, FlushPolicy::Replicated));
+    assert!(matches!(
+        dev.hold_for_checkpoint(),
+        Err(BlockError::HoldReplicated)
+    ));
+    dev.set_policy(FlushPolicy::default());
+    let hold = dev.hold_for_checkpoint().unwrap();
+    assert!(matches!(
+        dev.hold_for_checkpoint(),
+        Err(BlockError::AlreadyHeld)
+    ));
+    drop(hold);
+    assert!(dev.hold_for_checkpoint().unwrap().is_some());
+    assert!(Arc::new(BlockDevice::detached())
+        .hold_for_checkpoint()
+        .unwrap()
+        .is_none());
+}
+
+#[test]
+fn device_state_round_trips_and_checks_the_disk() {
+    use crate::vmm::state::DeviceState;
+    let f = image(SECTORS);
+    let dev = device(
+        &f,
+        FlushPolicy::WriteBack {
+            max_buffered: 12345 * SECTOR as u64,
+        },
+    );
+    dev.write(0, &sectors_of(1, 1)).unwrap();
+    dev.take_epoch();
+    dev.take_epoch();
+    let saved = dev.save_state();
+    assert_eq!(dev.state_name(), BLOCK_STATE);
+    let g = image(SECTORS);
+    let fresh = device(&g, FlushPolicy::Replicated);
+    fresh.restore_state(&saved).unwrap();
+    assert_eq!(fresh.open_epoch(), 2);
+    assert_eq!(
+        fresh.policy(),
+        FlushPolicy::WriteBack {
+            max_buffered: 12345 * SECTOR as u64
+        }
+    );
+    // Another disk size, truncated or bad bytes: refused with a reason.
+    let small = image(SECTORS / 2);
+    let e = device(&small, FlushPolicy::default())
+        .restore_state(&saved)
+        .unwrap_err();
+    assert!(e.contains("sectors"), "{e}");
+    let fresh = device(&g, FlushPolicy::default());
+    assert!(fresh.restore_state(&saved[..10]).is_err());
+    let mut bad = saved.clone();
+    bad[0] = 9;
+    assert!(fresh.restore_state(&bad).is_err());
+    let mut bad = saved.clone();
+    bad[9] = 7;
+    assert!(fresh.restore_state(&bad).is_err());
+}
