@@ -275,7 +275,12 @@ fn hammer(rounds: u32, writers: usize, readers: usize, release: bool, set: bool)
                     s.spawn(move || {
                         let mut rng = Rng((u64::from(round) << 8) + w as u64 + 1);
                         let mut touched = BTreeSet::new();
-                        while !stop.load(Ordering::Relaxed) {
+                        // At least 256 writes each, so that writes land in
+                        // the view even when the readers finish first on a
+                        // loaded machine.
+                        let mut n = 0u32;
+                        while n < 256 || !stop.load(Ordering::Relaxed) {
+                            n += 1;
                             let gfn = rng.next() % pages;
                             let off = rng.next() % (PAGE - 8);
                             mem.write(gfn * PAGE + off, &rng.next().to_le_bytes())
