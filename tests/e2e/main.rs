@@ -9,6 +9,7 @@ mod capture;
 mod cow;
 mod dirty;
 mod ebpf;
+mod ebpf_writes;
 mod load;
 mod net;
 mod state;
