@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use simrep::dirty::DirtyMode;
 use simrep::ebpf::{
-    EpochWrites, WriteSource, WriteTracer, RING_PAGES_MAP, WALK_PAGES_MAP, WRITE_PINNED_MAPS,
-    WRITE_STATS_MAP,
+    EbpfError, EpochWrites, WriteSource, WriteTracer, WriteTracing, RING_PAGES_MAP, WALK_PAGES_MAP,
+    WRITE_PINNED_MAPS, WRITE_STATS_MAP,
 };
 use simrep::vmm::abi::{self, TouchLogHeader, TouchParams};
 use simrep::vmm::run::{self, RunOptions, TouchOptions, Workload};
@@ -131,6 +131,19 @@ fn helper() {
         "{source:?} is not active on this host: {:?}",
         tracer.missing()
     );
+    // A second instance aimed at another process (init) sees the same
+    // events and filters all of them out.
+    let mut bystander = match WriteTracer::try_start(&format!("{vm_name}-other"), 1) {
+        WriteTracing::Active(t) => t,
+        WriteTracing::Unavailable { reason } => panic!("second tracer: {}", error_chain(&reason)),
+    };
+    // The same name while the first instance lives: unavailable, with why.
+    match WriteTracer::try_start(&vm_name, 1) {
+        WriteTracing::Unavailable {
+            reason: EbpfError::PinDirInUse { .. },
+        } => {}
+        other => panic!("expected Unavailable(PinDirInUse), got {other:?}"),
+    }
     let pin_dir = tracer.pin_dir().to_owned();
     assert_eq!(pin_dir, PathBuf::from("/sys/fs/bpf/simrep").join(&vm_name));
 
@@ -185,6 +198,18 @@ fn helper() {
     );
     assert_eq!(idle.stats.ring_events + idle.stats.walk_events, 0);
     eprintln!("last round stats: {:?}", last.stats);
+    let other = bystander.take_epoch().expect("bystander epoch");
+    eprintln!("tracer aimed at pid 1: {:?}", other.stats);
+    assert!(
+        other.ring_frames.is_empty() && other.walk_pages.is_empty(),
+        "events of this process were attributed to pid 1: {other:?}"
+    );
+    let ours = ROUNDS * u64::from(PER_ROUND) / 2;
+    match source {
+        WriteSource::DirtyRing => assert!(other.stats.ring_filtered >= ours, "{other:?}"),
+        WriteSource::PagetableWalk => assert!(other.stats.walk_filtered >= ours, "{other:?}"),
+    }
+    drop(bystander);
 
     vm.shutdown();
     let pins: Vec<PathBuf> = WRITE_PINNED_MAPS
