@@ -106,6 +106,70 @@ fn walk_pages_include_the_guest_log() {
     in_child("walk");
 }
 
+/// Not a timed test: guest write throughput of `churn` (as fast as
+/// possible, 256 MiB, dirty ring, 100 ms epochs with a harvest each) with
+/// and without the programs attached, alternating runs in child processes.
+/// Run with `--ignored --nocapture`.
+#[test]
+#[ignore = "a benchmark: run with --ignored --nocapture"]
+fn churn_overhead() {
+    for i in 0..3 {
+        for mode in ["bench-off", "bench-on"] {
+            eprintln!("run {i} {mode}");
+            in_child(mode);
+        }
+    }
+}
+
+/// Runs churn for 20 epochs; prints guest pages written per second.
+fn bench_churn(tracer: WriteTracer, on: bool) {
+    // Without: detach and unpin before the guest starts.
+    let mut tracer = on.then_some(tracer);
+    let opts = RunOptions {
+        workload: Workload::Churn,
+        mem_bytes: 256 << 20,
+        vcpus: 1,
+        timer_hz: 0,
+        churn: run::ChurnOptions {
+            rate_mib_s: 0,
+            report_ms: 0,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let (mut vm, mut tracker) = run::boot_tracked(&opts, DirtyMode::Ring { entries: 65536 })
+        .expect("boot with dirty tracking");
+    std::thread::sleep(Duration::from_millis(300));
+    vm.pause_all().expect("pause");
+    tracker.harvest().expect("first harvest");
+    if let Some(t) = tracer.as_mut() {
+        t.take_epoch().expect("epoch");
+    }
+    let (mut pages, mut ran, mut dirty, mut seen) = (0u64, Duration::ZERO, 0usize, 0usize);
+    let mut take = Duration::ZERO;
+    for _ in 0..20 {
+        let before = run::progress(&vm, 0).expect("progress");
+        let t0 = Instant::now();
+        vm.resume_all().expect("resume");
+        std::thread::sleep(Duration::from_millis(100));
+        vm.pause_all().expect("pause");
+        ran += t0.elapsed();
+        pages += run::progress(&vm, 0).expect("progress") - before;
+        dirty += tracker.harvest().expect("harvest").len();
+        if let Some(t) = tracer.as_mut() {
+            let t0 = Instant::now();
+            seen += t.take_epoch().expect("epoch").ring_frames.len();
+            take += t0.elapsed();
+        }
+    }
+    vm.shutdown();
+    eprintln!(
+        "BENCH programs {}: {:.0} pages/s written ({pages} pages in {ran:.2?}), {dirty} pages harvested, {seen} seen by eBPF (take_epoch {take:.2?} in total)",
+        if on { "on" } else { "off" },
+        pages as f64 / ran.as_secs_f64()
+    );
+}
+
 /// Not a test: run by the tests above in a child process.
 #[test]
 #[ignore = "helper run by the ebpf_writes tests in a child process"]
@@ -121,6 +185,10 @@ fn helper() {
         tracer.sources(),
         tracer.missing()
     );
+    if let Some(mode) = scenario.strip_prefix("bench-") {
+        bench_churn(tracer, mode == "on");
+        return;
+    }
     let source = match scenario.as_str() {
         "ring" => WriteSource::DirtyRing,
         "walk" => WriteSource::PagetableWalk,
