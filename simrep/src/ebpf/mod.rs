@@ -21,7 +21,7 @@ pub use simrep_common::{
     WRITE_STATS_MAP,
 };
 pub use writes::{
-    EpochWrites, WriteSource, WriteStats, WriteTracer, WriteTracing, WRITE_PINNED_MAPS,
+    CrossCheck, EpochWrites, WriteSource, WriteStats, WriteTracer, WriteTracing, WRITE_PINNED_MAPS,
 };
 
 use std::{

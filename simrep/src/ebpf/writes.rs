@@ -23,6 +23,8 @@
 //! would be lost.
 
 use std::collections::BTreeMap;
+
+use crate::dirty::DirtyPages;
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -427,5 +429,105 @@ impl WriteTracer {
             pages.remove(key).map_err(map_err("clear"))?;
         }
         Ok(out)
+    }
+}
+
+/// The pages eBPF saw written in an epoch against the dirty harvest of the
+/// same epoch ([`EpochWrites::cross_check`]). The harvest stays the source
+/// of truth; differences are for reporting.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CrossCheck {
+    /// The source compared.
+    pub source: Option<WriteSource>,
+    /// Pages in both.
+    pub both: usize,
+    /// Pages eBPF saw written that the harvest lacks.
+    pub only_ebpf: Vec<u64>,
+    /// Harvested pages eBPF did not see (for the ring source: pages the VMM
+    /// itself wrote, which KVM never pushes; for page-table walks also
+    /// pages whose writable mapping survived the epoch boundary).
+    pub only_harvest: Vec<u64>,
+}
+
+impl CrossCheck {
+    /// Whether both sides agree exactly.
+    pub fn is_exact(&self) -> bool {
+        self.only_ebpf.is_empty() && self.only_harvest.is_empty()
+    }
+}
+
+impl std::fmt::Display for CrossCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let head = |v: &[u64]| {
+            v.iter()
+                .take(8)
+                .map(|g| format!("{g:#x}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        write!(
+            f,
+            "{:?}: {} pages in both, {} only eBPF [{}], {} only harvest [{}]",
+            self.source,
+            self.both,
+            self.only_ebpf.len(),
+            head(&self.only_ebpf),
+            self.only_harvest.len(),
+            head(&self.only_harvest)
+        )
+    }
+}
+
+impl EpochWrites {
+    /// Compares the pages `source` saw with the epoch's dirty `harvest`
+    /// (guest frames). For [`WriteSource::PagetableWalk`] the pages are
+    /// guest *virtual* pages, comparable only in an identity-mapped guest
+    /// like the bundled one.
+    pub fn cross_check(&self, source: WriteSource, harvest: &DirtyPages) -> CrossCheck {
+        let seen = match source {
+            WriteSource::DirtyRing => &self.ring_frames,
+            WriteSource::PagetableWalk => &self.walk_pages,
+        };
+        let mut out = CrossCheck {
+            source: Some(source),
+            ..Default::default()
+        };
+        for &g in seen.keys() {
+            if harvest.contains(g) {
+                out.both += 1;
+            } else {
+                out.only_ebpf.push(g);
+            }
+        }
+        out.only_harvest = harvest.iter().filter(|g| !seen.contains_key(g)).collect();
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cross_check_reports_both_sides() {
+        let w = EpochWrites {
+            ring_frames: [(1, 1), (2, 3), (9, 1)].into_iter().collect(),
+            walk_pages: [(2, 1)].into_iter().collect(),
+            ..Default::default()
+        };
+        let harvest = DirtyPages::from_unsorted(vec![5, 2, 1]);
+        let c = w.cross_check(WriteSource::DirtyRing, &harvest);
+        assert_eq!(c.both, 2);
+        assert_eq!(c.only_ebpf, vec![9]);
+        assert_eq!(c.only_harvest, vec![5]);
+        assert!(!c.is_exact());
+        let c = w.cross_check(WriteSource::PagetableWalk, &harvest);
+        assert_eq!((c.both, c.only_ebpf.len()), (1, 0));
+        assert_eq!(c.only_harvest, vec![1, 5]);
+        let exact = w.cross_check(
+            WriteSource::DirtyRing,
+            &DirtyPages::from_unsorted(vec![1, 2, 9]),
+        );
+        assert!(exact.is_exact(), "{exact}");
     }
 }
