@@ -208,7 +208,7 @@ fn helper() {
     // A second instance aimed at another process (init) sees the same
     // events and filters all of them out.
     let mut bystander = match WriteTracer::try_start(&format!("{vm_name}-other"), 1) {
-        WriteTracing::Active(t) => t,
+        WriteTracing::Active(t) => *t,
         WriteTracing::Unavailable { reason } => panic!("second tracer: {}", error_chain(&reason)),
     };
     // The same name while the first instance lives: unavailable, with why.

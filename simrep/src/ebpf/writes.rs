@@ -151,7 +151,7 @@ pub struct EpochWrites {
 #[derive(Debug)]
 pub enum WriteTracing {
     /// At least one source is attached.
-    Active(WriteTracer),
+    Active(Box<WriteTracer>),
     /// eBPF write tracing is unavailable; the VMM runs without it.
     Unavailable {
         /// Why.
@@ -195,7 +195,7 @@ impl WriteTracer {
     /// warning and returns [`WriteTracing::Unavailable`] with the reason.
     pub fn try_start(vm: &str, tgid: u32) -> WriteTracing {
         match Self::start(vm, tgid) {
-            Ok(t) => WriteTracing::Active(t),
+            Ok(t) => WriteTracing::Active(Box::new(t)),
             Err(reason) => {
                 tracing::warn!(reason = %super::error_chain(&reason), "eBPF write tracing unavailable");
                 WriteTracing::Unavailable { reason }
