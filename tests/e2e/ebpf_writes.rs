@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use simrep::dirty::{DirtyMode, DirtyPages};
 use simrep::ebpf::{
-    EbpfError, EpochWrites, WriteSource, WriteTracer, WriteTracing, RING_PAGES_MAP, WALK_PAGES_MAP,
-    WRITE_PINNED_MAPS, WRITE_STATS_MAP,
+    EbpfError, EpochWrites, WriteSource, WriteTracer, WriteTracing, CONFIG_MAP, RING_PAGES_MAP,
+    WALK_PAGES_MAP, WRITE_PINNED_MAPS, WRITE_STATS_MAP,
 };
 use simrep::vmm::abi::{self, TouchLogHeader, TouchParams};
 use simrep::vmm::run::{self, RunOptions, TouchOptions, Workload};
@@ -34,6 +34,8 @@ const PER_ROUND: u32 = 200;
 const ROUNDS: u64 = 4;
 /// Env var naming the helper's scenario.
 const HELPER_ENV: &str = "SIMREP_E2E_EBPF_WRITES_HELPER";
+/// Env var with the VM name the helper uses (default: made up).
+const NAME_ENV: &str = "SIMREP_E2E_EBPF_WRITES_NAME";
 
 fn header(vm: &Vm, p: &TouchParams) -> TouchLogHeader {
     vm.memory()
@@ -104,6 +106,40 @@ fn ring_pages_equal_the_guest_log() {
 #[test]
 fn walk_pages_include_the_guest_log() {
     in_child("walk");
+}
+
+#[test]
+fn stale_pins_of_a_crashed_vmm_are_replaced() {
+    require_root();
+    let name = format!("e2e-writes-stale-{}", std::process::id());
+    let out = Command::new(std::env::current_exe().expect("test binary"))
+        .args(["ebpf_writes::helper", "--exact", "--ignored", "--nocapture"])
+        .env(HELPER_ENV, "crash")
+        .env(NAME_ENV, &name)
+        .output()
+        .expect("run the helper");
+    assert!(
+        out.status.success(),
+        "crash helper failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pin_dir = PathBuf::from("/sys/fs/bpf/simrep").join(&name);
+    let stale = pin_dir.join(CONFIG_MAP);
+    assert!(stale.exists(), "the crashed run left no pin to replace");
+    let stale_config = dump_entries(&bpftool_dump(&stale, true));
+
+    let me = std::process::id();
+    let tracer = WriteTracer::start(&name, me)
+        .unwrap_or_else(|e| panic!("restart over stale pins: {}", error_chain(&e)));
+    let config = dump_entries(&bpftool_dump(&tracer.map_pin_path(CONFIG_MAP), true));
+    assert_ne!(config, stale_config, "the stale pin was not replaced");
+    assert_eq!(
+        json_number(&config[0]["value"]["target_tgid"]),
+        u64::from(me),
+        "{config:?}"
+    );
+    drop(tracer);
+    assert!(!pin_dir.exists(), "{} left behind", pin_dir.display());
 }
 
 /// Not a timed test: guest write throughput of `churn` (as fast as
@@ -183,7 +219,8 @@ fn helper() {
     let Ok(scenario) = std::env::var(HELPER_ENV) else {
         return;
     };
-    let vm_name = format!("e2e-writes-{scenario}-{}", std::process::id());
+    let vm_name = std::env::var(NAME_ENV)
+        .unwrap_or_else(|_| format!("e2e-writes-{scenario}-{}", std::process::id()));
     let mut tracer = WriteTracer::start(&vm_name, std::process::id())
         .unwrap_or_else(|e| panic!("cannot start eBPF write tracing: {}", error_chain(&e)));
     eprintln!(
@@ -191,6 +228,11 @@ fn helper() {
         tracer.sources(),
         tracer.missing()
     );
+    if scenario == "crash" {
+        assert!(tracer.map_pin_path(WALK_PAGES_MAP).exists());
+        // Like a crash: no destructors run, the pins stay.
+        std::process::exit(0);
+    }
     if let Some(mode) = scenario.strip_prefix("bench-") {
         bench_churn(tracer, mode == "on");
         return;
