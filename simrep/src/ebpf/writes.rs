@@ -212,6 +212,16 @@ impl WriteTracer {
     /// Not root, bpffs or tracefs missing, the name in use, load or pin
     /// failures, or [`EbpfError::NoWriteSource`] if no source attaches.
     pub fn start(vm: &str, tgid: u32) -> Result<Self, EbpfError> {
+        Self::start_with(vm, tgid, &WriteSource::ALL)
+    }
+
+    /// [`WriteTracer::start`] with only `sources` tried (the others are
+    /// reported missing as "not requested").
+    ///
+    /// # Errors
+    ///
+    /// As [`WriteTracer::start`].
+    pub fn start_with(vm: &str, tgid: u32, sources: &[WriteSource]) -> Result<Self, EbpfError> {
         super::check_name(vm)?;
         if !is_mounted(BPFFS, "bpf")? {
             return Err(EbpfError::BpffsNotMounted);
@@ -245,6 +255,10 @@ impl WriteTracer {
             this.pins.pin(map, map_ref)?;
         }
         for source in WriteSource::ALL {
+            if !sources.contains(&source) {
+                this.missing.push((source, "not requested".into()));
+                continue;
+            }
             match this.attach(source) {
                 Ok(()) => this.active.push(source),
                 Err(reason) => this.missing.push((source, reason)),
