@@ -419,8 +419,21 @@ impl WriteTracer {
     }
 
     /// Reads every entry of a per-CPU page map (summed over CPUs) and
-    /// removes it.
+    /// removes it: in batches (`BPF_MAP_LOOKUP_AND_DELETE_BATCH`, a few
+    /// syscalls per epoch), or key by key where the kernel lacks batches.
     fn drain(&mut self, name: &'static str) -> Result<BTreeMap<u64, u64>, EbpfError> {
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(EbpfError::MissingInObject { kind: "map", name })?;
+        if let aya::maps::Map::PerCpuHashMap(data) = &*map {
+            match drain_batched(data) {
+                Ok(out) => return Ok(out),
+                Err(error) => {
+                    tracing::debug!(map = name, %error, "batched drain failed; key by key");
+                }
+            }
+        }
         let map_err = |action| {
             move |source| EbpfError::Map {
                 action,
@@ -428,10 +441,6 @@ impl WriteTracer {
                 source: Box::new(source),
             }
         };
-        let map = self
-            .ebpf
-            .map_mut(name)
-            .ok_or(EbpfError::MissingInObject { kind: "map", name })?;
         let mut pages: PerCpuHashMap<&mut MapData, u64, u64> =
             PerCpuHashMap::try_from(map).map_err(map_err("open"))?;
         let mut out = BTreeMap::new();
@@ -446,6 +455,82 @@ impl WriteTracer {
     }
 }
 
+/// `BPF_MAP_LOOKUP_AND_DELETE_BATCH` of `enum bpf_cmd`.
+const BPF_MAP_LOOKUP_AND_DELETE_BATCH: libc::c_long = 25;
+
+/// The `batch` member of `union bpf_attr`.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// Reads and deletes every entry of a per-CPU hash map of `u64 -> u64` in
+/// batches, summing the values over CPUs. An error before anything was
+/// deleted leaves the map as it was (the caller falls back to single keys);
+/// one after loses nothing that was returned, since deleted entries are in
+/// the output of the call that deleted them.
+fn drain_batched(data: &MapData) -> std::io::Result<BTreeMap<u64, u64>> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    const CHUNK: usize = 4096;
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+    let fd = data.fd().as_fd().as_raw_fd();
+    let mut keys = vec![0u64; CHUNK];
+    let mut values = vec![0u64; CHUNK * cpus];
+    let mut token = [0u64; 2];
+    let mut out = BTreeMap::new();
+    let mut first = true;
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if first { 0 } else { token.as_ptr() as u64 },
+            out_batch: token[1..].as_mut_ptr() as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: CHUNK as u32,
+            map_fd: u32::try_from(fd).map_err(|_| std::io::ErrorKind::InvalidInput)?,
+            ..Default::default()
+        };
+        // SAFETY: `attr` is a valid `bpf_attr.batch` whose pointers name
+        // buffers that live across the call: `keys` holds `count` keys,
+        // `values` `count` per-CPU values (8 bytes per possible CPU each),
+        // the tokens 8 bytes each. The kernel writes at most that.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_AND_DELETE_BATCH,
+                &mut attr as *mut BatchAttr,
+                std::mem::size_of::<BatchAttr>(),
+            )
+        };
+        let err = (rc < 0).then(std::io::Error::last_os_error);
+        let n = attr.count as usize;
+        for (i, &key) in keys.iter().enumerate().take(n) {
+            let sum = values[i * cpus..(i + 1) * cpus]
+                .iter()
+                .copied()
+                .fold(0, u64::wrapping_add);
+            *out.entry(key).or_insert(0) += sum;
+        }
+        match err {
+            None => {}
+            Some(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
+            Some(e) if out.is_empty() && first => return Err(e),
+            Some(e) => {
+                tracing::warn!(error = %e, "batched drain stopped; the rest stays for the next epoch");
+                return Ok(out);
+            }
+        }
+        token[0] = token[1];
+        first = false;
+    }
+}
 /// The pages eBPF saw written in an epoch against the dirty harvest of the
 /// same epoch ([`EpochWrites::cross_check`]). The harvest stays the source
 /// of truth; differences are for reporting.
