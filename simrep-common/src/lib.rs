@@ -15,6 +15,25 @@
 //! counters over CPUs. Both maps are BTF-defined, so
 //! `bpftool map dump pinned /sys/fs/bpf/simrep/<name>/<map>` shows typed
 //! values.
+//!
+//! # Write tracing (KVM tracepoints)
+//!
+//! [`DIRTY_RING_PUSH_PROGRAM`] (on `kvm:kvm_dirty_ring_push`, per page the
+//! dirty ring reports) and [`PAGETABLE_WALK_PROGRAM`] (on
+//! `kvmmmu:kvm_mmu_pagetable_walk`, per guest access the shadow MMU walks;
+//! only writes, `pferr` bit 1, are recorded) share [`CONFIG_MAP`] and its
+//! `target_tgid` filter. Their maps, pinned by the agent under
+//! `/sys/fs/bpf/simrep/<vm>/`:
+//!
+//! | map | type | key | value |
+//! |---|---|---|---|
+//! | [`RING_PAGES_MAP`] | per-CPU hash, [`WRITE_PAGES_MAX`] entries | `u64` [`ring_page_key`]`(slot, offset)` | `u64` pushes this epoch |
+//! | [`WALK_PAGES_MAP`] | per-CPU hash, [`WRITE_PAGES_MAX`] entries | `u64` guest virtual page (`addr >> 12`) | `u64` write walks this epoch |
+//! | [`WRITE_STATS_MAP`] | per-CPU array | `u32` [`WriteStat`] index | `u64` events since load |
+//!
+//! The agent empties the page maps at every epoch boundary; the statistics
+//! are cumulative and the agent reports per-epoch differences. Per-CPU maps
+//! because the BPF target has no 64-bit atomic add here.
 #![no_std]
 
 /// Name of the array map (one entry, index 0) holding the [`FaultConfig`].
