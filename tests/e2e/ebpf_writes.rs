@@ -142,6 +142,34 @@ fn stale_pins_of_a_crashed_vmm_are_replaced() {
     assert!(!pin_dir.exists(), "{} left behind", pin_dir.display());
 }
 
+#[test]
+fn no_source_is_unavailable_with_the_reasons() {
+    require_root();
+    let name = format!("e2e-writes-none-{}", std::process::id());
+    match WriteTracer::try_start_with(&name, std::process::id(), &[]) {
+        WriteTracing::Unavailable {
+            reason: EbpfError::NoWriteSource { missing },
+        } => {
+            assert!(
+                missing.contains("kvm:kvm_dirty_ring_push: not requested")
+                    && missing.contains("kvmmmu:kvm_mmu_pagetable_walk: not requested"),
+                "{missing}"
+            );
+        }
+        other => panic!("expected Unavailable(NoWriteSource), got {other:?}"),
+    }
+    // Nothing is left pinned by the failed start.
+    let pin_dir = PathBuf::from("/sys/fs/bpf/simrep").join(&name);
+    assert!(!pin_dir.exists(), "{} left behind", pin_dir.display());
+    // Invalid names are refused before anything is loaded.
+    assert!(matches!(
+        WriteTracer::try_start("../x", 1),
+        WriteTracing::Unavailable {
+            reason: EbpfError::InvalidName { .. }
+        }
+    ));
+}
+
 /// Not a timed test: guest write throughput of `churn` (as fast as
 /// possible, 256 MiB, dirty ring, 100 ms epochs with a harvest each) with
 /// and without the programs attached, alternating runs in child processes.

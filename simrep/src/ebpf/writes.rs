@@ -194,7 +194,12 @@ impl WriteTracer {
     /// Like [`WriteTracer::start`], but never fails: on error it logs a
     /// warning and returns [`WriteTracing::Unavailable`] with the reason.
     pub fn try_start(vm: &str, tgid: u32) -> WriteTracing {
-        match Self::start(vm, tgid) {
+        Self::try_start_with(vm, tgid, &WriteSource::ALL)
+    }
+
+    /// [`WriteTracer::try_start`] with only `sources` tried.
+    pub fn try_start_with(vm: &str, tgid: u32, sources: &[WriteSource]) -> WriteTracing {
+        match Self::start_with(vm, tgid, sources) {
             Ok(t) => WriteTracing::Active(Box::new(t)),
             Err(reason) => {
                 tracing::warn!(reason = %super::error_chain(&reason), "eBPF write tracing unavailable");
