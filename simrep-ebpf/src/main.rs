@@ -3,6 +3,14 @@
 //! * `page_fault_user` (tracepoint `exceptions:page_fault_user`): counts the
 //!   user page faults, and separately the write faults, of the thread group
 //!   configured in `SIMREP_CONFIG` into the per-CPU array `SIMREP_FAULTS`.
+//! * `kvm_dirty_ring_push` (tracepoint `kvm:kvm_dirty_ring_push`): per page
+//!   the dirty ring reports for the configured thread group, bumps its
+//!   per-CPU count in `SIMREP_RING_PAGES`.
+//! * `kvm_mmu_pagetable_walk` (tracepoint `kvmmmu:kvm_mmu_pagetable_walk`):
+//!   per guest write access walked by the shadow MMU, bumps the per-CPU count
+//!   of the guest virtual page in `SIMREP_WALK_PAGES`.
+//!
+//! Both count their events in `SIMREP_WRITE_STATS`.
 //!
 //! The map and program names, the config struct and the counter indices live
 //! in `simrep-common`, which user space shares.
@@ -10,12 +18,18 @@
 #![no_main]
 
 use aya_ebpf::{
-    btf_maps::{Array, PerCpuArray},
+    bindings::BPF_NOEXIST,
+    btf_maps::{Array, PerCpuArray, PerCpuHashMap},
     helpers::bpf_get_current_pid_tgid,
     macros::{btf_map, tracepoint},
     programs::TracePointContext,
 };
 use aya_log_ebpf::error;
+use simrep_common::{
+    ring_page_key, WriteStat, DIRTY_RING_PUSH_OFFSET_OFFSET, DIRTY_RING_PUSH_PROGRAM,
+    DIRTY_RING_PUSH_SLOT_OFFSET, PAGETABLE_WALK_ADDR_OFFSET, PAGETABLE_WALK_PFERR_OFFSET,
+    PAGETABLE_WALK_PROGRAM, RING_PAGES_MAP, WALK_PAGES_MAP, WRITE_PAGES_MAX, WRITE_STATS_MAP,
+};
 use simrep_common::{
     Counter, FaultConfig, CONFIG_MAP, FAULT_COUNTERS_MAP, PAGE_FAULT_USER_CATEGORY,
     PAGE_FAULT_USER_ERROR_CODE_OFFSET, PAGE_FAULT_USER_PROGRAM, PAGE_FAULT_USER_TRACEPOINT,
@@ -31,6 +45,20 @@ static SIMREP_CONFIG: Array<FaultConfig, 1> = Array::new();
 /// Per-CPU `u64` fault counters, indexed by [`Counter`].
 #[btf_map]
 static SIMREP_FAULTS: PerCpuArray<u64, { Counter::COUNT as usize }> = PerCpuArray::new();
+
+/// Per-CPU write counts of pages reported by the dirty ring.
+#[btf_map]
+static SIMREP_RING_PAGES: PerCpuHashMap<u64, u64, { WRITE_PAGES_MAX as usize }> =
+    PerCpuHashMap::new();
+
+/// Per-CPU write counts of guest virtual pages seen by page-table walks.
+#[btf_map]
+static SIMREP_WALK_PAGES: PerCpuHashMap<u64, u64, { WRITE_PAGES_MAX as usize }> =
+    PerCpuHashMap::new();
+
+/// Per-CPU `u64` statistics, indexed by [`WriteStat`].
+#[btf_map]
+static SIMREP_WRITE_STATS: PerCpuArray<u64, { WriteStat::COUNT as usize }> = PerCpuArray::new();
 
 /// Byte-wise string equality usable in constants.
 const fn str_eq(a: &str, b: &str) -> bool {
@@ -53,6 +81,11 @@ const fn str_eq(a: &str, b: &str) -> bool {
 const _: () = assert!(str_eq(CONFIG_MAP, "SIMREP_CONFIG"));
 const _: () = assert!(str_eq(FAULT_COUNTERS_MAP, "SIMREP_FAULTS"));
 const _: () = assert!(str_eq(PAGE_FAULT_USER_PROGRAM, "page_fault_user"));
+const _: () = assert!(str_eq(RING_PAGES_MAP, "SIMREP_RING_PAGES"));
+const _: () = assert!(str_eq(WALK_PAGES_MAP, "SIMREP_WALK_PAGES"));
+const _: () = assert!(str_eq(WRITE_STATS_MAP, "SIMREP_WRITE_STATS"));
+const _: () = assert!(str_eq(DIRTY_RING_PUSH_PROGRAM, "kvm_dirty_ring_push"));
+const _: () = assert!(str_eq(PAGETABLE_WALK_PROGRAM, "kvm_mmu_pagetable_walk"));
 const _: () = assert!(str_eq(PAGE_FAULT_USER_CATEGORY, "exceptions"));
 const _: () = assert!(str_eq(PAGE_FAULT_USER_TRACEPOINT, "page_fault_user"));
 
@@ -102,6 +135,93 @@ fn bump(counter: Counter) {
         // valid and 8-byte aligned for the program's run; programs do not
         // migrate between CPUs while running, so no other writer races with
         // this plain add.
+        unsafe { *slot += 1 };
+    }
+}
+
+/// Whether the current task belongs to the configured thread group.
+#[inline(always)]
+fn is_target() -> bool {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let target = SIMREP_CONFIG.get(0).map_or(0, |c| c.target_tgid);
+    target != 0 && tgid == target
+}
+
+/// Entry point on `kvm:kvm_dirty_ring_push`.
+#[tracepoint(category = "kvm", name = "kvm_dirty_ring_push")]
+fn kvm_dirty_ring_push(ctx: TracePointContext) -> u32 {
+    if !is_target() {
+        stat(WriteStat::RingFiltered);
+        return 0;
+    }
+    // SAFETY: offsets of `u32 slot` and `u64 offset` in the record (checked
+    // by user space against the format file); the helper copies them out
+    // and reports, instead of faulting, if it cannot.
+    let read = unsafe {
+        (
+            ctx.read_at::<u32>(DIRTY_RING_PUSH_SLOT_OFFSET),
+            ctx.read_at::<u64>(DIRTY_RING_PUSH_OFFSET_OFFSET),
+        )
+    };
+    let (Ok(slot), Ok(offset)) = read else {
+        stat(WriteStat::ReadErrors);
+        return 0;
+    };
+    stat(WriteStat::RingEvents);
+    count_page(&SIMREP_RING_PAGES, ring_page_key(slot, offset));
+    0
+}
+
+/// Entry point on `kvmmmu:kvm_mmu_pagetable_walk`.
+#[tracepoint(category = "kvmmmu", name = "kvm_mmu_pagetable_walk")]
+fn kvm_mmu_pagetable_walk(ctx: TracePointContext) -> u32 {
+    if !is_target() {
+        stat(WriteStat::WalkFiltered);
+        return 0;
+    }
+    // SAFETY: offsets of `u64 addr` and `u32 pferr` in the record (checked
+    // by user space against the format file); the helper copies them out
+    // and reports, instead of faulting, if it cannot.
+    let read = unsafe {
+        (
+            ctx.read_at::<u64>(PAGETABLE_WALK_ADDR_OFFSET),
+            ctx.read_at::<u32>(PAGETABLE_WALK_PFERR_OFFSET),
+        )
+    };
+    let (Ok(addr), Ok(pferr)) = read else {
+        stat(WriteStat::ReadErrors);
+        return 0;
+    };
+    stat(WriteStat::WalkEvents);
+    if u64::from(pferr) & PF_ERROR_WRITE != 0 {
+        stat(WriteStat::WalkWrites);
+        count_page(&SIMREP_WALK_PAGES, addr >> 12);
+    }
+    0
+}
+
+/// Adds one to this CPU's count of `key` in `map`, creating the entry.
+#[inline(always)]
+fn count_page(map: &PerCpuHashMap<u64, u64, { WRITE_PAGES_MAX as usize }>, key: u64) {
+    if let Some(slot) = map.get_ptr_mut(key) {
+        // SAFETY: this CPU's value of a per-CPU hash entry, valid for the
+        // program's run; programs do not migrate while running, and no
+        // other program on this CPU writes it concurrently.
+        unsafe { *slot += 1 };
+        return;
+    }
+    // Another program on this CPU cannot have inserted it in between (no
+    // preemption inside a program); EEXIST only if user space raced us.
+    if map.insert(key, 1u64, BPF_NOEXIST as u64).is_err() {
+        stat(WriteStat::MapFull);
+    }
+}
+
+/// Adds one to this CPU's slot of statistic `s`.
+#[inline(always)]
+fn stat(s: WriteStat) {
+    if let Some(slot) = SIMREP_WRITE_STATS.get_ptr_mut(s.index()) {
+        // SAFETY: as in `bump`: this CPU's slot of a per-CPU array entry.
         unsafe { *slot += 1 };
     }
 }

@@ -24,7 +24,7 @@ const BYSTANDER_PAGES: usize = 2048;
 const CRASH_HELPER_ENV: &str = "SIMREP_E2E_EBPF_CRASH_HELPER";
 
 /// Fails the test, with the reason, unless we run as root.
-fn require_root() {
+pub(crate) fn require_root() {
     // SAFETY: geteuid has no preconditions and cannot fail.
     let euid = unsafe { libc::geteuid() };
     assert_eq!(
@@ -49,7 +49,7 @@ fn load(name: &str, tgid: u32) -> PageFaultCounter {
 }
 
 /// `error: cause: cause ...`
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut source = e.source();
     while let Some(cause) = source {
@@ -174,7 +174,7 @@ unsafe fn child_touch(go: libc::c_int, pages: usize) -> ! {
 
 /// Runs `bpftool [-j] map dump pinned PATH`; fails the test if bpftool is
 /// missing or fails.
-fn bpftool_dump(path: &Path, json: bool) -> String {
+pub(crate) fn bpftool_dump(path: &Path, json: bool) -> String {
     let mut cmd = Command::new("bpftool");
     if json {
         cmd.arg("-j");
@@ -193,7 +193,7 @@ fn bpftool_dump(path: &Path, json: bool) -> String {
 
 /// A number in bpftool's JSON: a plain number (the maps have BTF), or an
 /// array of little-endian hex bytes like `["0x01","0x00",...]` (raw dumps).
-fn json_number(v: &Value) -> u64 {
+pub(crate) fn json_number(v: &Value) -> u64 {
     match v {
         Value::Number(n) => n.as_u64().expect("unsigned number"),
         Value::Array(bytes) => bytes.iter().rev().fold(0u64, |acc, b| {
@@ -206,7 +206,7 @@ fn json_number(v: &Value) -> u64 {
 }
 
 /// The entries of `bpftool -j map dump`, using BTF-formatted ones if given.
-fn dump_entries(json: &str) -> Vec<Value> {
+pub(crate) fn dump_entries(json: &str) -> Vec<Value> {
     let v: Value = serde_json::from_str(json).expect("bpftool -j prints JSON");
     v.as_array()
         .expect("bpftool -j map dump prints an array")

@@ -15,6 +15,15 @@
 //! [`log`](https://docs.rs/log) facade; the subscriber that `main` installs
 //! with `tracing_subscriber::fmt().init()` bridges them into `tracing`.
 
+mod writes;
+pub use simrep_common::{
+    WriteStat, DIRTY_RING_PUSH_PROGRAM, PAGETABLE_WALK_PROGRAM, RING_PAGES_MAP, WALK_PAGES_MAP,
+    WRITE_STATS_MAP,
+};
+pub use writes::{
+    CrossCheck, EpochWrites, WriteSource, WriteStats, WriteTracer, WriteTracing, WRITE_PINNED_MAPS,
+};
+
 use std::{
     fs::{self, File},
     io,
@@ -185,6 +194,12 @@ pub enum EbpfError {
         /// aya's error.
         #[source]
         source: Box<PinError>,
+    },
+    /// None of the write-tracing tracepoints could be attached.
+    #[error("no eBPF write source could be attached ({missing})")]
+    NoWriteSource {
+        /// Each source and why it is missing.
+        missing: String,
     },
     /// Starting the aya-log reader failed.
     #[error("cannot read the eBPF log")]
@@ -585,6 +600,18 @@ fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     let euid = unsafe { libc::geteuid() };
     euid == 0
+}
+
+/// `error: cause: cause ...`
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    s
 }
 
 #[cfg(test)]
