@@ -456,3 +456,44 @@ fn load_bank_fails_over_with_transfers_in_flight() {
     assert_eq!(j["verify"]["bank_total_end"].as_u64(), Some(200 * 100_000));
     assert!(b.requests() > 100, "server b served {}", b.requests());
 }
+
+/// Ctrl-C while the only target is down and the client keeps retrying
+/// (a long --failover-timeout): it stops at once with exit 9 and says why,
+/// instead of retrying until the timeout.
+#[test]
+fn load_ctrl_c_while_the_target_is_down_stops_at_once() {
+    let mut server = ServerProc::start(&[]);
+    let addr = server.addr.clone();
+    let started = Instant::now();
+    let run = load(
+        &[
+            "--target",
+            &addr,
+            "--duration",
+            "60s",
+            "--failover-timeout",
+            "60s",
+            "-q",
+        ],
+        || {
+            std::thread::sleep(Duration::from_millis(800));
+            server.kill();
+            std::thread::sleep(Duration::from_millis(500));
+            // The client is the only `simrep load` this test started.
+            let pids = Command::new("pgrep")
+                .args(["-f", &format!("simrep load --target {addr}")])
+                .output()
+                .expect("pgrep");
+            for pid in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
+                let _ = Command::new("kill").args(["-INT", pid]).status();
+            }
+        },
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(run.code, Some(9), "{}", run.stderr);
+    assert!(run.stderr.contains("interrupted"), "{}", run.stderr);
+}

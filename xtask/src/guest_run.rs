@@ -2,8 +2,11 @@
 //! with a disk, driven by `simrep load --verify` with a live line per
 //! second; both stop cleanly on Ctrl-C or at the end.
 
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -40,11 +43,13 @@ pub fn run(simrep: &Path, out: &Path, duration: &str, mem: &str) -> Result<()> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
-    // Ctrl-C reaches the whole foreground process group: both children stop
-    // cleanly by themselves (the client prints its summary); this process
-    // ignores it and waits for them.
-    // SAFETY: installs SIG_IGN for SIGINT; no handler code runs.
-    unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) };
+    // Ctrl-C reaches the foreground process group: the client stops, makes
+    // its final verification pass against the still running guest and
+    // prints its summary; this process notes it and then stops the guest,
+    // which runs in a process group of its own.
+    let interrupted = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&interrupted))
+        .context("installing the Ctrl-C handler")?;
     eprintln!(
         "== starting the guest: simrep run --workload kv --mem {mem} --port {port} --disk {}",
         disk.display()
@@ -56,6 +61,7 @@ pub fn run(simrep: &Path, out: &Path, duration: &str, mem: &str) -> Result<()> {
         .arg(&disk)
         .stdout(Stdio::inherit())
         .stderr(Stdio::inherit())
+        .process_group(0)
         .spawn()
         .context("starting simrep run")?;
     let mut guest = Guard(Some(guest), "simrep run");
@@ -101,6 +107,10 @@ pub fn run(simrep: &Path, out: &Path, duration: &str, mem: &str) -> Result<()> {
         .status()
         .context("starting simrep load")?;
     drop(guest);
+    if interrupted.load(Ordering::Relaxed) {
+        eprintln!("== interrupted (Ctrl-C): the client and the guest stopped");
+        return Ok(());
+    }
     if !status.success() {
         bail!("simrep load failed: {status}");
     }

@@ -146,6 +146,8 @@ pub(crate) struct Targets {
     connect_timeout: Duration,
     failover_timeout: Duration,
     reconnects: AtomicU64,
+    /// Set on Ctrl-C: reconnecting gives up at once.
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Targets {
@@ -153,6 +155,7 @@ impl Targets {
         addrs: Vec<String>,
         connect_timeout: Duration,
         failover_timeout: Duration,
+        stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     ) -> Targets {
         Targets {
             addrs,
@@ -168,6 +171,7 @@ impl Targets {
             connect_timeout,
             failover_timeout,
             reconnects: AtomicU64::new(0),
+            stop,
         }
     }
 
@@ -238,6 +242,12 @@ impl Targets {
                 Err(e) => {
                     tracing::debug!(error = %e, "connecting failed");
                     failed = Some((t, g));
+                    if self.stop.load(Ordering::Relaxed) {
+                        return Err(LoadError::NoTarget(format!(
+                            "interrupted while no target accepted a connection (for {:.1} s); last error: {e}",
+                            down.elapsed().as_secs_f64()
+                        )));
+                    }
                     if down.elapsed() >= self.failover_timeout {
                         return Err(LoadError::NoTarget(format!(
                             "no target accepted a connection for {:.1} s (--failover-timeout); last error: {e}",

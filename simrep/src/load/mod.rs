@@ -381,6 +381,7 @@ async fn run_async(
         opts.targets.clone(),
         opts.connect_timeout,
         opts.failover_timeout,
+        stop.clone(),
     );
     targets.probe().await?;
     let seed = if opts.seed == 0 {
