@@ -86,6 +86,36 @@ macro_rules! println {
 }
 pub(crate) use println;
 
+/// Rate limiting of `churn` and `random`: idles (one exit) until 64 more
+/// pages are due at `pages_per_s`, or the next report, or the end, when
+/// that is more than 20 us away; spins otherwise.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn pace(
+    written: u64,
+    pages_per_s: u64,
+    tsc_hz: u64,
+    tsc_khz: u64,
+    now: u64,
+    next_report: u64,
+    report_ticks: u64,
+    end_ticks: u64,
+) {
+    let due = (u128::from(written + 64) * u128::from(tsc_hz) / u128::from(pages_per_s)) as u64;
+    let mut wake = due;
+    if report_ticks != 0 {
+        wake = wake.min(next_report);
+    }
+    if end_ticks != 0 {
+        wake = wake.min(end_ticks);
+    }
+    let ns = (u128::from(wake.saturating_sub(now)) * 1_000_000 / u128::from(tsc_khz)) as u64;
+    if ns > 20_000 {
+        mmio_write(abi::SYS_IDLE, ns);
+    } else {
+        core::hint::spin_loop();
+    }
+}
+
 /// Stops this vCPU with `status` (0 = success).
 pub(crate) fn exit(status: u64) -> ! {
     mmio_write(abi::SYS_EXIT, status);
@@ -255,22 +285,16 @@ fn churn(cpu: u64, bp: &BootParams, st: *mut VcpuStatus) -> ! {
         if burst == 0 && pages_per_s != 0 {
             // Ahead of schedule: idle until 64 more pages are due, or the
             // next report, or the end (one exit instead of spinning).
-            let due =
-                (u128::from(written + 64) * u128::from(tsc_hz) / u128::from(pages_per_s)) as u64;
-            let mut wake = due;
-            if report_ticks != 0 {
-                wake = wake.min(next_report);
-            }
-            if end_ticks != 0 {
-                wake = wake.min(end_ticks);
-            }
-            let ns =
-                (u128::from(wake.saturating_sub(now)) * 1_000_000 / u128::from(bp.tsc_khz)) as u64;
-            if ns > 20_000 {
-                mmio_write(abi::SYS_IDLE, ns);
-            } else {
-                core::hint::spin_loop();
-            }
+            pace(
+                written,
+                pages_per_s,
+                tsc_hz,
+                bp.tsc_khz,
+                now,
+                next_report,
+                report_ticks,
+                end_ticks,
+            );
         }
     }
 }

@@ -189,22 +189,16 @@ pub fn random(cpu: u64, bp: &BootParams) -> ! {
             exit(0);
         }
         if burst == 0 && pages_per_s != 0 {
-            let due =
-                (u128::from(written + 64) * u128::from(tsc_hz) / u128::from(pages_per_s)) as u64;
-            let mut wake = due;
-            if report_ticks != 0 {
-                wake = wake.min(next_report);
-            }
-            if end_ticks != 0 {
-                wake = wake.min(end_ticks);
-            }
-            let ns =
-                (u128::from(wake.saturating_sub(now)) * 1_000_000 / u128::from(bp.tsc_khz)) as u64;
-            if ns > 20_000 {
-                mmio_write(abi::SYS_IDLE, ns);
-            } else {
-                core::hint::spin_loop();
-            }
+            crate::user::pace(
+                written,
+                pages_per_s,
+                tsc_hz,
+                bp.tsc_khz,
+                now,
+                next_report,
+                report_ticks,
+                end_ticks,
+            );
         }
     }
 }

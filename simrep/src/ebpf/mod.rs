@@ -65,6 +65,19 @@ pub const TRACEFS: &str = "/sys/kernel/tracing";
 /// The maps that are pinned.
 const PINNED_MAPS: [&str; 2] = [CONFIG_MAP, FAULT_COUNTERS_MAP];
 
+/// Loads simrep's eBPF object, telling a missing privilege from other
+/// load failures.
+pub(crate) fn load_object() -> Result<Ebpf, EbpfError> {
+    Ebpf::load(EBPF_OBJECT).map_err(|e| {
+        let source = Box::new(e);
+        if is_root() {
+            EbpfError::LoadObject { source }
+        } else {
+            EbpfError::NotRoot { source }
+        }
+    })
+}
+
 /// Errors of loading and using the eBPF programs.
 #[derive(Debug, thiserror::Error)]
 pub enum EbpfError {
@@ -263,14 +276,7 @@ impl PageFaultCounter {
         }
         check_tracepoint()?;
 
-        let mut ebpf = Ebpf::load(EBPF_OBJECT).map_err(|e| {
-            let source = Box::new(e);
-            if is_root() {
-                EbpfError::LoadObject { source }
-            } else {
-                EbpfError::NotRoot { source }
-            }
-        })?;
+        let mut ebpf = load_object()?;
         let log = LogPump::start(&mut ebpf)?;
         let mut this = Self {
             _log: log,

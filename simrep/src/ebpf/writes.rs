@@ -40,8 +40,7 @@ use simrep_common::{
 };
 
 use super::{
-    field_layout, is_mounted, is_root, EbpfError, FaultConfig, LogPump, PinDir, BPFFS, CONFIG_MAP,
-    EBPF_OBJECT, TRACEFS,
+    field_layout, is_mounted, EbpfError, FaultConfig, LogPump, PinDir, BPFFS, CONFIG_MAP, TRACEFS,
 };
 use aya::maps::Array;
 
@@ -234,14 +233,7 @@ impl WriteTracer {
         if !Path::new(TRACEFS).join("events").is_dir() {
             return Err(EbpfError::TracefsNotMounted);
         }
-        let mut ebpf = Ebpf::load(EBPF_OBJECT).map_err(|e| {
-            let source = Box::new(e);
-            if is_root() {
-                EbpfError::LoadObject { source }
-            } else {
-                EbpfError::NotRoot { source }
-            }
-        })?;
+        let mut ebpf = super::load_object()?;
         let log = LogPump::start(&mut ebpf)?;
         let mut this = Self {
             _log: log,
