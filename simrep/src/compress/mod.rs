@@ -201,6 +201,11 @@ impl Image {
     pub fn len_bytes(&self) -> usize {
         self.bytes.len()
     }
+
+    /// The whole image, frame after frame.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes
+    }
 }
 
 impl PageView for Image {

@@ -154,6 +154,12 @@ impl BackupImage {
         }
     }
 
+    /// Sets the disk size block writes must stay within (from the VM
+    /// configuration of a synchronisation).
+    pub fn set_disk_sectors(&mut self, sectors: u64) {
+        self.disk_sectors = sectors;
+    }
+
     /// The last committed epoch (`None`: no checkpoint to fail over to).
     pub fn committed_epoch(&self) -> Option<u64> {
         self.committed_epoch

@@ -1238,7 +1238,7 @@ pub fn restore_and_run(
 
 /// Gives a restored `kv`/`bank` guest its network device back (its ring
 /// positions come from the snapshot) and a listening service.
-fn attach_restored_net(
+pub fn attach_restored_net(
     vm: &Vm,
     listen: Option<std::net::SocketAddr>,
 ) -> Result<super::net::NetService, VmmError> {

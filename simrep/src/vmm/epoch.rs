@@ -167,6 +167,25 @@ impl EpochCheckpointer {
     /// [`EpochError`]; [`EpochError::Cow`] with
     /// [`CowError::AlreadyArmed`] when the previous view is not finished.
     pub fn checkpoint(&mut self, vm: &Vm) -> Result<EpochCheckpoint, EpochError> {
+        self.checkpoint_with(vm, false, &mut |_| {})
+    }
+
+    /// [`Self::checkpoint`] for replication: `during_pause` runs while the
+    /// vCPUs are paused, after the state is saved (to close the epoch of
+    /// the devices' held output and disk writes at the same instant), and
+    /// with `all` the view covers every page of guest memory (an initial
+    /// synchronisation) while `dirty` is still the harvest, so the next
+    /// checkpoint's dirty set starts from this one.
+    ///
+    /// # Errors
+    ///
+    /// As [`Self::checkpoint`].
+    pub fn checkpoint_with(
+        &mut self,
+        vm: &Vm,
+        all: bool,
+        during_pause: &mut dyn FnMut(&Vm),
+    ) -> Result<EpochCheckpoint, EpochError> {
         let t0 = Instant::now();
         vm.pause_all()?;
         let t_pause = Instant::now();
@@ -182,11 +201,25 @@ impl EpochCheckpointer {
             dirty.dedup();
         }
         let t_harvest = Instant::now();
-        let state = vm.save_state()?;
+        let state = match vm.save_state() {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = vm.resume_all();
+                return Err(e.into());
+            }
+        };
+        during_pause(vm);
         let t_save = Instant::now();
-        let view = if dirty.len() <= self.copy_limit {
-            let mut data = vec![0u8; dirty.len() * 4096];
-            for (i, &gfn) in dirty.iter().enumerate() {
+        let frames = vm.memory().size() / 4096;
+        let copy = if all {
+            frames <= self.copy_limit as u64
+        } else {
+            dirty.len() <= self.copy_limit
+        };
+        let view = if copy {
+            let gfns: Vec<u64> = if all { (0..frames).collect() } else { dirty.clone() };
+            let mut data = vec![0u8; gfns.len() * 4096];
+            for (i, &gfn) in gfns.iter().enumerate() {
                 if let Err(e) = vm
                     .memory()
                     .read(gfn * 4096, &mut data[i * 4096..(i + 1) * 4096])
@@ -195,12 +228,14 @@ impl EpochCheckpointer {
                     return Err(EpochError::Cow(CowError::Memory(e)));
                 }
             }
-            EpochView::Copied {
-                gfns: dirty.clone(),
-                data,
-            }
+            EpochView::Copied { gfns, data }
         } else {
-            match self.cow.arm(&dirty) {
+            let armed = if all {
+                self.cow.arm_all()
+            } else {
+                self.cow.arm(&dirty)
+            };
+            match armed {
                 Ok(v) => EpochView::Cow(v),
                 Err(e) => {
                     // Do not leave the guest paused on an arming error.

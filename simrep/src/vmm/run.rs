@@ -538,9 +538,28 @@ pub fn boot_service(
     opts: &RunOptions,
     listener: Option<std::net::TcpListener>,
 ) -> Result<(Vm, Option<super::net::NetService>), VmmError> {
-    use super::net::{ImmediateGate, NetDevice, NetError, NetService, OutputGate};
+    use super::net::{ImmediateGate, OutputGate};
+    boot_service_with(opts, listener, None, |d| {
+        Arc::new(ImmediateGate::new(d)) as Arc<dyn OutputGate>
+    })
+}
+
+/// [`boot_service`] with dirty tracking in `dirty` from the first
+/// instruction and the network device's [`OutputGate`](super::net::OutputGate)
+/// made by `gate` (replication holds output there).
+///
+/// # Errors
+///
+/// As [`boot_service`].
+pub fn boot_service_with(
+    opts: &RunOptions,
+    listener: Option<std::net::TcpListener>,
+    dirty: Option<DirtyMode>,
+    gate: impl FnOnce(super::net::Delivery) -> Arc<dyn super::net::OutputGate>,
+) -> Result<(Vm, Option<super::net::NetService>), VmmError> {
+    use super::net::{NetDevice, NetError, NetService};
     if !opts.workload.uses_network() {
-        return Ok((boot(opts)?, None));
+        return Ok((boot_image_with(opts, GUEST_ELF, dirty, |_| Ok(()))?, None));
     }
     let listener = match listener {
         Some(l) => l,
@@ -552,10 +571,8 @@ pub fn boot_service(
         })?,
     };
     let mut service = None;
-    let vm = boot_with(opts, GUEST_ELF, |vm| {
-        let dev = NetDevice::new(vm.bus().wakers().clone(), |d| {
-            Arc::new(ImmediateGate::new(d)) as Arc<dyn OutputGate>
-        });
+    let vm = boot_image_with(opts, GUEST_ELF, dirty, |vm| {
+        let dev = NetDevice::new(vm.bus().wakers().clone(), gate);
         vm.bus().attach_net(dev.clone());
         vm.bus().register_device_state(dev.clone())?;
         service = Some(NetService::start(listener, dev)?);
