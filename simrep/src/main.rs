@@ -84,6 +84,13 @@ enum Command {
     #[command(hide = true)]
     LoadTestserver(TestServerArgs),
     // --- simrep load (end) ---
+    // --- simrep status (begin) ---
+    /// Show a running primary's or backup's role, epoch, lag, link and
+    /// protection state, queried from its metrics endpoint (`--metrics ADDR`
+    /// of `simrep primary` / `simrep backup`).
+    #[command(after_help = STATUS_HELP)]
+    Status(StatusArgs),
+    // --- simrep status (end) ---
 }
 
 const CODEC_HELP: &str = "\
@@ -392,6 +399,7 @@ fn main() -> ExitCode {
         Command::Analyze(args) => cmd_analyze(args),
         Command::Load(args) => cmd_load(*args, cli.quiet),
         Command::LoadTestserver(args) => cmd_load_testserver(args),
+        Command::Status(args) => cmd_status(args),
     };
     match result {
         Ok(code) => code,
@@ -820,3 +828,67 @@ fn cmd_load_testserver(a: TestServerArgs) -> Result<ExitCode, Failure> {
     Ok(ExitCode::SUCCESS)
 }
 // --- simrep load (end) ---
+
+// --- simrep status (begin) ---
+
+const STATUS_HELP: &str = "\
+Queries GET /status on the metrics endpoint of a running `simrep primary` or
+`simrep backup` (the address given to its --metrics flag); /metrics on the
+same address serves Prometheus text.
+
+Exit codes: 0 the status was printed; 2 bad --addr; 9 nothing answers at the
+address (no engine running there, or it runs without --metrics); 10 something
+answered, but not with a valid simrep status.";
+
+#[derive(clap::Args)]
+struct StatusArgs {
+    /// The engine's metrics address (its --metrics flag).
+    #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:9700")]
+    addr: String,
+    /// Print the raw JSON status instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Give up after this long without an answer (500ms, 2s).
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    timeout: std::time::Duration,
+}
+
+fn cmd_status(a: StatusArgs) -> Result<ExitCode, Failure> {
+    use simrep::replication::observe::{self, ObserveError};
+    use std::net::ToSocketAddrs;
+    let addr = match a.addr.to_socket_addrs().map(|mut it| it.next()) {
+        Ok(Some(addr)) => addr,
+        Ok(None) => {
+            eprintln!("error: --addr {}: no address", a.addr);
+            return Ok(ExitCode::from(2));
+        }
+        Err(e) => {
+            eprintln!("error: --addr {}: {e}", a.addr);
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let status = observe::fetch(addr, "/status", a.timeout)
+        .and_then(|body| observe::parse_status(addr, &body).map(|s| (s, body)));
+    match status {
+        Ok((status, body)) => {
+            if a.json {
+                print!("{body}");
+                if !body.ends_with('\n') {
+                    println!();
+                }
+            } else {
+                print!("{}", observe::format_status(&status));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            let code = match e {
+                ObserveError::NoAnswer { .. } => 9,
+                _ => 10,
+            };
+            eprintln!("error: {:#}", anyhow::Error::from(e));
+            Ok(ExitCode::from(code))
+        }
+    }
+}
+// --- simrep status (end) ---

@@ -8,10 +8,13 @@
 //!   message builders.
 //! * [`transport`]: the protocol over TCP with tokio (handshake with
 //!   timeouts, record reader and writer halves).
+//! * [`observe`]: per-epoch JSON-lines stats, Prometheus metrics and the
+//!   `/status` endpoint, and the client of `simrep status`.
 //!
 //! The primary and backup engines (epochs, output commit, failover) build
 //! on it; see `issues show 4`.
 
 pub mod apply;
+pub mod observe;
 pub mod protocol;
 pub mod transport;
