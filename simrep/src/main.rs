@@ -91,6 +91,18 @@ enum Command {
     #[command(after_help = STATUS_HELP)]
     Status(StatusArgs),
     // --- simrep status (end) ---
+    /// Run the bundled guest protected by a backup (`simrep backup` on
+    /// another host): every epoch the guest is paused briefly, its dirty
+    /// memory is encoded with the similarity codec and sent, and each
+    /// response reaches its client only after the backup committed the
+    /// epoch that produced it. Takes every guest flag of `simrep run`.
+    #[command(after_help = PRIMARY_HELP)]
+    Primary(Box<PrimaryArgs>),
+    /// Hold the primary's last committed checkpoint and resume the guest
+    /// from it when the primary is lost (its service then answers on
+    /// --service-port).
+    #[command(after_help = BACKUP_HELP)]
+    Backup(BackupArgs),
 }
 
 const CODEC_HELP: &str = "\
@@ -377,6 +389,9 @@ fn classify(error: &anyhow::Error) -> u8 {
                 LoadError::Runtime(_) => 1,
             };
         }
+        if cause.downcast_ref::<UsageError>().is_some() {
+            return 2;
+        }
         if cause.downcast_ref::<OutputError>().is_some() {
             return 6;
         }
@@ -390,7 +405,11 @@ fn classify(error: &anyhow::Error) -> u8 {
 struct OutputError(PathBuf, #[source] std::io::Error);
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
     init_logging(cli.verbose, cli.quiet);
     let result = match cli.command {
         Command::Run(args) => cmd_run(args),
@@ -400,6 +419,8 @@ fn main() -> ExitCode {
         Command::Load(args) => cmd_load(*args, cli.quiet),
         Command::LoadTestserver(args) => cmd_load_testserver(args),
         Command::Status(args) => cmd_status(args),
+        Command::Primary(args) => cmd_primary(*args, &matches),
+        Command::Backup(args) => cmd_backup(args),
     };
     match result {
         Ok(code) => code,
@@ -541,7 +562,22 @@ fn cmd_run(a: RunArgs) -> Result<ExitCode, Failure> {
         signal_hook::flag::register(sig, Arc::clone(&stop))
             .context("installing the Ctrl-C handler")?;
     }
-    let opts = RunOptions {
+    let opts = run_options(&a);
+    let mut checkpointer = checkpointer(a.checkpoint_dir, a.checkpoint_every)?;
+    let s = checkpoint::run_with_checkpoints(&opts, &stop, checkpointer.as_mut())?;
+    tracing::info!(
+        elapsed = ?s.elapsed,
+        progress = ?s.progress,
+        outcomes = ?s.outcomes,
+        interrupted = s.interrupted,
+        "guest stopped"
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The guest options of `simrep run` (and `simrep primary`).
+fn run_options(a: &RunArgs) -> RunOptions {
+    RunOptions {
         workload: a.workload,
         mem_bytes: a.mem,
         vcpus: a.vcpus,
@@ -555,7 +591,7 @@ fn cmd_run(a: RunArgs) -> Result<ExitCode, Failure> {
         fault: a.fault,
         timer_hz: a.timer_hz,
         watchdog: (a.watchdog > 0).then(|| std::time::Duration::from_secs(a.watchdog)),
-        disk: a.disk,
+        disk: a.disk.clone(),
         disk_test: DiskOptions {
             pattern_sectors: a.disk_pattern_sectors,
             log_records: a.disk_log_records,
@@ -569,17 +605,7 @@ fn cmd_run(a: RunArgs) -> Result<ExitCode, Failure> {
         bank_accounts: a.accounts,
         bank_history: a.history,
         ..Default::default()
-    };
-    let mut checkpointer = checkpointer(a.checkpoint_dir, a.checkpoint_every)?;
-    let s = checkpoint::run_with_checkpoints(&opts, &stop, checkpointer.as_mut())?;
-    tracing::info!(
-        elapsed = ?s.elapsed,
-        progress = ?s.progress,
-        outcomes = ?s.outcomes,
-        interrupted = s.interrupted,
-        "guest stopped"
-    );
-    Ok(ExitCode::SUCCESS)
+    }
 }
 
 /// A checkpointer for `--checkpoint-dir`, asked for a checkpoint by
@@ -892,3 +918,305 @@ fn cmd_status(a: StatusArgs) -> Result<ExitCode, Failure> {
     }
 }
 // --- simrep status (end) ---
+
+// --- simrep primary / backup (begin) ---
+
+const PRIMARY_HELP: &str = "\
+Example (the backup first, on another host or port):
+  head -c 32 /dev/urandom > key
+  simrep backup --listen 0.0.0.0:7100 --key-file key --service-port 7000
+  sudo simrep primary --backup BACKUP:7100 --key-file key --workload kv --mem 512M --port 7000
+
+A vm.toml given with --config holds guest flags by their long names
+(workload = \"kv\", mem = \"512M\", vcpus = 2, port = 7000, disk = \"disk.raw\",
+...); flags given on the command line win.
+
+The guest starts at once, unprotected, and runs while the backup is
+synchronised (a progress bar on a terminal). It is protected from the
+first epoch the backup commits. If the backup is lost, the guest keeps
+running unprotected (logs, `simrep status` and the metrics say so) and
+the primary reconnects and synchronises it again when it returns. When
+the link cannot keep up, epochs stretch: at most two epochs wait for the
+link, then the next checkpoint waits.
+
+Per-epoch stats (--stats FILE, JSON lines): pause and its parts, dirty
+pages, raw and sent bytes and ratio, areas by encoding kind, encode time
+and MB/s, send time, ack latency, held responses.
+
+Exit codes as for `simrep run`; 2 also for a bad --backup, --key-file or
+--config.";
+
+const BACKUP_HELP: &str = "\
+The backup decodes every epoch against its committed image, checks it
+(record counts, the codec stream, page count, a 128-bit digest), writes
+the epoch's disk writes to STATE_DIR/disk.raw, commits and acks. A
+corrupted, truncated, replayed or unauthenticated stream, or a bad epoch,
+is rejected and the committed checkpoint stays as it was.
+
+Failover: when no record arrives from the primary for --link-timeout, or
+its connection breaks without a goodbye, and it does not reconnect within
+--grace, the backup restores the last committed checkpoint (memory, vCPUs,
+devices, disk) into a fresh VM and serves on --service-port until Ctrl-C.
+A primary that stops cleanly (Ctrl-C) says goodbye: no failover.";
+
+#[derive(clap::Args)]
+struct PrimaryArgs {
+    /// The backup's replication address (its --listen).
+    #[arg(long, value_name = "HOST:PORT")]
+    backup: String,
+    /// File holding the pre-shared key shared with the backup (at least
+    /// 16 bytes; a trailing newline is ignored).
+    #[arg(long, value_name = "FILE")]
+    key_file: PathBuf,
+    /// Epoch length in ms (a checkpoint is taken this often).
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(5..=10_000))]
+    epoch_ms: u64,
+    /// Codec on the wire: similarity (the default), raw (codec off: plain
+    /// asynchronous replication), lz4, zstd-1, xbzrle; see `simrep analyze
+    /// --help` for parameters.
+    #[arg(long, default_value = "similarity")]
+    codec: CodecSpec,
+    /// Encoder threads.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Write one JSON line per epoch to FILE.
+    #[arg(long, value_name = "FILE")]
+    stats: Option<PathBuf>,
+    /// Serve Prometheus metrics on http://ADDR/metrics and the status on
+    /// /status (for `simrep status --addr ADDR`).
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: Option<std::net::SocketAddr>,
+    /// The backup is lost after this long without a record from it.
+    #[arg(long, default_value = "1s", value_parser = parse_positive_duration)]
+    link_timeout: std::time::Duration,
+    /// Guest flags from a TOML file (see below).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    guest: RunArgs,
+}
+
+#[derive(clap::Args)]
+struct BackupArgs {
+    /// Address to accept the primary on.
+    #[arg(long, value_name = "ADDR:PORT")]
+    listen: String,
+    /// File holding the pre-shared key (the primary's --key-file).
+    #[arg(long, value_name = "FILE")]
+    key_file: PathBuf,
+    /// After a failover the guest's service listens on this port.
+    #[arg(long, default_value_t = 7000)]
+    service_port: u16,
+    /// ... and this address.
+    #[arg(long, default_value = "0.0.0.0")]
+    service_bind: std::net::IpAddr,
+    /// Directory for the backup's copy of the guest's disk.
+    #[arg(long, value_name = "DIR", default_value = "simrep-backup")]
+    state_dir: PathBuf,
+    /// The primary is lost after this long without a record from it.
+    #[arg(long, default_value = "1s", value_parser = parse_positive_duration)]
+    link_timeout: std::time::Duration,
+    /// After losing the primary's connection, wait this long for it to
+    /// reconnect before taking over.
+    #[arg(long, default_value = "500ms", value_parser = parse_duration)]
+    grace: std::time::Duration,
+    /// Serve Prometheus metrics on http://ADDR/metrics and /status.
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: Option<std::net::SocketAddr>,
+    /// Never take over (keep replicating; for maintenance and tests).
+    #[arg(long)]
+    no_failover: bool,
+}
+
+/// A bad --key-file, --backup, --listen or --config (exit 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct UsageError(String);
+
+fn read_key(path: &Path) -> Result<simrep::replication::protocol::PreSharedKey, Failure> {
+    let mut bytes = std::fs::read(path).map_err(|e| {
+        UsageError(format!("cannot read the key file {}: {e}", path.display()))
+    })?;
+    if bytes.last() == Some(&b'\n') {
+        bytes.pop();
+    }
+    simrep::replication::protocol::PreSharedKey::new(&bytes)
+        .map_err(|e| UsageError(format!("key file {}: {e}", path.display())).into())
+}
+
+fn resolve(what: &str, s: &str) -> Result<std::net::SocketAddr, Failure> {
+    use std::net::ToSocketAddrs;
+    match s.to_socket_addrs().map(|mut it| it.next()) {
+        Ok(Some(a)) => Ok(a),
+        Ok(None) => Err(UsageError(format!("{what} {s}: no address")).into()),
+        Err(e) => Err(UsageError(format!("{what} {s}: {e}")).into()),
+    }
+}
+
+/// Guest flags a `--config` file may set.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct VmConfigFile {
+    workload: Option<String>,
+    mem: Option<String>,
+    vcpus: Option<u32>,
+    port: Option<u16>,
+    bind: Option<std::net::IpAddr>,
+    disk: Option<PathBuf>,
+    rate: Option<u32>,
+    similarity: Option<u32>,
+    kv_mem: Option<String>,
+    accounts: Option<u32>,
+    history: Option<u32>,
+    timer_hz: Option<u32>,
+}
+
+/// Applies `--config FILE` to the guest flags not given on the command line.
+fn apply_config(
+    path: &Path,
+    g: &mut RunArgs,
+    matches: Option<&clap::ArgMatches>,
+) -> Result<(), Failure> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| UsageError(format!("cannot read --config {}: {e}", path.display())))?;
+    let c: VmConfigFile = toml::from_str(&text)
+        .map_err(|e| UsageError(format!("--config {}: {e}", path.display())))?;
+    let explicit = |id: &str| {
+        matches.is_some_and(|m| {
+            matches!(m.value_source(id), Some(clap::parser::ValueSource::CommandLine))
+        })
+    };
+    let bad = |k: &str, e: String| -> Failure {
+        UsageError(format!("--config {}: {k}: {e}", path.display())).into()
+    };
+    if let (Some(v), false) = (&c.workload, explicit("workload")) {
+        g.workload = v.parse().map_err(|e: String| bad("workload", e))?;
+    }
+    if let (Some(v), false) = (&c.mem, explicit("mem")) {
+        g.mem = parse_size(v).map_err(|e| bad("mem", e))?;
+    }
+    if let (Some(v), false) = (c.vcpus, explicit("vcpus")) {
+        g.vcpus = v;
+    }
+    if let (Some(v), false) = (c.port, explicit("port")) {
+        g.port = v;
+    }
+    if let (Some(v), false) = (c.bind, explicit("bind")) {
+        g.bind = v;
+    }
+    if let (Some(v), false) = (&c.disk, explicit("disk")) {
+        g.disk = Some(v.clone());
+    }
+    if let (Some(v), false) = (c.rate, explicit("rate")) {
+        g.rate = v;
+    }
+    if let (Some(v), false) = (c.similarity, explicit("similarity")) {
+        g.similarity = v.min(100);
+    }
+    if let (Some(v), false) = (&c.kv_mem, explicit("kv_mem")) {
+        g.kv_mem = Some(parse_size(v).map_err(|e| bad("kv-mem", e))?);
+    }
+    if let (Some(v), false) = (c.accounts, explicit("accounts")) {
+        g.accounts = v;
+    }
+    if let (Some(v), false) = (c.history, explicit("history")) {
+        g.history = v;
+    }
+    if let (Some(v), false) = (c.timer_hz, explicit("timer_hz")) {
+        g.timer_hz = v;
+    }
+    Ok(())
+}
+
+fn cmd_primary(mut a: PrimaryArgs, matches: &clap::ArgMatches) -> Result<ExitCode, Failure> {
+    use simrep::replication::primary::{run_primary, PrimaryError, PrimaryOptions};
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, Arc::clone(&stop))
+            .context("installing the Ctrl-C handler")?;
+    }
+    if let Some(path) = a.config.clone() {
+        let sub = matches.subcommand_matches("primary");
+        apply_config(&path, &mut a.guest, sub)?;
+    }
+    if a.guest.checkpoint_dir.is_some() {
+        return Err(UsageError(
+            "--checkpoint-dir is for `simrep run`; the backup holds the primary's checkpoints".into(),
+        )
+        .into());
+    }
+    let backup = resolve("--backup", &a.backup)?;
+    let key = read_key(&a.key_file)?;
+    let opts = PrimaryOptions {
+        run: run_options(&a.guest),
+        backup,
+        key,
+        epoch: std::time::Duration::from_millis(a.epoch_ms),
+        codec: a.codec,
+        threads: a.threads.max(1),
+        stats: a.stats,
+        metrics: a.metrics,
+        link_timeout: a.link_timeout,
+        dirty_mode: simrep::dirty::DirtyMode::Bitmap,
+    };
+    match run_primary(opts, &stop) {
+        Ok(s) => {
+            tracing::info!(
+                epochs = s.epochs,
+                acked = s.acked,
+                syncs = s.syncs,
+                elapsed = ?s.elapsed,
+                interrupted = s.interrupted,
+                "primary stopped"
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(PrimaryError::Vmm(e)) => Err(e.into()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn cmd_backup(a: BackupArgs) -> Result<ExitCode, Failure> {
+    use simrep::replication::backup::{run_backup, BackupError, BackupOptions, BackupOutcome};
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, Arc::clone(&stop))
+            .context("installing the Ctrl-C handler")?;
+    }
+    let listen = resolve("--listen", &a.listen)?;
+    let key = read_key(&a.key_file)?;
+    let opts = BackupOptions {
+        listen,
+        key,
+        service: std::net::SocketAddr::new(a.service_bind, a.service_port),
+        state_dir: a.state_dir,
+        link_timeout: a.link_timeout,
+        grace: a.grace,
+        metrics: a.metrics,
+        no_failover: a.no_failover,
+    };
+    match run_backup(opts, stop) {
+        Ok(BackupOutcome::Stopped { committed }) => {
+            tracing::info!(committed = ?committed, "backup stopped");
+            Ok(ExitCode::SUCCESS)
+        }
+        Ok(BackupOutcome::FailedOver {
+            epoch,
+            failover,
+            run,
+        }) => {
+            tracing::info!(
+                epoch,
+                failover_ms = failover.as_secs_f64() * 1e3,
+                elapsed = ?run.elapsed,
+                "resumed guest stopped"
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(BackupError::Failover(e)) => Err(anyhow::Error::new(e).context("failover").into()),
+        Err(e @ BackupError::Listen { .. }) => Err(UsageError(e.to_string()).into()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+// --- simrep primary / backup (end) ---

@@ -13,5 +13,6 @@ mod ebpf;
 mod ebpf_writes;
 mod load;
 mod net;
+mod replication;
 mod state;
 mod vmm;

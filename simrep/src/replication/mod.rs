@@ -15,6 +15,10 @@
 //! on it; see `issues show 4`.
 
 pub mod apply;
+pub mod backup;
+pub mod gate;
+pub mod link;
 pub mod observe;
+pub mod primary;
 pub mod protocol;
 pub mod transport;
