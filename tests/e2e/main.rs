@@ -14,4 +14,5 @@ mod ebpf_writes;
 mod load;
 mod net;
 mod state;
+mod status;
 mod vmm;
