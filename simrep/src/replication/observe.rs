@@ -378,6 +378,20 @@ impl StatusBoard {
         f(&mut self.0.lock().unwrap_or_else(PoisonError::into_inner));
     }
 
+    /// Sets `state`, `protected` and `detail`; `since_unix_ms` becomes now
+    /// when the state or the protection changes. Returns whether it did.
+    pub fn set_state(&self, state: &str, protected: bool, detail: impl Into<String>) -> bool {
+        let mut s = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        s.detail = detail.into();
+        let changed = s.state != state || s.protected != protected;
+        if changed {
+            s.state = state.to_owned();
+            s.protected = protected;
+            s.since_unix_ms = unix_ms_now();
+        }
+        changed
+    }
+
     /// A copy of the status.
     pub fn get(&self) -> Status {
         self.0
@@ -781,6 +795,14 @@ mod tests {
         );
         assert!(m.ends_with("\r\n\r\n# HELP simrep_epochs_total Epochs.\n# TYPE simrep_epochs_total counter\nsimrep_epochs_total 7\n"), "{m}");
         board.update(|s| s.epoch = 8);
+        assert!(board.set_state("unprotected", false, "backup lost"));
+        let since = board.get().since_unix_ms;
+        assert!(since > 0);
+        assert!(!board.set_state("unprotected", false, "still lost"));
+        assert_eq!(
+            (board.get().since_unix_ms, board.get().detail.as_str()),
+            (since, "still lost")
+        );
         let s = raw(srv.local_addr(), b"GET /status HTTP/1.0\r\n\r\n");
         let body = s.split_once("\r\n\r\n").unwrap().1;
         let got: Status = serde_json::from_str(body).unwrap();
