@@ -31,8 +31,8 @@ pub const MAX_REQUEST: usize = 8 * 1024;
 pub const MAX_CONNECTIONS: usize = 16;
 /// Largest response [`fetch`] accepts.
 const MAX_RESPONSE: u64 = 4 << 20;
-/// How often the accept thread checks for shutdown.
-const ACCEPT_POLL: Duration = Duration::from_millis(50);
+/// Pause of the accept thread after a failed accept (out of descriptors).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 /// Errors of the stats file, the server and the status client.
 #[derive(Debug, thiserror::Error)]
@@ -428,7 +428,6 @@ impl ObserveServer {
     ) -> Result<Self, ObserveError> {
         let bind = |source| ObserveError::Bind { addr, source };
         let listener = TcpListener::bind(addr).map_err(bind)?;
-        listener.set_nonblocking(true).map_err(bind)?;
         let local = listener.local_addr().map_err(bind)?;
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = Arc::clone(&stop);
@@ -452,9 +451,25 @@ impl ObserveServer {
     /// Stops accepting and waits for the accept thread (connections in
     /// progress finish within [`REQUEST_DEADLINE`] on their own).
     pub fn shutdown(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+        let Some(t) = self.thread.take() else {
+            return;
+        };
+        self.stop.store(true, Ordering::Release);
+        // Wake the blocking accept with a connection of our own.
+        let mut wake = self.addr;
+        if wake.ip().is_unspecified() {
+            wake.set_ip(match wake {
+                SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            });
+        }
+        match TcpStream::connect_timeout(&wake, Duration::from_secs(1)) {
+            Ok(_) => {
+                let _ = t.join();
+            }
+            Err(e) => {
+                tracing::warn!(addr = %wake, error = %e, "cannot wake the metrics server; leaving its thread behind");
+            }
         }
     }
 }
@@ -472,16 +487,16 @@ fn accept_loop(
     board: &StatusBoard,
 ) {
     let active = Arc::new(AtomicUsize::new(0));
-    while !stop.load(Ordering::Relaxed) {
-        let stream = match listener.accept() {
+    loop {
+        let accepted = listener.accept();
+        if stop.load(Ordering::Acquire) {
+            return;
+        }
+        let stream = match accepted {
             Ok((s, _)) => s,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(ACCEPT_POLL);
-                continue;
-            }
             Err(e) => {
                 tracing::debug!(error = %e, "accepting a metrics connection");
-                std::thread::sleep(ACCEPT_POLL);
+                std::thread::sleep(ACCEPT_BACKOFF);
                 continue;
             }
         };
@@ -489,24 +504,37 @@ fn accept_loop(
             active.fetch_sub(1, Ordering::AcqRel);
             continue; // dropped: closed at once
         }
-        let (m, b, a) = (Arc::clone(metrics), board.clone(), Arc::clone(&active));
+        let (m, b, slot) = (
+            Arc::clone(metrics),
+            board.clone(),
+            Slot(Arc::clone(&active)),
+        );
         let spawned = std::thread::Builder::new()
             .name("observe-conn".into())
             .spawn(move || {
+                let _slot = slot;
                 if let Err(e) = serve(stream, &m, &b) {
                     tracing::debug!(error = %e, "metrics connection");
                 }
-                a.fetch_sub(1, Ordering::AcqRel);
             });
-        if spawned.is_err() {
-            active.fetch_sub(1, Ordering::AcqRel);
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start a metrics connection thread");
         }
+    }
+}
+
+/// One of the [`MAX_CONNECTIONS`] connection slots, freed when dropped
+/// (also when its thread panics or cannot start).
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
 /// Reads one request (within the deadline and size cap) and answers it.
 fn serve(mut s: TcpStream, metrics: &Metrics, board: &StatusBoard) -> std::io::Result<()> {
-    s.set_nonblocking(false)?;
     s.set_write_timeout(Some(REQUEST_DEADLINE))?;
     let deadline = Instant::now() + REQUEST_DEADLINE;
     let mut buf = Vec::with_capacity(512);
@@ -884,6 +912,20 @@ mod tests {
         assert!(matches!(err, ObserveError::BadStatus { .. }));
         let err = fetch(srv.local_addr(), "/x", Duration::from_secs(2)).unwrap_err();
         assert!(err.to_string().contains("404"), "{err}");
+    }
+
+    #[test]
+    fn shutdown_of_a_wildcard_server_closes_the_port() {
+        let board = StatusBoard::default();
+        let any = "0.0.0.0:0".parse().unwrap();
+        let mut srv = ObserveServer::start(any, Arc::new(Metrics::new()), board).unwrap();
+        let port = srv.local_addr().port();
+        let local = SocketAddr::from(([127, 0, 0, 1], port));
+        assert!(fetch(local, "/metrics", Duration::from_secs(2)).is_ok());
+        let t = Instant::now();
+        srv.shutdown();
+        assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+        assert!(TcpStream::connect(local).is_err(), "port {port} still open");
     }
 
     #[test]
