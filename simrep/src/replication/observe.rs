@@ -687,39 +687,38 @@ fn utc(unix_ms: u64) -> String {
 
 /// `s` as human-readable lines (what `simrep status` prints).
 pub fn format_status(s: &Status) -> String {
-    let mut o = String::new();
-    let acked = s
-        .acked_epoch
-        .map_or_else(|| "none".to_owned(), |a| a.to_string());
-    let since = if s.since_unix_ms == 0 {
-        "unknown".to_owned()
-    } else {
-        let ago = unix_ms_now().saturating_sub(s.since_unix_ms) as f64 / 1e3;
-        format!("{} ({ago:.1} s ago)", utc(s.since_unix_ms))
+    let since = match s.since_unix_ms {
+        0 => "unknown".to_owned(),
+        t => {
+            let ago = unix_ms_now().saturating_sub(t) as f64 / 1e3;
+            format!("{} ({ago:.1} s ago)", utc(t))
+        }
     };
-    let _ = writeln!(o, "role:      {}", s.role);
-    let _ = writeln!(o, "state:     {}", s.state);
-    let _ = writeln!(o, "protected: {}", if s.protected { "yes" } else { "no" });
-    let _ = writeln!(o, "epoch:     {}", s.epoch);
-    let _ = writeln!(o, "acked:     {acked}");
-    let _ = writeln!(o, "lag:       {} epochs", s.lag_epochs);
-    let _ = writeln!(o, "link:      {}", s.link);
-    if let Some(p) = &s.peer {
-        let _ = writeln!(o, "peer:      {p}");
-    }
-    let _ = writeln!(o, "since:     {since}");
+    let yes_no = if s.protected { "yes" } else { "no" };
+    let acked = s.acked_epoch.map_or("none".to_owned(), |a| a.to_string());
+    let mut rows = vec![
+        ("role", s.role.clone()),
+        ("state", s.state.clone()),
+        ("protected", yes_no.to_owned()),
+        ("epoch", s.epoch.to_string()),
+        ("acked", acked),
+        ("lag", format!("{} epochs", s.lag_epochs)),
+        ("link", s.link.clone()),
+    ];
+    rows.extend(s.peer.clone().map(|p| ("peer", p)));
+    rows.push(("since", since));
     if !s.detail.is_empty() {
-        let _ = writeln!(o, "detail:    {}", s.detail);
+        rows.push(("detail", s.detail.clone()));
+    }
+    let mut o = String::new();
+    for (k, v) in rows {
+        let _ = writeln!(o, "{:<11}{v}", format!("{k}:"));
     }
     for (k, v) in &s.extra {
-        match v {
-            serde_json::Value::String(t) => {
-                let _ = writeln!(o, "  {k} = {t}");
-            }
-            v => {
-                let _ = writeln!(o, "  {k} = {v}");
-            }
-        }
+        let _ = match v {
+            serde_json::Value::String(t) => writeln!(o, "  {k} = {t}"),
+            v => writeln!(o, "  {k} = {v}"),
+        };
     }
     o
 }
