@@ -15,4 +15,5 @@ mod load;
 mod net;
 mod replication;
 mod state;
+mod status;
 mod vmm;

@@ -31,8 +31,8 @@ pub const MAX_REQUEST: usize = 8 * 1024;
 pub const MAX_CONNECTIONS: usize = 16;
 /// Largest response [`fetch`] accepts.
 const MAX_RESPONSE: u64 = 4 << 20;
-/// How often the accept thread checks for shutdown.
-const ACCEPT_POLL: Duration = Duration::from_millis(50);
+/// Pause of the accept thread after a failed accept (out of descriptors).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 /// Errors of the stats file, the server and the status client.
 #[derive(Debug, thiserror::Error)]
@@ -378,6 +378,20 @@ impl StatusBoard {
         f(&mut self.0.lock().unwrap_or_else(PoisonError::into_inner));
     }
 
+    /// Sets `state`, `protected` and `detail`; `since_unix_ms` becomes now
+    /// when the state or the protection changes. Returns whether it did.
+    pub fn set_state(&self, state: &str, protected: bool, detail: impl Into<String>) -> bool {
+        let mut s = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        s.detail = detail.into();
+        let changed = s.state != state || s.protected != protected;
+        if changed {
+            s.state = state.to_owned();
+            s.protected = protected;
+            s.since_unix_ms = unix_ms_now();
+        }
+        changed
+    }
+
     /// A copy of the status.
     pub fn get(&self) -> Status {
         self.0
@@ -414,7 +428,6 @@ impl ObserveServer {
     ) -> Result<Self, ObserveError> {
         let bind = |source| ObserveError::Bind { addr, source };
         let listener = TcpListener::bind(addr).map_err(bind)?;
-        listener.set_nonblocking(true).map_err(bind)?;
         let local = listener.local_addr().map_err(bind)?;
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = Arc::clone(&stop);
@@ -438,9 +451,25 @@ impl ObserveServer {
     /// Stops accepting and waits for the accept thread (connections in
     /// progress finish within [`REQUEST_DEADLINE`] on their own).
     pub fn shutdown(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+        let Some(t) = self.thread.take() else {
+            return;
+        };
+        self.stop.store(true, Ordering::Release);
+        // Wake the blocking accept with a connection of our own.
+        let mut wake = self.addr;
+        if wake.ip().is_unspecified() {
+            wake.set_ip(match wake {
+                SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            });
+        }
+        match TcpStream::connect_timeout(&wake, Duration::from_secs(1)) {
+            Ok(_) => {
+                let _ = t.join();
+            }
+            Err(e) => {
+                tracing::warn!(addr = %wake, error = %e, "cannot wake the metrics server; leaving its thread behind");
+            }
         }
     }
 }
@@ -458,16 +487,16 @@ fn accept_loop(
     board: &StatusBoard,
 ) {
     let active = Arc::new(AtomicUsize::new(0));
-    while !stop.load(Ordering::Relaxed) {
-        let stream = match listener.accept() {
+    loop {
+        let accepted = listener.accept();
+        if stop.load(Ordering::Acquire) {
+            return;
+        }
+        let stream = match accepted {
             Ok((s, _)) => s,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(ACCEPT_POLL);
-                continue;
-            }
             Err(e) => {
                 tracing::debug!(error = %e, "accepting a metrics connection");
-                std::thread::sleep(ACCEPT_POLL);
+                std::thread::sleep(ACCEPT_BACKOFF);
                 continue;
             }
         };
@@ -475,24 +504,37 @@ fn accept_loop(
             active.fetch_sub(1, Ordering::AcqRel);
             continue; // dropped: closed at once
         }
-        let (m, b, a) = (Arc::clone(metrics), board.clone(), Arc::clone(&active));
+        let (m, b, slot) = (
+            Arc::clone(metrics),
+            board.clone(),
+            Slot(Arc::clone(&active)),
+        );
         let spawned = std::thread::Builder::new()
             .name("observe-conn".into())
             .spawn(move || {
+                let _slot = slot;
                 if let Err(e) = serve(stream, &m, &b) {
                     tracing::debug!(error = %e, "metrics connection");
                 }
-                a.fetch_sub(1, Ordering::AcqRel);
             });
-        if spawned.is_err() {
-            active.fetch_sub(1, Ordering::AcqRel);
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start a metrics connection thread");
         }
+    }
+}
+
+/// One of the [`MAX_CONNECTIONS`] connection slots, freed when dropped
+/// (also when its thread panics or cannot start).
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
 /// Reads one request (within the deadline and size cap) and answers it.
 fn serve(mut s: TcpStream, metrics: &Metrics, board: &StatusBoard) -> std::io::Result<()> {
-    s.set_nonblocking(false)?;
     s.set_write_timeout(Some(REQUEST_DEADLINE))?;
     let deadline = Instant::now() + REQUEST_DEADLINE;
     let mut buf = Vec::with_capacity(512);
@@ -645,39 +687,38 @@ fn utc(unix_ms: u64) -> String {
 
 /// `s` as human-readable lines (what `simrep status` prints).
 pub fn format_status(s: &Status) -> String {
-    let mut o = String::new();
-    let acked = s
-        .acked_epoch
-        .map_or_else(|| "none".to_owned(), |a| a.to_string());
-    let since = if s.since_unix_ms == 0 {
-        "unknown".to_owned()
-    } else {
-        let ago = unix_ms_now().saturating_sub(s.since_unix_ms) as f64 / 1e3;
-        format!("{} ({ago:.1} s ago)", utc(s.since_unix_ms))
+    let since = match s.since_unix_ms {
+        0 => "unknown".to_owned(),
+        t => {
+            let ago = unix_ms_now().saturating_sub(t) as f64 / 1e3;
+            format!("{} ({ago:.1} s ago)", utc(t))
+        }
     };
-    let _ = writeln!(o, "role:      {}", s.role);
-    let _ = writeln!(o, "state:     {}", s.state);
-    let _ = writeln!(o, "protected: {}", if s.protected { "yes" } else { "no" });
-    let _ = writeln!(o, "epoch:     {}", s.epoch);
-    let _ = writeln!(o, "acked:     {acked}");
-    let _ = writeln!(o, "lag:       {} epochs", s.lag_epochs);
-    let _ = writeln!(o, "link:      {}", s.link);
-    if let Some(p) = &s.peer {
-        let _ = writeln!(o, "peer:      {p}");
-    }
-    let _ = writeln!(o, "since:     {since}");
+    let yes_no = if s.protected { "yes" } else { "no" };
+    let acked = s.acked_epoch.map_or("none".to_owned(), |a| a.to_string());
+    let mut rows = vec![
+        ("role", s.role.clone()),
+        ("state", s.state.clone()),
+        ("protected", yes_no.to_owned()),
+        ("epoch", s.epoch.to_string()),
+        ("acked", acked),
+        ("lag", format!("{} epochs", s.lag_epochs)),
+        ("link", s.link.clone()),
+    ];
+    rows.extend(s.peer.clone().map(|p| ("peer", p)));
+    rows.push(("since", since));
     if !s.detail.is_empty() {
-        let _ = writeln!(o, "detail:    {}", s.detail);
+        rows.push(("detail", s.detail.clone()));
+    }
+    let mut o = String::new();
+    for (k, v) in rows {
+        let _ = writeln!(o, "{:<11}{v}", format!("{k}:"));
     }
     for (k, v) in &s.extra {
-        match v {
-            serde_json::Value::String(t) => {
-                let _ = writeln!(o, "  {k} = {t}");
-            }
-            v => {
-                let _ = writeln!(o, "  {k} = {v}");
-            }
-        }
+        let _ = match v {
+            serde_json::Value::String(t) => writeln!(o, "  {k} = {t}"),
+            v => writeln!(o, "  {k} = {v}"),
+        };
     }
     o
 }
@@ -781,6 +822,14 @@ mod tests {
         );
         assert!(m.ends_with("\r\n\r\n# HELP simrep_epochs_total Epochs.\n# TYPE simrep_epochs_total counter\nsimrep_epochs_total 7\n"), "{m}");
         board.update(|s| s.epoch = 8);
+        assert!(board.set_state("unprotected", false, "backup lost"));
+        let since = board.get().since_unix_ms;
+        assert!(since > 0);
+        assert!(!board.set_state("unprotected", false, "still lost"));
+        assert_eq!(
+            (board.get().since_unix_ms, board.get().detail.as_str()),
+            (since, "still lost")
+        );
         let s = raw(srv.local_addr(), b"GET /status HTTP/1.0\r\n\r\n");
         let body = s.split_once("\r\n\r\n").unwrap().1;
         let got: Status = serde_json::from_str(body).unwrap();
@@ -862,6 +911,20 @@ mod tests {
         assert!(matches!(err, ObserveError::BadStatus { .. }));
         let err = fetch(srv.local_addr(), "/x", Duration::from_secs(2)).unwrap_err();
         assert!(err.to_string().contains("404"), "{err}");
+    }
+
+    #[test]
+    fn shutdown_of_a_wildcard_server_closes_the_port() {
+        let board = StatusBoard::default();
+        let any = "0.0.0.0:0".parse().unwrap();
+        let mut srv = ObserveServer::start(any, Arc::new(Metrics::new()), board).unwrap();
+        let port = srv.local_addr().port();
+        let local = SocketAddr::from(([127, 0, 0, 1], port));
+        assert!(fetch(local, "/metrics", Duration::from_secs(2)).is_ok());
+        let t = Instant::now();
+        srv.shutdown();
+        assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+        assert!(TcpStream::connect(local).is_err(), "port {port} still open");
     }
 
     #[test]
