@@ -1034,9 +1034,8 @@ struct BackupArgs {
 struct UsageError(String);
 
 fn read_key(path: &Path) -> Result<simrep::replication::protocol::PreSharedKey, Failure> {
-    let mut bytes = std::fs::read(path).map_err(|e| {
-        UsageError(format!("cannot read the key file {}: {e}", path.display()))
-    })?;
+    let mut bytes = std::fs::read(path)
+        .map_err(|e| UsageError(format!("cannot read the key file {}: {e}", path.display())))?;
     if bytes.last() == Some(&b'\n') {
         bytes.pop();
     }
@@ -1083,7 +1082,10 @@ fn apply_config(
         .map_err(|e| UsageError(format!("--config {}: {e}", path.display())))?;
     let explicit = |id: &str| {
         matches.is_some_and(|m| {
-            matches!(m.value_source(id), Some(clap::parser::ValueSource::CommandLine))
+            matches!(
+                m.value_source(id),
+                Some(clap::parser::ValueSource::CommandLine)
+            )
         })
     };
     let bad = |k: &str, e: String| -> Failure {
@@ -1141,7 +1143,8 @@ fn cmd_primary(mut a: PrimaryArgs, matches: &clap::ArgMatches) -> Result<ExitCod
     }
     if a.guest.checkpoint_dir.is_some() {
         return Err(UsageError(
-            "--checkpoint-dir is for `simrep run`; the backup holds the primary's checkpoints".into(),
+            "--checkpoint-dir is for `simrep run`; the backup holds the primary's checkpoints"
+                .into(),
         )
         .into());
     }

@@ -75,7 +75,9 @@ impl Proc {
         let line = self.wait_for(needle, Duration::from_secs(30));
         let rest = &line[line.find(needle).expect("found") + needle.len()..];
         let word = rest.split_whitespace().next().expect("an address follows");
-        let addr: SocketAddr = word.parse().unwrap_or_else(|_| panic!("no address in {line:?}"));
+        let addr: SocketAddr = word
+            .parse()
+            .unwrap_or_else(|_| panic!("no address in {line:?}"));
         if addr.ip().is_unspecified() {
             SocketAddr::from(([127, 0, 0, 1], addr.port()))
         } else {
@@ -99,7 +101,11 @@ impl Proc {
             }
             if t.elapsed() > Duration::from_secs(20) {
                 self.kill9();
-                panic!("{} did not stop on SIGINT; log:\n{}", self.name, self.text());
+                panic!(
+                    "{} did not stop on SIGINT; log:\n{}",
+                    self.name,
+                    self.text()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -132,7 +138,11 @@ fn start_backup(extra: &[&str]) -> Pair {
     tests::require_root("replication tests");
     tests::require_kvm();
     let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(dir.path().join("key"), b"0123456789abcdef-replication-test\n").expect("key");
+    std::fs::write(
+        dir.path().join("key"),
+        b"0123456789abcdef-replication-test\n",
+    )
+    .expect("key");
     let service_port = free_port();
     let sp = service_port.to_string();
     let mut args = vec![
@@ -147,8 +157,6 @@ fn start_backup(extra: &[&str]) -> Pair {
         "127.0.0.1",
         "--state-dir",
         "bstate",
-        "--grace",
-        "300ms",
     ];
     args.extend_from_slice(extra);
     let mut backup = Proc::spawn(dir.path(), "backup", &args);
@@ -200,13 +208,23 @@ fn spawn_load(dir: &Path, targets: &[String], duration: &str, extra: &[&str]) ->
     for t in targets {
         cmd.args(["--target", t]);
     }
-    cmd.args(["--workload", "kv", "--duration", duration, "--verify", "--connections", "4"])
-        .args(extra)
-        .arg("--json")
-        .arg(&json)
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+    cmd.args([
+        "--workload",
+        "kv",
+        "--duration",
+        duration,
+        "--verify",
+        "--connections",
+        "4",
+        "--keys",
+        "64",
+    ])
+    .args(extra)
+    .arg("--json")
+    .arg(&json)
+    .env("NO_COLOR", "1")
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
     (cmd.spawn().expect("spawn simrep load"), json)
 }
 
@@ -303,7 +321,10 @@ fn sigkill_the_primary_at_random_moments_loses_no_acknowledged_write() {
         primary.kill9();
         let r = finish_load(load, &json);
         let line = pair.backup.wait_for("FAILOVER", Duration::from_secs(20));
-        verify_ok(&r, &format!("run {i} (killed after {delay} ms, disk {with_disk})"));
+        verify_ok(
+            &r,
+            &format!("run {i} (killed after {delay} ms, disk {with_disk})"),
+        );
         let ms: f64 = line
             .split("failover_ms=")
             .nth(1)
@@ -360,8 +381,17 @@ fn kill_and_restart_the_backup() {
         &dir,
         "backup2",
         &[
-            "backup", "--listen", &addr, "--key-file", "key", "--service-port", &sp,
-            "--service-bind", "127.0.0.1", "--state-dir", "bstate2",
+            "backup",
+            "--listen",
+            &addr,
+            "--key-file",
+            "key",
+            "--service-port",
+            &sp,
+            "--service-bind",
+            "127.0.0.1",
+            "--state-dir",
+            "bstate2",
         ],
     );
     backup2.wait_for("first checkpoint committed", Duration::from_secs(30));
@@ -386,62 +416,62 @@ fn kill_and_restart_the_backup() {
     assert!(!backup2.text().contains("FAILOVER"), "{}", backup2.text());
 }
 
-/// What the proxy does to the primary-to-backup stream of one connection.
+/// What the proxy does to the primary-to-backup stream once armed.
 #[derive(Clone, Copy, Debug)]
 enum Damage {
-    /// Flip one byte after this many bytes.
-    Flip(u64),
-    /// Cut the connection after this many bytes (mid-record).
-    Truncate(u64),
+    /// Flip the last byte of the next chunk (inside a sealed record).
+    Flip,
+    /// Forward half of the next chunk, then cut the connection
+    /// (mid-record).
+    Truncate,
 }
 
-/// A TCP proxy that damages the first connection's stream once and passes
-/// later connections through.
-fn proxy(to: SocketAddr, damage: Damage) -> (SocketAddr, Arc<AtomicBool>) {
+/// A TCP proxy that damages the stream of the connection live when
+/// `armed` is set, once, and passes every other byte through. Returns its
+/// address, the arming flag and a flag set once the damage is done.
+fn proxy(to: SocketAddr, damage: Damage) -> (SocketAddr, Arc<AtomicBool>, Arc<AtomicBool>) {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
     let addr = l.local_addr().expect("addr");
+    let armed = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicBool::new(false));
-    let done2 = Arc::clone(&done);
+    let (armed2, done2) = (Arc::clone(&armed), Arc::clone(&done));
     std::thread::spawn(move || {
-        let mut first = true;
         for c in l.incoming() {
             let Ok(client) = c else { continue };
-            let Ok(server) = TcpStream::connect(to) else { continue };
-            let dmg = first.then_some(damage);
-            first = false;
-            let (mut c2, mut s2) = (client.try_clone().expect("dup"), server.try_clone().expect("dup"));
+            let Ok(server) = TcpStream::connect(to) else {
+                continue;
+            };
+            let (mut c2, mut s2) = (
+                client.try_clone().expect("dup"),
+                server.try_clone().expect("dup"),
+            );
             // backup -> primary: untouched.
             std::thread::spawn(move || {
                 let _ = std::io::copy(&mut s2, &mut c2);
                 let _ = c2.shutdown(std::net::Shutdown::Both);
             });
-            let done = Arc::clone(&done2);
+            let (armed, done) = (Arc::clone(&armed2), Arc::clone(&done2));
             std::thread::spawn(move || {
                 let (mut client, mut server) = (client, server);
                 let mut buf = [0u8; 65536];
-                let mut seen = 0u64;
                 loop {
                     let n = match client.read(&mut buf) {
                         Ok(0) | Err(_) => break,
                         Ok(n) => n,
                     };
                     let chunk = &mut buf[..n];
-                    match dmg {
-                        Some(Damage::Flip(at)) if seen <= at && at < seen + n as u64 => {
-                            chunk[(at - seen) as usize] ^= 0x5a;
-                            done.store(true, Ordering::Relaxed);
+                    if n > 8 && armed.load(Ordering::Relaxed) && !done.swap(true, Ordering::Relaxed)
+                    {
+                        match damage {
+                            Damage::Flip => chunk[n - 1] ^= 0x5a,
+                            Damage::Truncate => {
+                                let _ = server.write_all(&chunk[..n / 2]);
+                                let _ = server.shutdown(std::net::Shutdown::Both);
+                                let _ = client.shutdown(std::net::Shutdown::Both);
+                                return;
+                            }
                         }
-                        Some(Damage::Truncate(at)) if at < seen + n as u64 => {
-                            let keep = (at.saturating_sub(seen)) as usize;
-                            let _ = server.write_all(&chunk[..keep]);
-                            done.store(true, Ordering::Relaxed);
-                            let _ = server.shutdown(std::net::Shutdown::Both);
-                            let _ = client.shutdown(std::net::Shutdown::Both);
-                            return;
-                        }
-                        _ => {}
                     }
-                    seen += n as u64;
                     if server.write_all(chunk).is_err() {
                         break;
                     }
@@ -450,7 +480,7 @@ fn proxy(to: SocketAddr, damage: Damage) -> (SocketAddr, Arc<AtomicBool>) {
             });
         }
     });
-    (addr, done)
+    (addr, armed, done)
 }
 
 fn committed_epoch(status_addr: &str) -> Option<u64> {
@@ -468,13 +498,16 @@ fn committed_epoch(status_addr: &str) -> Option<u64> {
 /// synchronises it again; a verifying client sees nothing lost.
 #[test]
 fn a_corrupted_or_truncated_stream_is_rejected_and_state_kept() {
-    for damage in [Damage::Flip(3_000_000), Damage::Truncate(3_000_000)] {
+    for damage in [Damage::Flip, Damage::Truncate] {
         let metrics = format!("127.0.0.1:{}", free_port());
-        let mut pair = start_backup(&["--metrics", &metrics]);
+        // The grace leaves the primary time to reconnect after the cut.
+        let mut pair = start_backup(&["--metrics", &metrics, "--grace", "3s"]);
         let dir = pair.dir.path().to_owned();
-        let (proxy_addr, done) = proxy(pair.backup_addr, damage);
+        let (proxy_addr, armed, done) = proxy(pair.backup_addr, damage);
         let (mut primary, paddr) = start_primary(&dir, "primary", proxy_addr, &[]);
-        let (load, json) = spawn_load(&dir, &[paddr.to_string()], "4s", &[]);
+        let (load, json) = spawn_load(&dir, &[paddr.to_string()], "3s", &[]);
+        std::thread::sleep(Duration::from_millis(700));
+        armed.store(true, Ordering::Relaxed);
         let t = Instant::now();
         while !done.load(Ordering::Relaxed) {
             assert!(
@@ -485,12 +518,13 @@ fn a_corrupted_or_truncated_stream_is_rejected_and_state_kept() {
         }
         let before = committed_epoch(&metrics);
         match damage {
-            Damage::Flip(_) => {
+            Damage::Flip => {
                 pair.backup
                     .wait_for("stream from the primary rejected", Duration::from_secs(10));
             }
-            Damage::Truncate(_) => {
-                pair.backup.wait_for("primary lost", Duration::from_secs(10));
+            Damage::Truncate => {
+                pair.backup
+                    .wait_for("primary lost", Duration::from_secs(10));
             }
         }
         // The primary comes back and is protected again.
@@ -531,12 +565,24 @@ fn a_primary_with_the_wrong_key_is_refused() {
         &dir,
         "bad-primary",
         &[
-            "primary", "--backup", &to, "--key-file", "wrong", "--workload", "kv", "--mem",
-            "64M", "--port", "0", "--bind", "127.0.0.1",
+            "primary",
+            "--backup",
+            &to,
+            "--key-file",
+            "wrong",
+            "--workload",
+            "kv",
+            "--mem",
+            "64M",
+            "--port",
+            "0",
+            "--bind",
+            "127.0.0.1",
         ],
     );
     bad.wait_for("cannot reach the backup", Duration::from_secs(20));
-    pair.backup.wait_for("refused a connection", Duration::from_secs(10));
+    pair.backup
+        .wait_for("refused a connection", Duration::from_secs(10));
     assert!(!bad.text().contains("protected"), "{}", bad.text());
     assert_eq!(bad.interrupt().code(), Some(0));
     let (mut good, _) = start_primary(&dir, "primary", pair.backup_addr, &[]);

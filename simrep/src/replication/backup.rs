@@ -149,7 +149,10 @@ fn unix_ms() -> u64 {
 /// # Errors
 ///
 /// [`BackupError`].
-pub fn run_backup(opts: BackupOptions, stop: Arc<AtomicBool>) -> Result<BackupOutcome, BackupError> {
+pub fn run_backup(
+    opts: BackupOptions,
+    stop: Arc<AtomicBool>,
+) -> Result<BackupOutcome, BackupError> {
     std::fs::create_dir_all(&opts.state_dir).map_err(|source| BackupError::StateDir {
         path: opts.state_dir.clone(),
         source,
@@ -189,7 +192,10 @@ pub fn run_backup(opts: BackupOptions, stop: Arc<AtomicBool>) -> Result<BackupOu
     };
     // Failover.
     let st = lock(&shared);
-    let epoch = st.image.committed_epoch().expect("failover needs a checkpoint");
+    let epoch = st
+        .image
+        .committed_epoch()
+        .expect("failover needs a checkpoint");
     board.update(|s| {
         s.state = "failing-over".into();
         s.detail = format!("resuming checkpoint {epoch}");
@@ -217,7 +223,10 @@ pub fn run_backup(opts: BackupOptions, stop: Arc<AtomicBool>) -> Result<BackupOu
         );
     });
     metrics
-        .gauge("simrep_failover_ms", "Time from losing the primary to the resumed guest running (ms)")
+        .gauge(
+            "simrep_failover_ms",
+            "Time from losing the primary to the resumed guest running (ms)",
+        )
         .set(failover.as_secs_f64() * 1e3);
     let ropts = RunOptions {
         mem_bytes,
@@ -334,10 +343,16 @@ impl SessionCounters {
         SessionCounters {
             epochs: m.counter("simrep_backup_epochs_committed_total", "Epochs committed"),
             rejected: m.counter("simrep_backup_rejected_total", "Epochs or streams rejected"),
-            bytes: m.counter("simrep_backup_stream_bytes_total", "Codec stream bytes received"),
+            bytes: m.counter(
+                "simrep_backup_stream_bytes_total",
+                "Codec stream bytes received",
+            ),
             pages: m.counter("simrep_backup_pages_total", "Pages applied"),
             committed: m.gauge("simrep_backup_committed_epoch", "Last committed epoch"),
-            apply_ms: m.gauge("simrep_backup_last_apply_ms", "Decode, verify, disk and commit time of the last epoch (ms)"),
+            apply_ms: m.gauge(
+                "simrep_backup_last_apply_ms",
+                "Decode, verify, disk and commit time of the last epoch (ms)",
+            ),
         }
     }
 }
@@ -430,7 +445,10 @@ async fn session(
                 counters.committed.set(epoch as f64);
                 counters.apply_ms.set(stats.apply.as_secs_f64() * 1e3);
                 if stats.first {
-                    tracing::info!(epoch, "first checkpoint committed: the primary is protected");
+                    tracing::info!(
+                        epoch,
+                        "first checkpoint committed: the primary is protected"
+                    );
                 }
                 board.update(|s| {
                     s.epoch = epoch;
@@ -547,14 +565,18 @@ fn fresh_disk(path: &Path, sectors: u64) -> Result<DiskFile, String> {
 }
 
 /// Restores the committed checkpoint into a fresh VM and resumes it.
-fn resume(st: &Shared, opts: &BackupOptions) -> Result<(Vm, Option<crate::vmm::net::NetService>), VmmError> {
+fn resume(
+    st: &Shared,
+    opts: &BackupOptions,
+) -> Result<(Vm, Option<crate::vmm::net::NetService>), VmmError> {
     let snapshot = VmSnapshot::decode(st.image.state())?;
     let bytes = st.image.image().as_bytes();
     let (vm, _times) = Vm::restore(&snapshot, |mem| {
         const CHUNK: usize = 2 << 20;
         for (i, chunk) in bytes.chunks(CHUNK).enumerate() {
             if chunk.iter().any(|&b| b != 0) {
-                mem.write((i * CHUNK) as u64, chunk).map_err(StateError::Memory)?;
+                mem.write((i * CHUNK) as u64, chunk)
+                    .map_err(StateError::Memory)?;
             }
         }
         Ok(())

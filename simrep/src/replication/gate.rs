@@ -37,6 +37,10 @@ pub struct Held {
     pub responses: u64,
     /// Their bytes.
     pub bytes: u64,
+    /// Epoch of the oldest held response.
+    pub oldest_epoch: Option<u64>,
+    /// The open epoch (responses submitted now belong to it).
+    pub open_epoch: u64,
 }
 
 impl HeldGate {
@@ -78,6 +82,7 @@ impl HeldGate {
         let held = Held {
             responses: released.len() as u64,
             bytes: released.iter().map(|r| r.frame.len() as u64).sum(),
+            ..Held::default()
         };
         for r in released {
             self.delivery.deliver(r);
@@ -114,6 +119,7 @@ impl HeldGate {
         let held = Held {
             responses: released.len() as u64,
             bytes: released.iter().map(|r| r.frame.len() as u64).sum(),
+            ..Held::default()
         };
         for r in released {
             self.delivery.deliver(r);
@@ -127,6 +133,8 @@ impl HeldGate {
         Held {
             responses: st.held.len() as u64,
             bytes: st.held_bytes,
+            oldest_epoch: st.held.front().map(|(e, _)| *e),
+            open_epoch: st.open_epoch,
         }
     }
 }

@@ -258,9 +258,7 @@ async fn run(
             let mut read_task = tokio::spawn(async move {
                 loop {
                     let msg = match tokio::time::timeout(timeout, reader.next()).await {
-                        Err(_) => {
-                            return format!("no record from the backup for {timeout:?}")
-                        }
+                        Err(_) => return format!("no record from the backup for {timeout:?}"),
                         Ok(Err(TransportError::Closed)) => {
                             return "the backup closed the connection".to_owned()
                         }
@@ -282,9 +280,7 @@ async fn run(
                         Message::Goodbye { reason } => {
                             return format!("the backup said goodbye: {reason}")
                         }
-                        other => {
-                            return format!("the backup sent an unexpected {}", other.name())
-                        }
+                        other => return format!("the backup sent an unexpected {}", other.name()),
                     }
                 }
             });

@@ -163,10 +163,19 @@ impl Counters {
             dirty_pages: m.counter("simrep_dirty_pages_total", "Dirty pages replicated"),
             raw_bytes: m.counter("simrep_raw_bytes_total", "Dirty bytes before the codec"),
             out_bytes: m.counter("simrep_sent_bytes_total", "Codec bytes sent"),
-            pause_us: m.counter("simrep_pause_us_total", "Guest pause time at checkpoints (us)"),
+            pause_us: m.counter(
+                "simrep_pause_us_total",
+                "Guest pause time at checkpoints (us)",
+            ),
             protected: m.gauge("simrep_protected", "1 when a backup holds a checkpoint"),
-            last_pause_us: m.gauge("simrep_last_pause_us", "Pause of the latest checkpoint (us)"),
-            last_ack_ms: m.gauge("simrep_last_ack_ms", "Checkpoint-to-ack latency of the latest acked epoch (ms)"),
+            last_pause_us: m.gauge(
+                "simrep_last_pause_us",
+                "Pause of the latest checkpoint (us)",
+            ),
+            last_ack_ms: m.gauge(
+                "simrep_last_ack_ms",
+                "Checkpoint-to-ack latency of the latest acked epoch (ms)",
+            ),
             held_responses: m.gauge("simrep_held_responses", "Responses held for output commit"),
             lag: m.gauge("simrep_lag_epochs", "Epochs taken and not yet acked"),
         }
@@ -216,7 +225,10 @@ struct Replicator {
 /// # Errors
 ///
 /// [`PrimaryError`].
-pub fn run_primary(opts: PrimaryOptions, stop: &AtomicBool) -> Result<PrimarySummary, PrimaryError> {
+pub fn run_primary(
+    opts: PrimaryOptions,
+    stop: &AtomicBool,
+) -> Result<PrimarySummary, PrimaryError> {
     let t0 = Instant::now();
     let mut run = opts.run.clone();
     run.disk_policy = FlushPolicy::Replicated;
@@ -432,7 +444,10 @@ impl Replicator {
             self.block.commit(b).map_err(VmmError::from)?;
         }
         if self.acked.is_none() {
-            tracing::info!(epoch, "backup committed its first checkpoint: the guest is protected");
+            tracing::info!(
+                epoch,
+                "backup committed its first checkpoint: the guest is protected"
+            );
             self.board.update(|s| {
                 s.state = "protected".into();
                 s.protected = true;
@@ -475,7 +490,11 @@ impl Replicator {
         let was = self.session != 0;
         self.session = 0;
         self.encoder = None;
-        let released = self.gate.as_ref().map(|g| g.unprotect()).unwrap_or_default();
+        let released = self
+            .gate
+            .as_ref()
+            .map(|g| g.unprotect())
+            .unwrap_or_default();
         // Every closed disk epoch goes to the file; from now on writes go
         // there directly.
         self.block.set_policy(FlushPolicy::default());
@@ -577,7 +596,8 @@ impl Replicator {
         tracing::info!(
             epoch = k,
             mib = self.opts.run.mem_bytes >> 20,
-            disk_data_mib = self.disk_base.iter().map(|w| w.1.len()).sum::<usize>() as f64 / (1 << 20) as f64,
+            disk_data_mib =
+                self.disk_base.iter().map(|w| w.1.len()).sum::<usize>() as f64 / (1 << 20) as f64,
             pause_ms = ckpt.timings.total.as_secs_f64() * 1e3,
             elapsed_ms = t0.elapsed().as_secs_f64() * 1e3,
             "synchronisation queued; epochs follow"
@@ -585,7 +605,8 @@ impl Replicator {
         self.board.update(|s| {
             s.state = "synchronising".into();
             s.epoch = k;
-            s.detail = "initial copy sent; protected once the backup commits the first epoch".into();
+            s.detail =
+                "initial copy sent; protected once the backup commits the first epoch".into();
         });
         Ok(())
     }
@@ -649,7 +670,10 @@ impl Replicator {
             dirty.push(gfn as u32);
         }
         let cow = ckpt.view.finish();
-        let encoder = self.encoder.as_mut().expect("protected sessions have an encoder");
+        let encoder = self
+            .encoder
+            .as_mut()
+            .expect("protected sessions have an encoder");
         self.out.clear();
         let st = encoder
             .encode_epoch(&self.shadow, &dirty, &[], &mut self.out)
@@ -723,7 +747,14 @@ impl Replicator {
         );
         self.records.insert(k, (taken - t.total, rec));
         self.summary.epochs += 1;
-        self.board.update(|s| s.epoch = k);
+        self.board.update(|s| {
+            s.epoch = k;
+            s.extra
+                .insert("held_responses".into(), held.responses.into());
+            s.extra
+                .insert("held_oldest_epoch".into(), held.oldest_epoch.into());
+            s.extra.insert("open_epoch".into(), held.open_epoch.into());
+        });
         if !self.link.send(Outgoing {
             session,
             epoch: Some(k),
@@ -742,11 +773,9 @@ fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
     if std::io::stderr().is_terminal() {
         let bar = indicatif::ProgressBar::new(len);
         bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{msg} [{bar:40}] {pos}/{len} pages ({eta})",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-            .progress_chars("=> "),
+            indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} pages ({eta})")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
         );
         bar.set_message(what.to_owned());
         bar

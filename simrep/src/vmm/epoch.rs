@@ -217,7 +217,11 @@ impl EpochCheckpointer {
             dirty.len() <= self.copy_limit
         };
         let view = if copy {
-            let gfns: Vec<u64> = if all { (0..frames).collect() } else { dirty.clone() };
+            let gfns: Vec<u64> = if all {
+                (0..frames).collect()
+            } else {
+                dirty.clone()
+            };
             let mut data = vec![0u8; gfns.len() * 4096];
             for (i, &gfn) in gfns.iter().enumerate() {
                 if let Err(e) = vm
