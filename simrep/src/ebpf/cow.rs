@@ -31,7 +31,8 @@
 //! | `SIMREP_COW_STATS` | per-CPU array | [`CowStat`] index | `u64` cumulative events |
 //!
 //! The pins are owned through a lock on the directory
-//! `/sys/fs/bpf/simrep/<vm>/cow.lock` (bpffs holds no regular files), so a
+//! `/sys/fs/bpf/simrep/<vm>/cow_lock` (bpffs holds no regular files, and
+//! no names with a dot), so a
 //! [`super::WriteTracer`] of the same VM, which locks the VM directory
 //! itself, and a [`CowTracer`] coexist; a second live [`CowTracer`] of the
 //! same name is refused, and the pins of a crashed one are replaced.
@@ -68,7 +69,7 @@ pub const COW_PINNED_MAPS: [&str; 3] = [COW_CONFIG_MAP, COW_EVENTS_MAP, COW_STAT
 
 /// Name of the directory, inside the VM's pin directory, whose `flock`
 /// marks the copy-on-write pins as owned by a live process.
-pub const COW_LOCK_DIR: &str = "cow.lock";
+pub const COW_LOCK_DIR: &str = "cow_lock";
 
 /// x86 page-fault error code bit: the page was present (a protection
 /// fault, as a write-protect fault is).
@@ -546,11 +547,23 @@ fn release_pins(pins: &mut Option<PinDir>, lock_dir: &Path) {
     drop(pins);
 }
 
-/// Creates `/sys/fs/bpf/simrep/<vm>/cow.lock` and locks it; returns the pin
+/// Creates `/sys/fs/bpf/simrep/<vm>/cow_lock` and locks it; returns the pin
 /// directory (`/sys/fs/bpf/simrep/<vm>`, owning that lock) and the lock
 /// directory's path.
 fn lock_pins(vm: &str) -> Result<(PinDir, PathBuf), EbpfError> {
     let dir = Path::new(PIN_ROOT).join(vm);
+    let result = try_lock_pins(&dir);
+    if result.is_err() {
+        // Leave no empty directory behind (fails, as it should, if it
+        // holds anything).
+        let _ = fs::remove_dir(&dir);
+    }
+    result
+}
+
+/// [`lock_pins`] without the clean-up on failure.
+fn try_lock_pins(dir: &Path) -> Result<(PinDir, PathBuf), EbpfError> {
+    let dir = dir.to_path_buf();
     let lock_dir = dir.join(COW_LOCK_DIR);
     let create_err = |path: &Path| {
         let path = path.to_path_buf();

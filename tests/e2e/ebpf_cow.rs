@@ -1,0 +1,451 @@
+//! End-to-end tests of eBPF copy-on-write fault tracing
+//! (`simrep::ebpf::CowTracer`) on real guest memory (`simrep::vmm`'s
+//! `GuestMemory`) under a real userfaultfd write-protect view
+//! (`simrep::dirty::cow::CowMemory`): host threads of this process write a
+//! known set of pages while a view is armed over another known set, and the
+//! events must name exactly the armed pages written, with the writer's
+//! thread id. The programs filter by thread group *and* guest-memory range,
+//! so other tests of this process (other memory) do not disturb them.
+//!
+//! Needs root, bpffs, tracefs, `bpftool` and the right to open a
+//! userfaultfd; without one a test fails and says which.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Instant;
+
+use simrep::dirty::cow::{CowMemory, CowOptions, PageSource, PAGE_SIZE};
+use simrep::ebpf::{
+    CowEvent, CowStat, CowTraceError, CowTracer, EbpfError, WriteTracer, COW_CONFIG_MAP,
+    COW_EVENTS_MAP, COW_LOCK_DIR, COW_PINNED_MAPS, COW_STATS_MAP, PIN_ROOT,
+};
+use simrep::vmm::GuestMemory;
+
+use super::ebpf::{bpftool_dump, dump_entries, error_chain, json_number, require_root};
+
+const PAGE: u64 = PAGE_SIZE as u64;
+const MIB: u64 = 1 << 20;
+/// Env var that turns [`crash_helper`] on; its value is the VM name.
+const CRASH_HELPER_ENV: &str = "SIMREP_E2E_EBPF_COW_CRASH_HELPER";
+
+/// A VM name unique to this test process.
+fn instance(test: &str) -> String {
+    format!("e2e-cow-{test}-{}", std::process::id())
+}
+
+fn my_tgid() -> u32 {
+    std::process::id()
+}
+
+/// The calling thread's id.
+fn gettid() -> u32 {
+    // SAFETY: gettid has no preconditions and cannot fail.
+    let tid = unsafe { libc::gettid() };
+    u32::try_from(tid).expect("positive tid")
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds, the clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC exists.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime");
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn start(name: &str, mem: &GuestMemory) -> CowTracer {
+    CowTracer::for_memory(name, my_tgid(), mem).unwrap_or_else(|e| {
+        panic!(
+            "cannot start eBPF copy-on-write tracing: {}",
+            error_chain(&e)
+        )
+    })
+}
+
+/// Guest memory with every page written once (populated, no first-touch
+/// faults later).
+fn memory(bytes: u64) -> Arc<GuestMemory> {
+    let mem = Arc::new(GuestMemory::new(bytes).expect("guest memory"));
+    for gfn in 0..bytes / PAGE {
+        mem.write(gfn * PAGE, &gfn.to_le_bytes()).unwrap();
+    }
+    mem
+}
+
+/// A view over exactly the armed pages (no merged gaps, which would fault
+/// too).
+fn cow_memory(mem: &Arc<GuestMemory>) -> CowMemory {
+    let mut cow = CowMemory::new(Arc::clone(mem)).unwrap_or_else(|e| {
+        panic!(
+            "cannot register guest memory for userfaultfd write-protect: {}",
+            error_chain(&e)
+        )
+    });
+    cow.set_options(CowOptions {
+        coalesce_gap: 0,
+        max_ranges: usize::MAX,
+    });
+    cow
+}
+
+/// Writes 64 bytes into each page of `gfns`, `times` times, from a new
+/// thread; returns that thread's id.
+fn write_pages(mem: &Arc<GuestMemory>, gfns: &[u64], times: u32, byte: u8) -> u32 {
+    let mem = Arc::clone(mem);
+    let gfns = gfns.to_vec();
+    std::thread::spawn(move || {
+        for t in 0..times {
+            for &g in &gfns {
+                mem.write(g * PAGE + 64 * u64::from(t), &[byte; 64])
+                    .unwrap();
+            }
+        }
+        gettid()
+    })
+    .join()
+    .expect("writer thread")
+}
+
+/// Sum over CPUs of entry `key` in a `bpftool -j` per-CPU array dump.
+fn per_cpu_sum(entries: &[serde_json::Value], key: u32) -> u64 {
+    let entry = entries
+        .iter()
+        .find(|e| json_number(&e["key"]) == u64::from(key))
+        .unwrap_or_else(|| panic!("no key {key} in {entries:?}"));
+    entry["values"]
+        .as_array()
+        .expect("per-CPU values")
+        .iter()
+        .map(|v| json_number(&v["value"]))
+        .sum()
+}
+
+/// Pages of `events`, with the number of events each.
+fn pages(events: &[CowEvent]) -> BTreeMap<u64, usize> {
+    let mut out = BTreeMap::new();
+    for e in events {
+        *out.entry(e.gfn).or_insert(0) += 1;
+    }
+    out
+}
+
+#[test]
+fn cow_events_name_exactly_the_armed_pages_written() {
+    require_root();
+    let name = instance("window");
+    let mem = memory(16 * MIB);
+    let cow = cow_memory(&mem);
+    let mut tracer = start(&name, &mem);
+    let npages = mem.size() / PAGE;
+
+    // Before any view: populated pages do not fault.
+    write_pages(&mem, &[1, 2, 3, 1000], 2, 0x11);
+    let before = tracer.poll();
+    assert!(
+        before.is_empty(),
+        "write faults before arming: {before:?} (guest memory not populated?)"
+    );
+    let _ = tracer.take_epoch_stats().unwrap();
+
+    // Armed: scattered pages, runs, both ends of memory.
+    let armed: Vec<u64> = [0, 7, 8, 9, 100, 513, 1024, 2000, 3000, npages - 1]
+        .into_iter()
+        .chain((1500..1540).step_by(3))
+        .collect();
+    // Two writers, each with part of the armed pages (every armed page but
+    // three) and pages outside the view.
+    let written_armed = &armed[..armed.len() - 3];
+    let a: Vec<u64> = written_armed.iter().copied().step_by(2).collect();
+    let b: Vec<u64> = written_armed.iter().copied().skip(1).step_by(2).collect();
+    let outside = [1, 2, 3, 10, 101, 1000, 1501, npages - 2];
+    let armed_set: BTreeSet<u64> = armed.iter().copied().collect();
+    assert!(outside.iter().all(|g| !armed_set.contains(g)));
+
+    let t0 = monotonic_ns();
+    let view = cow.arm(&armed).unwrap();
+    let tid_a = write_pages(&mem, &[&a[..], &outside[..]].concat(), 3, 0xa5);
+    let tid_b = write_pages(&mem, &[&outside[..], &b[..]].concat(), 3, 0x5a);
+    let events = tracer.poll();
+    let t1 = monotonic_ns();
+    // The view saw the same writes.
+    let mut buf = [0u8; PAGE_SIZE];
+    for &g in a.iter().chain(&b) {
+        assert_eq!(view.read_page(g, &mut buf).unwrap(), PageSource::Saved, "page {g}");
+    }
+    let cow_stats = view.finish();
+    let epoch = tracer.take_epoch_stats().unwrap();
+    eprintln!(
+        "armed {} pages, wrote {} of them and {} outside: {} events on {} pages; \
+         userfaultfd faults {}; eBPF epoch stats {epoch:?}",
+        armed.len(),
+        a.len() + b.len(),
+        outside.len(),
+        events.len(),
+        pages(&events).len(),
+        cow_stats.faults
+    );
+
+    let written: BTreeSet<u64> = a.iter().chain(&b).copied().collect();
+    let seen: BTreeSet<u64> = pages(&events).keys().copied().collect();
+    assert_eq!(
+        seen, written,
+        "the COW events must name exactly the armed pages written (missing {:?}, extra {:?})",
+        written.difference(&seen).collect::<Vec<_>>(),
+        seen.difference(&written).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        events.len() as u64,
+        cow_stats.faults,
+        "one event per write-protect fault the handler saw"
+    );
+    for e in &events {
+        let want_tid = if a.contains(&e.gfn) { tid_a } else { tid_b };
+        assert_eq!(e.tid, want_tid, "writer of page {}: {e:?}", e.gfn);
+        assert!(e.is_write() && e.is_protection(), "{e:?}");
+        assert_eq!(e.range, 0);
+        assert_eq!(tracer.gfn_of(e.host_addr), Some(e.gfn));
+        assert_eq!(e.host_addr & !(PAGE - 1), mem.host_addr() + e.gfn * PAGE);
+        assert!((t0..=t1).contains(&e.ktime_ns), "{e:?} outside [{t0}, {t1}]");
+    }
+    assert_eq!(epoch.cow_faults, events.len() as u64, "{epoch:?}");
+    assert_eq!(epoch.ring_full, 0, "{epoch:?}");
+    assert_eq!(epoch.read_errors, 0, "{epoch:?}");
+
+    // After the view: nothing faults any more.
+    write_pages(&mem, &[&a[..], &b[..], &outside[..]].concat(), 1, 0x77);
+    let after = tracer.poll();
+    assert!(after.is_empty(), "events after the view closed: {after:?}");
+    assert_eq!(tracer.take_epoch_stats().unwrap().cow_faults, 0);
+}
+
+#[test]
+fn a_second_range_maps_to_its_guest_frames() {
+    require_root();
+    let name = instance("ranges");
+    let low = memory(4 * MIB);
+    let high = memory(4 * MIB);
+    let cow = cow_memory(&high);
+    // Two mappings: `low` at guest 0, `high` right after it.
+    let mut tracer = CowTracer::start(
+        &name,
+        my_tgid(),
+        &[(low.host_addr(), low.size()), (high.host_addr(), high.size())],
+    )
+    .unwrap_or_else(|e| panic!("start: {}", error_chain(&e)));
+    let view = cow.arm(&[5, 6, 700]).unwrap();
+    write_pages(&high, &[5, 700, 800], 1, 0x3c);
+    let events = tracer.poll();
+    drop(view);
+    let offset = low.size() / PAGE;
+    assert_eq!(
+        pages(&events).keys().copied().collect::<Vec<_>>(),
+        vec![offset + 5, offset + 700],
+        "{events:?}"
+    );
+    assert!(events.iter().all(|e| e.range == 1), "{events:?}");
+}
+
+#[test]
+fn bpftool_dumps_the_pinned_cow_maps_and_they_go_away_on_drop() {
+    require_root();
+    let name = instance("pins");
+    let mem = memory(8 * MIB);
+    let cow = cow_memory(&mem);
+    let mut tracer = start(&name, &mem);
+    let pin_dir = PathBuf::from(PIN_ROOT).join(&name);
+    assert_eq!(tracer.pin_dir(), pin_dir);
+    for map in COW_PINNED_MAPS {
+        let pin = tracer.map_pin_path(map);
+        assert!(pin.exists(), "{} not pinned", pin.display());
+    }
+
+    let written: Vec<u64> = (0..32).map(|i| i * 37 + 3).collect();
+    let view = cow.arm(&written).unwrap();
+    write_pages(&mem, &written, 1, 0xc3);
+    drop(view);
+    let events = tracer.poll();
+    assert_eq!(pages(&events).len(), written.len(), "{events:?}");
+    let stats = tracer.stats().unwrap();
+
+    let stats_pin = tracer.map_pin_path(COW_STATS_MAP);
+    let plain = bpftool_dump(&stats_pin, false);
+    eprintln!("bpftool map dump pinned {}:\n{plain}", stats_pin.display());
+    assert!(
+        plain.contains("\"key\": 0") && plain.contains("\"cpu\": 0"),
+        "bpftool does not show the typed per-CPU statistics:\n{plain}"
+    );
+    let entries = dump_entries(&bpftool_dump(&stats_pin, true));
+    assert_eq!(entries.len(), CowStat::COUNT as usize, "{entries:?}");
+    assert_eq!(
+        per_cpu_sum(&entries, CowStat::CowFaults.index()),
+        stats.cow_faults,
+        "bpftool and the API disagree on the COW faults"
+    );
+    assert!(stats.cow_faults >= written.len() as u64, "{stats:?}");
+    assert_eq!(per_cpu_sum(&entries, CowStat::RingFull.index()), 0);
+
+    let config_pin = tracer.map_pin_path(COW_CONFIG_MAP);
+    let plain = bpftool_dump(&config_pin, false);
+    eprintln!("bpftool map dump pinned {}:\n{plain}", config_pin.display());
+    let config = dump_entries(&bpftool_dump(&config_pin, true));
+    let value = &config[0]["value"];
+    assert_eq!(json_number(&value["target_tgid"]), u64::from(my_tgid()), "{config:?}");
+    assert_eq!(json_number(&value["nr_ranges"]), 1, "{config:?}");
+    assert_eq!(json_number(&value["ranges"][0]["host_addr"]), mem.host_addr());
+    assert_eq!(json_number(&value["ranges"][0]["len"]), mem.size());
+    assert_eq!(json_number(&value["ranges"][0]["guest_phys"]), 0);
+
+    // The ring buffer is pinned too (bpftool cannot dump a ring buffer, but
+    // shows it).
+    let show = Command::new("bpftool")
+        .args(["-j", "map", "show", "pinned"])
+        .arg(tracer.map_pin_path(COW_EVENTS_MAP))
+        .output()
+        .expect("run bpftool");
+    let show = String::from_utf8_lossy(&show.stdout);
+    eprintln!("bpftool map show pinned .../{COW_EVENTS_MAP}: {show}");
+    assert!(show.contains("\"ringbuf\""), "{show}");
+
+    drop(tracer);
+    for map in COW_PINNED_MAPS {
+        let pin = pin_dir.join(map);
+        assert!(!pin.exists(), "{} left behind", pin.display());
+    }
+    assert!(!pin_dir.exists(), "{} left behind", pin_dir.display());
+}
+
+#[test]
+fn cow_and_write_tracers_of_one_vm_share_its_pin_directory() {
+    require_root();
+    let name = instance("share");
+    let mem = memory(2 * MIB);
+    let writes = WriteTracer::start(&name, my_tgid())
+        .unwrap_or_else(|e| panic!("start the write tracer: {}", error_chain(&e)));
+    let tracer = start(&name, &mem);
+    assert_eq!(tracer.pin_dir(), writes.pin_dir());
+    // A second live copy-on-write tracer of the same VM is refused.
+    match CowTracer::for_memory(&name, my_tgid(), &mem) {
+        Err(CowTraceError::Ebpf(EbpfError::PinDirInUse { path })) => {
+            assert_eq!(path, tracer.pin_dir().join(COW_LOCK_DIR));
+        }
+        other => panic!("a second tracer of {name} was not refused: {other:?}"),
+    }
+    let pin_dir = tracer.pin_dir().to_owned();
+    drop(tracer);
+    assert!(!pin_dir.join(COW_STATS_MAP).exists());
+    assert!(!pin_dir.join(COW_LOCK_DIR).exists());
+    assert!(
+        writes.map_pin_path(simrep::ebpf::WRITE_STATS_MAP).exists(),
+        "dropping the COW tracer removed the write tracer's pins"
+    );
+    drop(writes);
+    assert!(!pin_dir.exists(), "{} left behind", pin_dir.display());
+}
+
+#[test]
+fn stale_cow_pins_of_a_crashed_run_are_replaced() {
+    require_root();
+    let name = instance("stale");
+    let out = Command::new(std::env::current_exe().expect("test binary"))
+        .args(["ebpf_cow::crash_helper", "--exact", "--ignored", "--nocapture"])
+        .env(CRASH_HELPER_ENV, &name)
+        .output()
+        .expect("run the helper");
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "crash helper failed: {text}");
+    let pin_dir = PathBuf::from(PIN_ROOT).join(&name);
+    let stale = pin_dir.join(COW_CONFIG_MAP);
+    assert!(stale.exists(), "the crashed run left no pin to replace");
+    assert!(pin_dir.join(COW_LOCK_DIR).exists());
+    let stale_config = dump_entries(&bpftool_dump(&stale, true));
+    assert_eq!(json_number(&stale_config[0]["value"]["target_tgid"]), 1);
+
+    let mem = memory(2 * MIB);
+    let tracer = start(&name, &mem);
+    let config = dump_entries(&bpftool_dump(&tracer.map_pin_path(COW_CONFIG_MAP), true));
+    assert_eq!(
+        json_number(&config[0]["value"]["target_tgid"]),
+        u64::from(my_tgid()),
+        "the stale pin was not replaced: {config:?}"
+    );
+    drop(tracer);
+    assert!(!pin_dir.exists(), "{} left behind", pin_dir.display());
+}
+
+/// Not a test: [`stale_cow_pins_of_a_crashed_run_are_replaced`] runs it in a
+/// child process, where it starts a tracer and "crashes" (exits without
+/// cleanup).
+#[test]
+#[ignore = "helper run by stale_cow_pins_of_a_crashed_run_are_replaced"]
+fn crash_helper() {
+    let Ok(name) = std::env::var(CRASH_HELPER_ENV) else {
+        return;
+    };
+    let mem = GuestMemory::new(2 * MIB).expect("guest memory");
+    let tracer = CowTracer::for_memory(&name, 1, &mem)
+        .unwrap_or_else(|e| panic!("start: {}", error_chain(&e)));
+    assert!(tracer.map_pin_path(COW_CONFIG_MAP).exists());
+    // Like a crash: no destructors run, the pins stay.
+    std::process::exit(0);
+}
+
+/// Median of `v` (sorted in place).
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Copy-on-write faults per second of one host writer, with and without
+/// the tracer, alternating in one run; prints the medians.
+/// `cargo test -p tests --test e2e ebpf_cow::cow_fault_overhead -- --ignored --nocapture`
+#[test]
+#[ignore = "benchmark: prints figures"]
+fn cow_fault_overhead() {
+    require_root();
+    const PAGES: u64 = 4096;
+    const ROUNDS: usize = 9;
+    let name = instance("bench");
+    let mem = memory(64 * MIB);
+    let cow = cow_memory(&mem);
+    // Every 4th page of the first 64 MiB: one range per page.
+    let gfns: Vec<u64> = (0..PAGES).map(|i| i * 4).collect();
+    let round = |traced: bool| -> (f64, usize) {
+        let mut tracer = traced.then(|| start(&name, &mem));
+        let view = cow.arm(&gfns).unwrap();
+        let writer = {
+            let mem = Arc::clone(&mem);
+            let gfns = gfns.clone();
+            std::thread::spawn(move || {
+                let t = Instant::now();
+                for &g in &gfns {
+                    mem.write(g * PAGE, &[0x42; 8]).unwrap();
+                }
+                t.elapsed()
+            })
+        };
+        let elapsed = writer.join().unwrap();
+        let events = tracer.as_mut().map_or(0, |t| t.poll().len());
+        let stats = view.finish();
+        assert_eq!(stats.faults, PAGES);
+        if traced {
+            assert_eq!(events as u64, PAGES, "events lost");
+        }
+        (PAGES as f64 / elapsed.as_secs_f64(), events)
+    };
+    let (mut with, mut without) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        without.push(round(false).0);
+        with.push(round(true).0);
+    }
+    let (w, wo) = (median(&mut with), median(&mut without));
+    println!(
+        "COW faults/s, 1 host writer, {PAGES} pages, median of {ROUNDS}: \
+         without tracer {wo:.0}, with tracer {w:.0} ({:+.1} %)",
+        (w / wo - 1.0) * 100.0
+    );
+}
