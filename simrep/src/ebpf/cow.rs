@@ -39,7 +39,8 @@
 
 use std::fs::{self, File};
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::time::Duration;
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 
@@ -498,6 +499,29 @@ impl CowTracer {
         Ok(out)
     }
 
+    /// How often the program ran and for how long in total, as the kernel
+    /// accounts it while BPF run-time statistics are on
+    /// ([`enable_bpf_run_stats`]); zeros otherwise. Every user page fault on
+    /// the host runs it, most leave at the thread-group filter.
+    ///
+    /// # Errors
+    ///
+    /// [`CowTraceError::Program`] if the kernel does not report it.
+    pub fn program_run_stats(&self) -> Result<(u64, Duration), CowTraceError> {
+        let program = self
+            .ebpf
+            .program(COW_FAULT_PROGRAM)
+            .ok_or(EbpfError::MissingInObject {
+                kind: "program",
+                name: COW_FAULT_PROGRAM,
+            })?;
+        let info = program.info().map_err(|source| CowTraceError::Program {
+            action: "query",
+            source: Box::new(source),
+        })?;
+        Ok((info.run_count(), info.run_time()))
+    }
+
     /// The traced ranges.
     pub fn ranges(&self) -> &[CowRange] {
         &self.ranges
@@ -518,6 +542,18 @@ impl CowTracer {
     pub fn map_pin_path(&self, map: &str) -> PathBuf {
         self.pin_dir().join(map)
     }
+}
+
+/// Turns on the kernel's BPF run-time statistics (run count and time of
+/// every program, [`CowTracer::program_run_stats`]) until the returned file
+/// descriptor is closed. They cost a little on every program run, so only
+/// for measurements.
+///
+/// # Errors
+///
+/// The `BPF_ENABLE_STATS` syscall failed (not root, or Linux < 5.8).
+pub fn enable_bpf_run_stats() -> io::Result<OwnedFd> {
+    aya::sys::enable_stats(aya::sys::Stats::RunTime).map_err(|e| e.io_error)
 }
 
 impl Drop for CowTracer {
