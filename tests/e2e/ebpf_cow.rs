@@ -21,6 +21,7 @@ use simrep::ebpf::{
     CowEvent, CowStat, CowTraceError, CowTracer, EbpfError, WriteTracer, COW_CONFIG_MAP,
     COW_EVENTS_MAP, COW_LOCK_DIR, COW_PINNED_MAPS, COW_STATS_MAP, PIN_ROOT,
 };
+use simrep::vmm::run::{self, ChurnOptions, RunOptions, Workload};
 use simrep::vmm::GuestMemory;
 
 use super::ebpf::{bpftool_dump, dump_entries, error_chain, json_number, require_root};
@@ -175,7 +176,11 @@ fn cow_events_name_exactly_the_armed_pages_written() {
     // The view saw the same writes.
     let mut buf = [0u8; PAGE_SIZE];
     for &g in a.iter().chain(&b) {
-        assert_eq!(view.read_page(g, &mut buf).unwrap(), PageSource::Saved, "page {g}");
+        assert_eq!(
+            view.read_page(g, &mut buf).unwrap(),
+            PageSource::Saved,
+            "page {g}"
+        );
     }
     let cow_stats = view.finish();
     let epoch = tracer.take_epoch_stats().unwrap();
@@ -193,7 +198,8 @@ fn cow_events_name_exactly_the_armed_pages_written() {
     let written: BTreeSet<u64> = a.iter().chain(&b).copied().collect();
     let seen: BTreeSet<u64> = pages(&events).keys().copied().collect();
     assert_eq!(
-        seen, written,
+        seen,
+        written,
         "the COW events must name exactly the armed pages written (missing {:?}, extra {:?})",
         written.difference(&seen).collect::<Vec<_>>(),
         seen.difference(&written).collect::<Vec<_>>()
@@ -210,7 +216,10 @@ fn cow_events_name_exactly_the_armed_pages_written() {
         assert_eq!(e.range, 0);
         assert_eq!(tracer.gfn_of(e.host_addr), Some(e.gfn));
         assert_eq!(e.host_addr & !(PAGE - 1), mem.host_addr() + e.gfn * PAGE);
-        assert!((t0..=t1).contains(&e.ktime_ns), "{e:?} outside [{t0}, {t1}]");
+        assert!(
+            (t0..=t1).contains(&e.ktime_ns),
+            "{e:?} outside [{t0}, {t1}]"
+        );
     }
     assert_eq!(epoch.cow_faults, events.len() as u64, "{epoch:?}");
     assert_eq!(epoch.ring_full, 0, "{epoch:?}");
@@ -234,7 +243,10 @@ fn a_second_range_maps_to_its_guest_frames() {
     let mut tracer = CowTracer::start(
         &name,
         my_tgid(),
-        &[(low.host_addr(), low.size()), (high.host_addr(), high.size())],
+        &[
+            (low.host_addr(), low.size()),
+            (high.host_addr(), high.size()),
+        ],
     )
     .unwrap_or_else(|e| panic!("start: {}", error_chain(&e)));
     let view = cow.arm(&[5, 6, 700]).unwrap();
@@ -294,9 +306,16 @@ fn bpftool_dumps_the_pinned_cow_maps_and_they_go_away_on_drop() {
     eprintln!("bpftool map dump pinned {}:\n{plain}", config_pin.display());
     let config = dump_entries(&bpftool_dump(&config_pin, true));
     let value = &config[0]["value"];
-    assert_eq!(json_number(&value["target_tgid"]), u64::from(my_tgid()), "{config:?}");
+    assert_eq!(
+        json_number(&value["target_tgid"]),
+        u64::from(my_tgid()),
+        "{config:?}"
+    );
     assert_eq!(json_number(&value["nr_ranges"]), 1, "{config:?}");
-    assert_eq!(json_number(&value["ranges"][0]["host_addr"]), mem.host_addr());
+    assert_eq!(
+        json_number(&value["ranges"][0]["host_addr"]),
+        mem.host_addr()
+    );
     assert_eq!(json_number(&value["ranges"][0]["len"]), mem.size());
     assert_eq!(json_number(&value["ranges"][0]["guest_phys"]), 0);
 
@@ -352,7 +371,12 @@ fn stale_cow_pins_of_a_crashed_run_are_replaced() {
     require_root();
     let name = instance("stale");
     let out = Command::new(std::env::current_exe().expect("test binary"))
-        .args(["ebpf_cow::crash_helper", "--exact", "--ignored", "--nocapture"])
+        .args([
+            "ebpf_cow::crash_helper",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+        ])
         .env(CRASH_HELPER_ENV, &name)
         .output()
         .expect("run the helper");
@@ -392,6 +416,111 @@ fn crash_helper() {
     assert!(tracer.map_pin_path(COW_CONFIG_MAP).exists());
     // Like a crash: no destructors run, the pins stay.
     std::process::exit(0);
+}
+
+/// With a real KVM guest (`churn`, its vCPUs writing guest memory as fast
+/// as they can): the host's own writes to armed pages while the vCPUs are
+/// paused are events with the writer's tid; vCPU writes inside `KVM_RUN`
+/// fault through KVM's `get_user_pages` (no CPU exception, so no
+/// `page_fault_user` event); every event is an armed page.
+#[test]
+fn with_a_kvm_guest_events_are_the_host_writes_to_armed_pages() {
+    require_root();
+    tests::require_kvm();
+    let name = instance("kvm");
+    let opts = RunOptions {
+        workload: Workload::Churn,
+        mem_bytes: 64 * MIB,
+        vcpus: 1,
+        churn: ChurnOptions {
+            rate_mib_s: 0,
+            report_ms: 0,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let vm = run::boot(&opts).expect("boot the churn guest");
+    let progress = || run::progress(&vm, 0).expect("progress");
+    let t = Instant::now();
+    while progress() == 0 {
+        assert!(t.elapsed() < Duration::from_secs(30), "churn never started");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mem = vm.memory();
+    let cow = cow_memory(mem);
+    let mut tracer = start(&name, mem);
+    let pages = cow.pages();
+    let armed: Vec<u64> = (0..pages).step_by(2).collect();
+    // Host writes: armed pages near the top of memory, plus unarmed ones.
+    let host_armed: Vec<u64> = armed.iter().rev().take(16).copied().collect();
+    let host_other: Vec<u64> = host_armed.iter().map(|g| g + 1).collect();
+    // Keep the guest's view of those pages: write back what was there.
+    let restore: Vec<(u64, [u8; 64])> = host_armed
+        .iter()
+        .chain(&host_other)
+        .map(|&g| {
+            let mut b = [0u8; 64];
+            mem.read(g * PAGE, &mut b).unwrap();
+            (g, b)
+        })
+        .collect();
+
+    vm.pause_all().expect("pause");
+    let _ = tracer.poll();
+    let view = cow.arm(&armed).unwrap();
+    let host_tid = {
+        let mem = Arc::clone(mem);
+        std::thread::spawn(move || {
+            for (g, b) in &restore {
+                mem.write(g * PAGE, b).unwrap();
+            }
+            gettid()
+        })
+        .join()
+        .unwrap()
+    };
+    vm.resume_all().expect("resume");
+    let p0 = progress();
+    std::thread::sleep(Duration::from_millis(300));
+    let p1 = progress();
+    vm.pause_all().expect("pause");
+    let events = tracer.poll();
+    let stats = view.finish();
+    vm.resume_all().expect("resume");
+
+    let armed_set: BTreeSet<u64> = armed.iter().copied().collect();
+    let by_host: BTreeSet<u64> = events
+        .iter()
+        .filter(|e| e.tid == host_tid)
+        .map(|e| e.gfn)
+        .collect();
+    let others: Vec<&CowEvent> = events.iter().filter(|e| e.tid != host_tid).collect();
+    eprintln!(
+        "guest progress {p0} -> {p1}; userfaultfd write-protect faults {}, pages copied {}; \
+         eBPF events {} ({} from the host writer, {} from other threads: {:?})",
+        stats.faults,
+        stats.pages_copied,
+        events.len(),
+        by_host.len(),
+        others.len(),
+        others.iter().take(4).collect::<Vec<_>>()
+    );
+    assert!(p1 > p0, "the guest made no progress");
+    assert!(
+        stats.faults > host_armed.len() as u64,
+        "the vCPUs raised no write-protect fault"
+    );
+    assert_eq!(
+        by_host,
+        host_armed.iter().copied().collect::<BTreeSet<u64>>(),
+        "the host writer's events must be exactly its armed pages"
+    );
+    for e in &events {
+        assert!(
+            armed_set.contains(&e.gfn),
+            "event outside the armed set: {e:?}"
+        );
+    }
 }
 
 /// Median of `v` (sorted in place).
@@ -495,11 +624,17 @@ fn cow_fault_overhead() {
     let (base, len) = (mem.host_addr(), mem.size() as usize);
     // SAFETY: `base..base+len` is `mem`'s private mapping, which nothing
     // else uses; MADV_NOHUGEPAGE only changes how the kernel backs it.
-    assert_eq!(unsafe { libc::madvise(base as *mut _, len, libc::MADV_NOHUGEPAGE) }, 0);
+    assert_eq!(
+        unsafe { libc::madvise(base as *mut _, len, libc::MADV_NOHUGEPAGE) },
+        0
+    );
     let (wo, w, ns) = with_and_without(ROUNDS, |traced| {
         // SAFETY: as above; MADV_DONTNEED drops the pages (they read as
         // zero and fault in again), which no other code relies on.
-        assert_eq!(unsafe { libc::madvise(base as *mut _, len, libc::MADV_DONTNEED) }, 0);
+        assert_eq!(
+            unsafe { libc::madvise(base as *mut _, len, libc::MADV_DONTNEED) },
+            0
+        );
         let mut tracer = maybe_tracer(&name, &mem, traced);
         let before = tracer.as_ref().map(|t| t.program_run_stats().unwrap());
         let t = Instant::now();

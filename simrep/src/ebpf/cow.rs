@@ -40,9 +40,9 @@
 use std::fs::{self, File};
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::time::Duration;
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use aya::{
     maps::{Array, MapData, PerCpuArray, RingBuf},
@@ -242,7 +242,10 @@ fn check_ranges(ranges: &[CowRange]) -> Result<(), CowTraceError> {
     }
     for (i, r) in ranges.iter().enumerate() {
         if r.len == 0 || r.host_addr.checked_add(r.len).is_none() {
-            return bad(format!("range {i} ({:#x}, +{:#x}) is empty or wraps", r.host_addr, r.len));
+            return bad(format!(
+                "range {i} ({:#x}, +{:#x}) is empty or wraps",
+                r.host_addr, r.len
+            ));
         }
         if (r.host_addr | r.len | r.guest_phys) & 0xfff != 0 {
             return bad(format!(
@@ -740,7 +743,10 @@ mod tests {
         // SAFETY: the record is plain data of exactly this many bytes.
         let bytes: [u8; 40] = unsafe { std::mem::transmute(rec) };
         let e = CowEvent::from_bytes(&bytes).unwrap();
-        assert_eq!((e.host_addr, e.gfn, e.tid, e.ktime_ns), (0x7f00_0000_1234, 1, 42, 99));
+        assert_eq!(
+            (e.host_addr, e.gfn, e.tid, e.ktime_ns),
+            (0x7f00_0000_1234, 1, 42, 99)
+        );
         assert!(e.is_write() && e.is_protection());
         assert!(CowEvent::from_bytes(&bytes[..39]).is_none());
     }

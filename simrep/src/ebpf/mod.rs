@@ -19,8 +19,8 @@ mod writes;
 // ---- copy-on-write fault tracing (issue 5) ----
 mod cow;
 pub use cow::{
-    consecutive_ranges, enable_bpf_run_stats, gfn_of, CowEvent, CowTraceError, CowTraceStats, CowTracer, CowTracing,
-    COW_LOCK_DIR, COW_PINNED_MAPS, PF_ERROR_PRESENT,
+    consecutive_ranges, enable_bpf_run_stats, gfn_of, CowEvent, CowTraceError, CowTraceStats,
+    CowTracer, CowTracing, COW_LOCK_DIR, COW_PINNED_MAPS, PF_ERROR_PRESENT,
 };
 pub use simrep_common::{
     CowConfig, CowRange, CowStat, COW_CONFIG_MAP, COW_EVENTS_BYTES, COW_EVENTS_MAP,
