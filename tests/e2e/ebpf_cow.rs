@@ -624,17 +624,13 @@ fn cow_fault_overhead() {
     let (base, len) = (mem.host_addr(), mem.size() as usize);
     // SAFETY: `base..base+len` is `mem`'s private mapping, which nothing
     // else uses; MADV_NOHUGEPAGE only changes how the kernel backs it.
-    assert_eq!(
-        unsafe { libc::madvise(base as *mut _, len, libc::MADV_NOHUGEPAGE) },
-        0
-    );
+    let rc = unsafe { libc::madvise(base as *mut _, len, libc::MADV_NOHUGEPAGE) };
+    assert_eq!(rc, 0, "MADV_NOHUGEPAGE");
     let (wo, w, ns) = with_and_without(ROUNDS, |traced| {
         // SAFETY: as above; MADV_DONTNEED drops the pages (they read as
         // zero and fault in again), which no other code relies on.
-        assert_eq!(
-            unsafe { libc::madvise(base as *mut _, len, libc::MADV_DONTNEED) },
-            0
-        );
+        let rc = unsafe { libc::madvise(base as *mut _, len, libc::MADV_DONTNEED) };
+        assert_eq!(rc, 0, "MADV_DONTNEED");
         let mut tracer = maybe_tracer(&name, &mem, traced);
         let before = tracer.as_ref().map(|t| t.program_run_stats().unwrap());
         let t = Instant::now();
