@@ -204,10 +204,14 @@ fn cow_events_name_exactly_the_armed_pages_written() {
         written.difference(&seen).collect::<Vec<_>>(),
         seen.difference(&written).collect::<Vec<_>>()
     );
-    assert_eq!(
-        events.len() as u64,
-        cow_stats.faults,
-        "one event per write-protect fault the handler saw"
+    // Every write-protect fault the handler saw was a CPU exception of a
+    // host writer; a writer can also re-fault on a page while the handler
+    // is un-protecting it (an event, and no second userfaultfd message).
+    assert!(
+        events.len() as u64 >= cow_stats.faults,
+        "{} events < {} write-protect faults",
+        events.len(),
+        cow_stats.faults
     );
     for e in &events {
         let want_tid = if a.contains(&e.gfn) { tid_a } else { tid_b };
@@ -607,7 +611,8 @@ fn cow_fault_overhead() {
         let stats = view.finish();
         assert_eq!(stats.faults, PAGES);
         let runs = tracer.as_mut().map(|t| {
-            assert_eq!(t.poll().len() as u64, PAGES, "events lost");
+            let events = t.poll();
+            assert_eq!(pages(&events).len() as u64, PAGES, "events lost");
             run_delta(t, before.unwrap())
         });
         (PAGES as f64 / elapsed.as_secs_f64(), runs)

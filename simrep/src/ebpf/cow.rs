@@ -47,7 +47,7 @@ use std::time::Duration;
 use aya::{
     maps::{Array, MapData, PerCpuArray, RingBuf},
     programs::{ProgramError, TracePoint},
-    Ebpf,
+    Ebpf, EbpfLoader,
 };
 use nix::{
     errno::Errno,
@@ -59,7 +59,7 @@ use simrep_common::{
 };
 use simrep_common::{
     PAGE_FAULT_USER_ADDRESS_OFFSET, PAGE_FAULT_USER_CATEGORY, PAGE_FAULT_USER_ERROR_CODE_OFFSET,
-    PAGE_FAULT_USER_TRACEPOINT, PF_ERROR_WRITE,
+    PAGE_FAULT_USER_TRACEPOINT, PF_ERROR_WRITE, RING_PAGES_MAP, WALK_PAGES_MAP,
 };
 
 use super::{field_layout, is_mounted, EbpfError, LogPump, PinDir, BPFFS, PIN_ROOT, TRACEFS};
@@ -345,7 +345,7 @@ impl CowTracer {
             return Err(EbpfError::BpffsNotMounted.into());
         }
         check_tracepoint()?;
-        let mut ebpf = super::load_object()?;
+        let mut ebpf = load_object()?;
         let log = LogPump::start(&mut ebpf)?;
         let (pins, lock_dir) = lock_pins(vm)?;
         let mut pins = Some(pins);
@@ -563,6 +563,24 @@ impl Drop for CowTracer {
     fn drop(&mut self) {
         release_pins(&mut self.pins, &self.lock_dir);
     }
+}
+
+/// Loads simrep's eBPF object (as [`super::load_object`]) with the page maps
+/// of the write tracer, which this program never touches, cut to one entry:
+/// at full size they lock 2 x 25 MB of kernel memory (2 CPUs) for nothing.
+fn load_object() -> Result<Ebpf, EbpfError> {
+    EbpfLoader::new()
+        .map_max_entries(RING_PAGES_MAP, 1)
+        .map_max_entries(WALK_PAGES_MAP, 1)
+        .load(super::EBPF_OBJECT)
+        .map_err(|e| {
+            let source = Box::new(e);
+            if super::is_root() {
+                EbpfError::LoadObject { source }
+            } else {
+                EbpfError::NotRoot { source }
+            }
+        })
 }
 
 /// Removes the pins, then the lock directory while still holding its lock,
