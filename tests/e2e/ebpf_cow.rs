@@ -11,6 +11,7 @@
 //! userfaultfd; without one a test fails and says which.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
@@ -18,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use simrep::dirty::cow::{CowMemory, CowOptions, PageSource, PAGE_SIZE};
 use simrep::ebpf::{
-    CowEvent, CowStat, CowTraceError, CowTracer, EbpfError, WriteTracer, COW_CONFIG_MAP,
-    COW_EVENTS_MAP, COW_LOCK_DIR, COW_PINNED_MAPS, COW_STATS_MAP, PIN_ROOT,
+    consecutive_ranges, CowEvent, CowStat, CowTraceError, CowTracer, EbpfError, WriteTracer,
+    COW_CONFIG_MAP, COW_EVENTS_MAP, COW_LOCK_DIR, COW_PINNED_MAPS, COW_STATS_MAP, PIN_ROOT,
 };
 use simrep::vmm::run::{self, ChurnOptions, RunOptions, Workload};
 use simrep::vmm::GuestMemory;
@@ -234,6 +235,73 @@ fn cow_events_name_exactly_the_armed_pages_written() {
     let after = tracer.poll();
     assert!(after.is_empty(), "events after the view closed: {after:?}");
     assert_eq!(tracer.take_epoch_stats().unwrap().cow_faults, 0);
+}
+
+/// Whether `fd` is readable within `timeout_ms`.
+fn readable(fd: BorrowedFd<'_>, timeout_ms: i32) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, for the duration of the call.
+    let rc = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+    assert!(rc >= 0, "poll: {}", std::io::Error::last_os_error());
+    rc == 1 && pfd.revents & libc::POLLIN != 0
+}
+
+#[test]
+fn a_full_ring_drops_and_counts_events_and_its_fd_signals_them() {
+    require_root();
+    let name = instance("full");
+    let mem = memory(8 * MIB);
+    let cow = cow_memory(&mem);
+    // One page of ring: 85 records of 48 bytes.
+    let ring = 4096;
+    let mut tracer = CowTracer::start_with(
+        &name,
+        my_tgid(),
+        &consecutive_ranges(&[(mem.host_addr(), mem.size())]),
+        ring,
+    )
+    .unwrap_or_else(|e| panic!("start: {}", error_chain(&e)));
+    assert!(!readable(tracer.events_fd(), 0), "events before any write");
+
+    let gfns: Vec<u64> = (0..300).map(|i| i * 2).collect();
+    let view = cow.arm(&gfns).unwrap();
+    write_pages(&mem, &gfns, 1, 0x99);
+    drop(view);
+    assert!(
+        readable(tracer.events_fd(), 1000),
+        "the ring fd is not readable"
+    );
+    let events = tracer.poll();
+    let stats = tracer.take_epoch_stats().unwrap();
+    eprintln!("{} events kept of {stats:?}", events.len());
+    assert!(
+        !events.is_empty() && events.len() <= ring as usize / 48,
+        "{} events in a {ring}-byte ring",
+        events.len()
+    );
+    assert!(stats.cow_faults >= gfns.len() as u64, "{stats:?}");
+    assert_eq!(
+        events.len() as u64 + stats.ring_full,
+        stats.cow_faults,
+        "every fault is an event or counted as dropped: {stats:?}"
+    );
+    // The first events are kept, the rest dropped.
+    let kept: Vec<u64> = pages(&events).keys().copied().collect();
+    assert_eq!(kept[..], gfns[..kept.len()], "not the first pages written");
+    assert!(!readable(tracer.events_fd(), 0), "events left after poll");
+
+    // Drained, the ring takes events again.
+    let again = [1, 3, 5];
+    let view = cow.arm(&again).unwrap();
+    write_pages(&mem, &again, 1, 0x66);
+    drop(view);
+    let events = tracer.poll();
+    assert_eq!(pages(&events).keys().copied().collect::<Vec<_>>(), again);
+    assert_eq!(tracer.take_epoch_stats().unwrap().ring_full, 0);
 }
 
 #[test]

@@ -54,7 +54,7 @@ use nix::{
     fcntl::{Flock, FlockArg},
 };
 use simrep_common::{
-    CowConfig, CowEventRecord, CowRange, CowStat, COW_CONFIG_MAP, COW_EVENTS_MAP,
+    CowConfig, CowEventRecord, CowRange, CowStat, COW_CONFIG_MAP, COW_EVENTS_BYTES, COW_EVENTS_MAP,
     COW_FAULT_PROGRAM, COW_RANGES_MAX, COW_STATS_MAP,
 };
 use simrep_common::{
@@ -339,13 +339,39 @@ impl CowTracer {
         tgid: u32,
         ranges: &[CowRange],
     ) -> Result<Self, CowTraceError> {
+        Self::start_with(vm, tgid, ranges, COW_EVENTS_BYTES)
+    }
+
+    /// [`CowTracer::start_with_ranges`] with a ring buffer of `ring_bytes`
+    /// (a power of two, at least the page size; the default is
+    /// [`COW_EVENTS_BYTES`], 2 MiB, about 43 000 events). Each event takes
+    /// 48 bytes; events that find the ring full are dropped and counted in
+    /// [`CowTraceStats::ring_full`].
+    ///
+    /// # Errors
+    ///
+    /// As [`CowTracer::start`]; [`CowTraceError::Ranges`] also for a bad
+    /// ring size.
+    pub fn start_with(
+        vm: &str,
+        tgid: u32,
+        ranges: &[CowRange],
+        ring_bytes: u32,
+    ) -> Result<Self, CowTraceError> {
         super::check_name(vm)?;
         check_ranges(ranges)?;
+        if !ring_bytes.is_power_of_two() || ring_bytes < 4096 {
+            return Err(CowTraceError::Ranges {
+                reason: format!(
+                    "ring buffer size {ring_bytes} is not a power of two of at least 4096 bytes"
+                ),
+            });
+        }
         if !is_mounted(BPFFS, "bpf")? {
             return Err(EbpfError::BpffsNotMounted.into());
         }
         check_tracepoint()?;
-        let mut ebpf = load_object()?;
+        let mut ebpf = load_object(ring_bytes)?;
         let log = LogPump::start(&mut ebpf)?;
         let (pins, lock_dir) = lock_pins(vm)?;
         let mut pins = Some(pins);
@@ -568,8 +594,10 @@ impl Drop for CowTracer {
 /// Loads simrep's eBPF object (as [`super::load_object`]) with the page maps
 /// of the write tracer, which this program never touches, cut to one entry:
 /// at full size they lock 2 x 25 MB of kernel memory (2 CPUs) for nothing.
-fn load_object() -> Result<Ebpf, EbpfError> {
+/// The ring buffer gets `ring_bytes`.
+fn load_object(ring_bytes: u32) -> Result<Ebpf, EbpfError> {
     EbpfLoader::new()
+        .map_max_entries(COW_EVENTS_MAP, ring_bytes)
         .map_max_entries(RING_PAGES_MAP, 1)
         .map_max_entries(WALK_PAGES_MAP, 1)
         .load(super::EBPF_OBJECT)
