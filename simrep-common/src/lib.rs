@@ -200,6 +200,161 @@ impl WriteStat {
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for FaultConfig {}
 
+// ---- copy-on-write fault tracing (issue 5): exceptions:page_fault_user ----
+//
+// [`COW_FAULT_PROGRAM`] runs on `exceptions:page_fault_user` next to
+// [`PAGE_FAULT_USER_PROGRAM`]. It keeps only *write* faults (error code bit
+// 1) of the thread group in [`CowConfig::target_tgid`] whose address lies in
+// one of the [`CowConfig::ranges`] (the VMM's guest-memory mappings). Each
+// such fault is one [`CowEventRecord`] in the ring buffer [`COW_EVENTS_MAP`]
+// and is counted in the per-CPU array [`COW_STATS_MAP`] ([`CowStat`]). With
+// the VMM's userfaultfd write-protect view armed, these are the
+// copy-on-write faults of host threads writing guest memory.
+//
+// | map | type | key | value |
+// |---|---|---|---|
+// | [`COW_CONFIG_MAP`] | array, 1 entry | `u32` 0 | [`CowConfig`] |
+// | [`COW_EVENTS_MAP`] | ring buffer, [`COW_EVENTS_BYTES`] bytes | - | [`CowEventRecord`] records |
+// | [`COW_STATS_MAP`] | per-CPU array | `u32` [`CowStat`] index | `u64` events since load |
+
+/// Name of the program on `exceptions:page_fault_user` that records
+/// copy-on-write (write) faults in guest memory.
+pub const COW_FAULT_PROGRAM: &str = "cow_page_fault";
+
+/// Name of the array map (one entry, index 0) holding the [`CowConfig`].
+pub const COW_CONFIG_MAP: &str = "SIMREP_COW_CONFIG";
+
+/// Name of the ring buffer of [`CowEventRecord`]s.
+pub const COW_EVENTS_MAP: &str = "SIMREP_COW_EVENTS";
+
+/// Name of the per-CPU array of `u64` statistics, indexed by [`CowStat`].
+pub const COW_STATS_MAP: &str = "SIMREP_COW_STATS";
+
+/// Size of [`COW_EVENTS_MAP`] in bytes (a power of two, a multiple of the
+/// page size): 43 690 records of 48 bytes (40 plus the ring's 8-byte
+/// header) fit.
+pub const COW_EVENTS_BYTES: u32 = 2 << 20;
+
+/// Most guest-memory ranges [`CowConfig`] holds.
+pub const COW_RANGES_MAX: usize = 4;
+
+/// Offset of `unsigned long address` (the faulting virtual address) in the
+/// `exceptions:page_fault_user` record.
+pub const PAGE_FAULT_USER_ADDRESS_OFFSET: usize = 8;
+
+/// One guest-memory mapping of the VMM.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CowRange {
+    /// Host virtual address of the mapping.
+    pub host_addr: u64,
+    /// Its length in bytes (0: unused slot).
+    pub len: u64,
+    /// Guest physical address that `host_addr` maps.
+    pub guest_phys: u64,
+}
+
+/// Configuration of [`COW_FAULT_PROGRAM`], entry 0 of [`COW_CONFIG_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CowConfig {
+    /// Thread group (the VMM process) whose faults are recorded; 0 records
+    /// nothing.
+    pub target_tgid: u32,
+    /// Ranges in use, the first `nr_ranges` of `ranges`.
+    pub nr_ranges: u32,
+    /// The guest-memory mappings.
+    pub ranges: [CowRange; COW_RANGES_MAX],
+}
+
+/// One write fault in guest memory, as written to [`COW_EVENTS_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CowEventRecord {
+    /// Faulting host virtual address (exact, not page-aligned).
+    pub host_addr: u64,
+    /// Guest frame number: `(guest_phys + host_addr - range.host_addr) >> 12`.
+    pub gfn: u64,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) at the fault.
+    pub ktime_ns: u64,
+    /// The x86 page-fault error code (low 32 bits; bit 0 present, bit 1
+    /// write, bit 2 user).
+    pub error_code: u32,
+    /// CPU the fault was taken on.
+    pub cpu: u32,
+    /// Faulting thread id (kernel pid).
+    pub tid: u32,
+    /// Index of the range in [`CowConfig::ranges`].
+    pub range: u32,
+}
+
+/// Indices into the per-CPU statistics array [`COW_STATS_MAP`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CowStat {
+    /// Write faults of the target in a configured range (recorded or not).
+    CowFaults = 0,
+    /// Of those, events dropped because the ring buffer was full.
+    RingFull = 1,
+    /// Read faults of the target in a configured range (not recorded).
+    ReadFaults = 2,
+    /// Faults of the target outside the configured ranges.
+    OutsideRanges = 3,
+    /// Faults of other thread groups (filtered out).
+    OtherTgid = 4,
+    /// Tracepoint records that could not be read.
+    ReadErrors = 5,
+}
+
+impl CowStat {
+    /// Number of statistics, the `max_entries` of [`COW_STATS_MAP`].
+    pub const COUNT: u32 = 6;
+
+    /// Every statistic, in index order.
+    pub const ALL: [CowStat; Self::COUNT as usize] = [
+        CowStat::CowFaults,
+        CowStat::RingFull,
+        CowStat::ReadFaults,
+        CowStat::OutsideRanges,
+        CowStat::OtherTgid,
+        CowStat::ReadErrors,
+    ];
+
+    /// The statistic's index in [`COW_STATS_MAP`].
+    pub const fn index(self) -> u32 {
+        self as u32
+    }
+}
+
+// SAFETY: `CowConfig` is `#[repr(C)]`, `Copy`, made of `u32`s and `u64`s
+// laid out without padding (checked by the size assertion below), so every
+// bit pattern is a valid value.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for CowConfig {}
+
+// SAFETY: as for `CowConfig`: `#[repr(C)]`, `Copy`, no padding.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for CowEventRecord {}
+
+const _: () = assert!(core::mem::size_of::<CowRange>() == 24);
+const _: () = assert!(core::mem::size_of::<CowConfig>() == 8 + 24 * COW_RANGES_MAX);
+const _: () = assert!(core::mem::size_of::<CowEventRecord>() == 40);
+const _: () = assert!(core::mem::align_of::<CowEventRecord>() == 8);
+
+#[cfg(test)]
+mod cow_tests {
+    use super::*;
+
+    #[test]
+    fn cow_stat_indices_are_dense() {
+        for (i, c) in CowStat::ALL.iter().enumerate() {
+            assert_eq!(c.index() as usize, i);
+        }
+    }
+}
+
+// ---- end of copy-on-write fault tracing ----------------------------------
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,11 +11,17 @@
 //!   of the guest virtual page in `SIMREP_WALK_PAGES`.
 //!
 //! Both count their events in `SIMREP_WRITE_STATS`.
+//! * `cow_page_fault` (tracepoint `exceptions:page_fault_user`, in
+//!   `cow.rs`): records the configured thread group's write faults in its
+//!   guest-memory ranges in the ring buffer `SIMREP_COW_EVENTS`.
 //!
 //! The map and program names, the config struct and the counter indices live
 //! in `simrep-common`, which user space shares.
 #![no_std]
 #![no_main]
+
+// Copy-on-write fault tracing (issue 5), in its own file.
+mod cow;
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
@@ -61,7 +67,7 @@ static SIMREP_WALK_PAGES: PerCpuHashMap<u64, u64, { WRITE_PAGES_MAX as usize }> 
 static SIMREP_WRITE_STATS: PerCpuArray<u64, { WriteStat::COUNT as usize }> = PerCpuArray::new();
 
 /// Byte-wise string equality usable in constants.
-const fn str_eq(a: &str, b: &str) -> bool {
+pub(crate) const fn str_eq(a: &str, b: &str) -> bool {
     let (a, b) = (a.as_bytes(), b.as_bytes());
     if a.len() != b.len() {
         return false;

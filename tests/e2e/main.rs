@@ -10,6 +10,7 @@ mod cow;
 mod dirty;
 mod diskck;
 mod ebpf;
+mod ebpf_cow;
 mod ebpf_writes;
 mod load;
 mod net;

@@ -16,6 +16,17 @@
 //! with `tracing_subscriber::fmt().init()` bridges them into `tracing`.
 
 mod writes;
+// ---- copy-on-write fault tracing (issue 5) ----
+mod cow;
+pub use cow::{
+    consecutive_ranges, enable_bpf_run_stats, gfn_of, CowEvent, CowTraceError, CowTraceStats,
+    CowTracer, CowTracing, COW_LOCK_DIR, COW_PINNED_MAPS, PF_ERROR_PRESENT,
+};
+pub use simrep_common::{
+    CowConfig, CowRange, CowStat, COW_CONFIG_MAP, COW_EVENTS_BYTES, COW_EVENTS_MAP,
+    COW_FAULT_PROGRAM, COW_RANGES_MAX, COW_STATS_MAP,
+};
+// ---- end of copy-on-write fault tracing ----
 pub use simrep_common::{
     WriteStat, DIRTY_RING_PUSH_PROGRAM, PAGETABLE_WALK_PROGRAM, RING_PAGES_MAP, WALK_PAGES_MAP,
     WRITE_STATS_MAP,
