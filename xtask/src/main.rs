@@ -37,9 +37,10 @@ enum Command {
     /// Set up, then run every test: unit, property, end-to-end (real
     /// processes, real eBPF), and each fuzz target for a short while.
     Test(TestArgs),
-    /// Set up, then the main job: the bundled guest's kv service (`simrep
-    /// run --workload kv` with a disk) under `simrep load --verify`, with a
-    /// live line per second and a summary; Ctrl-C stops both cleanly.
+    /// Set up, then the main job: a `simrep backup` and a `simrep primary`
+    /// on loopback (the bundled guest's kv service with a disk) under
+    /// `simrep load --verify`, with a live table of the replication epochs
+    /// and the client's figures; Ctrl-C stops every process cleanly.
     Run(GuestRunArgs),
     /// Set up, then trace memcached under memaslap load with `simrep trace
     /// capture` and analyse the trace with `simrep analyze`.
@@ -69,9 +70,23 @@ struct GuestRunArgs {
     /// Guest memory.
     #[arg(long, default_value = "512M")]
     mem: String,
-    /// Where the client's JSON report and the guest's disk go.
+    /// Where the logs, per-epoch stats, client report and disk go.
     #[arg(long, default_value = "out/run")]
     out: PathBuf,
+    /// Client connections (each has one request in flight; with output
+    /// commit each gets about one response per epoch).
+    #[arg(long, default_value_t = 64)]
+    connections: u32,
+    /// SIGKILL the primary this many seconds into the load, to watch the
+    /// backup take over and the client follow it.
+    #[arg(long, value_name = "SECONDS")]
+    kill_primary_after: Option<u64>,
+    /// Codec on the replication link (`raw`: codec off).
+    #[arg(long, default_value = "similarity")]
+    codec: String,
+    /// Epoch length in ms.
+    #[arg(long, default_value_t = 50)]
+    epoch_ms: u32,
 }
 
 #[derive(clap::Args)]
@@ -110,7 +125,18 @@ fn main() -> Result<()> {
         Command::Run(args) => {
             setup::run(&setup::SetupOptions::default())?;
             let simrep = build_release(&root)?;
-            guest_run::run(&simrep, &args.out, &args.duration, &args.mem)
+            guest_run::run(
+                &simrep,
+                &guest_run::Options {
+                    duration: args.duration,
+                    mem: args.mem,
+                    out: args.out,
+                    connections: args.connections,
+                    kill_primary_after: args.kill_primary_after.map(std::time::Duration::from_secs),
+                    codec: args.codec,
+                    epoch_ms: args.epoch_ms,
+                },
+            )
         }
         Command::TraceDemo(args) => run(&root, &args),
         Command::Figures(args) => figures(&root, &args),
