@@ -200,7 +200,10 @@ pub fn run_backup(
         s.state = "failing-over".into();
         s.detail = format!("resuming checkpoint {epoch}");
     });
+    let waited = detected.elapsed();
+    let t_restore = Instant::now();
     let (vm, net) = resume(&st, &opts).map_err(BackupError::Failover)?;
+    let restore = t_restore.elapsed();
     let vcpus = st.config.as_ref().map(|c| c.vcpus).unwrap_or(1);
     let mem_bytes = st.image.mem_size();
     drop(st);
@@ -208,6 +211,8 @@ pub fn run_backup(
     tracing::warn!(
         epoch,
         failover_ms = failover.as_secs_f64() * 1e3,
+        grace_ms = waited.as_secs_f64() * 1e3,
+        restore_ms = restore.as_secs_f64() * 1e3,
         service = %opts.service,
         "FAILOVER: the guest resumed from checkpoint {epoch} and serves on {}",
         opts.service
@@ -417,20 +422,22 @@ async fn session(
         }
     });
     let end = loop {
-        let msg = match tokio::time::timeout(timeout, reader.next()).await {
-            Err(_) => break End::Lost(format!("no record from {peer} for {timeout:?}")),
-            Ok(Err(TransportError::Closed)) => {
+        let msg = match reader.next_idle(timeout).await {
+            Err(TransportError::Idle(_)) => {
+                break End::Lost(format!("no data from {peer} for {timeout:?}"))
+            }
+            Err(TransportError::Closed) => {
                 break End::Lost(format!("{peer} closed the connection without a goodbye"))
             }
-            Ok(Err(TransportError::Io { what, source })) => {
+            Err(TransportError::Io { what, source }) => {
                 break End::Lost(format!("{what}: {source}"))
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 counters.rejected.inc_by(1);
                 tracing::error!(%peer, "stream from the primary rejected: {e}; committed state kept");
                 break End::Closed(format!("bad stream: {e}"));
             }
-            Ok(Ok(m)) => m,
+            Ok(m) => m,
         };
         if let Message::Goodbye { reason } = &msg {
             break End::Closed(format!("the primary said goodbye: {reason}"));

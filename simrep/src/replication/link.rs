@@ -101,9 +101,10 @@ pub struct Link {
     thread: Option<JoinHandle<()>>,
 }
 
-/// Epochs the link may have queued before the epoch loop waits (when the
-/// link cannot keep up, the epoch stretches).
-pub const QUEUE_EPOCHS: usize = 2;
+/// Epochs the link may have queued, beyond the one it is sending, before
+/// the epoch loop waits (when the link cannot keep up, the epoch
+/// stretches; a deeper queue would only delay held output further).
+pub const QUEUE_EPOCHS: usize = 1;
 
 impl Link {
     /// Starts the link thread.
@@ -257,13 +258,15 @@ async fn run(
             let timeout = opts.timeout;
             let mut read_task = tokio::spawn(async move {
                 loop {
-                    let msg = match tokio::time::timeout(timeout, reader.next()).await {
-                        Err(_) => return format!("no record from the backup for {timeout:?}"),
-                        Ok(Err(TransportError::Closed)) => {
+                    let msg = match reader.next_idle(timeout).await {
+                        Err(TransportError::Idle(_)) => {
+                            return format!("no data from the backup for {timeout:?}")
+                        }
+                        Err(TransportError::Closed) => {
                             return "the backup closed the connection".to_owned()
                         }
-                        Ok(Err(e)) => return format!("link error: {e}"),
-                        Ok(Ok(m)) => m,
+                        Err(e) => return format!("link error: {e}"),
+                        Ok(m) => m,
                     };
                     match msg {
                         Message::Ack { epoch } => {

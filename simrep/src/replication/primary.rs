@@ -342,7 +342,10 @@ impl Replicator {
         let mut ended = vec![false; n];
         let mut next_tick = Instant::now() + self.opts.epoch;
         while !stop.load(Ordering::Relaxed) && ended.iter().any(|e| !e) {
-            self.drain_events(vm)?;
+            if self.drain_events(vm)? {
+                // The first epoch after a synchronisation is a full epoch.
+                next_tick = Instant::now() + self.opts.epoch;
+            }
             let now = Instant::now();
             if now >= next_tick {
                 if self.session != 0 {
@@ -378,7 +381,9 @@ impl Replicator {
         Ok(())
     }
 
-    fn drain_events(&mut self, vm: &Vm) -> Result<(), PrimaryError> {
+    /// Handles the link's events; true when a synchronisation was made.
+    fn drain_events(&mut self, vm: &Vm) -> Result<bool, PrimaryError> {
+        let mut synced = false;
         while let Some(ev) = self.link.try_event() {
             match ev {
                 LinkEvent::Up {
@@ -398,6 +403,7 @@ impl Replicator {
                     });
                     if self.link.session() == session {
                         self.sync(vm, session)?;
+                        synced = true;
                     }
                 }
                 LinkEvent::Sent {
@@ -427,7 +433,7 @@ impl Replicator {
                 }
             }
         }
-        Ok(())
+        Ok(synced)
     }
 
     fn acked(&mut self, epoch: u64, at: Instant) -> Result<(), PrimaryError> {

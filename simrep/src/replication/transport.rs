@@ -34,6 +34,9 @@ pub enum TransportError {
     /// A handshake step took too long.
     #[error("the peer did not answer the handshake within {0:?}")]
     Timeout(Duration),
+    /// No byte arrived from the peer for this long.
+    #[error("no data from the peer for {0:?}")]
+    Idle(Duration),
     /// The peer broke the protocol (or is not simrep, or has another key).
     #[error(transparent)]
     Protocol(#[from] ProtocolError),
@@ -207,6 +210,23 @@ impl<R: AsyncRead + Unpin> RecordReader<R> {
         self.bytes
     }
 
+    /// [`RecordReader::next`], failing with [`TransportError::Idle`] when
+    /// no byte arrives for `idle` (a large record on a slow link is fine as
+    /// long as its bytes keep coming).
+    ///
+    /// # Errors
+    ///
+    /// [`TransportError`]; the connection must be dropped afterwards.
+    pub async fn next_idle(&mut self, idle: Duration) -> Result<Message, TransportError> {
+        let mut prefix = [0u8; 4];
+        read_idle(&mut self.inner, &mut prefix, idle).await?;
+        let len = body_len(prefix)?;
+        self.buf.resize(len, 0);
+        read_idle(&mut self.inner, &mut self.buf, idle).await?;
+        self.bytes += 4 + len as u64;
+        Ok(self.opener.open(prefix, &self.buf)?)
+    }
+
     /// Reads, authenticates and decodes the next message. The length is
     /// checked before the body is read, so a hostile peer cannot make the
     /// reader allocate more than one maximal record.
@@ -229,6 +249,24 @@ impl<R: AsyncRead + Unpin> RecordReader<R> {
         self.bytes += 4 + len as u64;
         Ok(self.opener.open(prefix, &self.buf)?)
     }
+}
+
+/// Fills `buf`, allowing at most `idle` between bytes.
+async fn read_idle<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut [u8],
+    idle: Duration,
+) -> Result<(), TransportError> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match tokio::time::timeout(idle, r.read(&mut buf[filled..])).await {
+            Err(_) => return Err(TransportError::Idle(idle)),
+            Ok(Ok(0)) => return Err(TransportError::Closed),
+            Ok(Ok(n)) => filled += n,
+            Ok(Err(e)) => return Err(io("reading a record")(e)),
+        }
+    }
+    Ok(())
 }
 
 /// Writes records to one half of a connection.
