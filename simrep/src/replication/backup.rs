@@ -117,10 +117,33 @@ pub enum BackupOutcome {
 
 /// The committed checkpoint and its disk, shared by the sessions.
 struct Shared {
+    /// The checkpoint a failover resumes.
+    current: Replica,
+    /// A re-synchronisation in progress: it replaces `current` when its
+    /// first epoch commits, so a primary lost meanwhile still leaves the
+    /// previous checkpoint to resume.
+    staging: Option<Replica>,
+    /// `disk.raw`: the disk of `current`.
+    disk_path: PathBuf,
+    /// `disk.raw.sync`: the disk of `staging`.
+    staging_disk_path: PathBuf,
+}
+
+/// A memory image with its VM configuration and disk.
+struct Replica {
     image: BackupImage,
     config: Option<ReplicaConfig>,
     disk: Option<DiskFile>,
-    disk_path: PathBuf,
+}
+
+impl Replica {
+    fn empty() -> Self {
+        Replica {
+            image: BackupImage::new(0),
+            config: None,
+            disk: None,
+        }
+    }
 }
 
 fn lock(s: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
@@ -179,23 +202,30 @@ pub fn run_backup(
         None => None,
     };
     let shared = Arc::new(Mutex::new(Shared {
-        image: BackupImage::new(0),
-        config: None,
-        disk: None,
+        current: Replica::empty(),
+        staging: None,
         disk_path: opts.state_dir.join("disk.raw"),
+        staging_disk_path: opts.state_dir.join("disk.raw.sync"),
     }));
     let lost = rt.block_on(serve(&opts, Arc::clone(&shared), &stop, &metrics, &board))?;
     drop(rt);
     let Some(detected) = lost else {
-        let committed = lock(&shared).image.committed_epoch();
+        let committed = lock(&shared).current.image.committed_epoch();
         return Ok(BackupOutcome::Stopped { committed });
     };
     // Failover.
     let st = lock(&shared);
     let epoch = st
+        .current
         .image
         .committed_epoch()
         .expect("failover needs a checkpoint");
+    if st.staging.is_some() {
+        tracing::warn!(
+            epoch,
+            "a re-synchronisation was in progress: resuming the previous checkpoint {epoch}"
+        );
+    }
     board.update(|s| {
         s.state = "failing-over".into();
         s.detail = format!("resuming checkpoint {epoch}");
@@ -204,8 +234,8 @@ pub fn run_backup(
     let t_restore = Instant::now();
     let (vm, net) = resume(&st, &opts).map_err(BackupError::Failover)?;
     let restore = t_restore.elapsed();
-    let vcpus = st.config.as_ref().map(|c| c.vcpus).unwrap_or(1);
-    let mem_bytes = st.image.mem_size();
+    let vcpus = st.current.config.as_ref().map(|c| c.vcpus).unwrap_or(1);
+    let mem_bytes = st.current.image.mem_size();
     drop(st);
     let failover = detected.elapsed();
     tracing::warn!(
@@ -295,7 +325,7 @@ async fn serve(
                 let Some(end) = end else { continue };
                 let (can, committed) = {
                     let st = lock(&shared);
-                    (st.image.can_fail_over(), st.image.committed_epoch())
+                    (st.current.image.can_fail_over(), st.current.image.committed_epoch())
                 };
                 board.update(|s| { s.link = "down".into(); s.peer = None; });
                 match end {
@@ -391,9 +421,9 @@ async fn session(
     let welcome = {
         let st = lock(&shared);
         Welcome {
-            committed_epoch: st.image.committed_epoch(),
-            mem_size: st.image.mem_size(),
-            run_id: st.image.run_id(),
+            committed_epoch: st.current.image.committed_epoch(),
+            mem_size: st.current.image.mem_size(),
+            run_id: st.current.image.run_id(),
         }
     };
     // Acks and rejects go through the writer task, which also sends
@@ -483,6 +513,7 @@ async fn session(
     end
 }
 
+#[derive(Debug)]
 struct Applied {
     pages: u64,
     stream_bytes: u64,
@@ -502,43 +533,46 @@ fn apply(shared: &Mutex<Shared>, msg: Message) -> Result<Option<(u64, Applied)>,
         _ => 0,
     };
     let epoch = epoch_of(&msg);
-    let mut new_config = None;
     if let Message::SyncBegin(b) = &msg {
         let cfg = ReplicaConfig::decode(&b.config).map_err(|e| (0, e))?;
         if cfg.mem_bytes != b.mem_size {
             return Err((0, "configuration and memory size disagree".into()));
         }
-        new_config = Some(cfg);
-    }
-    let verified = st
-        .image
-        .handle(msg)
-        .map_err(|e: ApplyError| (epoch, e.to_string()))?;
-    if let Some(cfg) = new_config {
-        // A new synchronisation: the old checkpoint and its disk are gone.
-        st.disk = None;
-        st.image.set_disk_sectors(cfg.disk_sectors);
+        // A new synchronisation builds a new replica beside the current
+        // checkpoint, which stays the one to resume until the new one
+        // commits its first epoch.
+        let mut r = Replica::empty();
+        r.image.handle(msg).map_err(|e| (0, e.to_string()))?;
+        r.image.set_disk_sectors(cfg.disk_sectors);
         if cfg.disk_sectors > 0 {
-            let disk = fresh_disk(&st.disk_path, cfg.disk_sectors).map_err(|e| (0, e))?;
-            st.disk = Some(disk);
-        } else {
-            let _ = std::fs::remove_file(&st.disk_path);
+            r.disk = Some(fresh_disk(&st.staging_disk_path, cfg.disk_sectors).map_err(|e| (0, e))?);
         }
         tracing::info!(
             mem_mib = cfg.mem_bytes >> 20,
             vcpus = cfg.vcpus,
             workload = %cfg.workload,
             disk_mib = (cfg.disk_sectors * SECTOR_SIZE as u64) >> 20,
-            "synchronisation started"
+            keeps = ?st.current.image.committed_epoch(),
+            "synchronisation started (the current checkpoint stays until the new one commits)"
         );
-        st.config = Some(cfg);
+        r.config = Some(cfg);
+        st.staging = Some(r);
         return Ok(None);
     }
+    let st = &mut *st;
+    let target = match st.staging.as_mut() {
+        Some(r) => r,
+        None => &mut st.current,
+    };
+    let verified = target
+        .image
+        .handle(msg)
+        .map_err(|e: ApplyError| (epoch, e.to_string()))?;
     let Some(v) = verified else {
         return Ok(None);
     };
     if !v.disk_writes.is_empty() {
-        let Some(disk) = &st.disk else {
+        let Some(disk) = &target.disk else {
             return Err((v.epoch, "block writes for a VM without a disk".into()));
         };
         for (sector, data) in &v.disk_writes {
@@ -548,9 +582,25 @@ fn apply(shared: &Mutex<Shared>, msg: Message) -> Result<Option<(u64, Applied)>,
         disk.sync()
             .map_err(|e| (v.epoch, format!("syncing the backup's disk: {e}")))?;
     }
-    let first = st.image.committed_epoch().is_none();
+    let first = target.image.committed_epoch().is_none();
     let (epoch, pages, stream_bytes) = (v.epoch, v.pages, v.stream_bytes);
-    st.image.commit(v);
+    target.image.commit(v);
+    if let Some(new) = st.staging.take() {
+        // The new replica is a checkpoint now: it replaces the old one,
+        // disk included (an atomic rename).
+        if new.disk.is_some() {
+            std::fs::rename(&st.staging_disk_path, &st.disk_path)
+                .map_err(|e| (epoch, format!("installing the new disk image: {e}")))?;
+            if let Some(dir) = st.disk_path.parent() {
+                if let Ok(d) = std::fs::File::open(dir) {
+                    let _ = d.sync_all();
+                }
+            }
+        } else {
+            let _ = std::fs::remove_file(&st.disk_path);
+        }
+        st.current = new;
+    }
     Ok(Some((
         epoch,
         Applied {
@@ -576,8 +626,8 @@ fn resume(
     st: &Shared,
     opts: &BackupOptions,
 ) -> Result<(Vm, Option<crate::vmm::net::NetService>), VmmError> {
-    let snapshot = VmSnapshot::decode(st.image.state())?;
-    let bytes = st.image.image().as_bytes();
+    let snapshot = VmSnapshot::decode(st.current.image.state())?;
+    let bytes = st.current.image.image().as_bytes();
     let (vm, _times) = Vm::restore(&snapshot, |mem| {
         const CHUNK: usize = 2 << 20;
         for (i, chunk) in bytes.chunks(CHUNK).enumerate() {
@@ -588,7 +638,7 @@ fn resume(
         }
         Ok(())
     })?;
-    if st.disk.is_some() {
+    if st.current.disk.is_some() {
         let dev = Arc::new(BlockDevice::open(&st.disk_path, FlushPolicy::default())?);
         vm.bus().attach_block(Arc::clone(&dev));
         vm.bus().register_device_state(dev)?;
@@ -604,4 +654,109 @@ fn resume(
     };
     vm.resume_all_and_wait().map_err(VmmError::Vm)?;
     Ok((vm, net))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compress::{CodecSpec, Image, PageView};
+    use crate::replication::apply::{digest_epoch, epoch_messages, sync_messages};
+
+    fn config(frames: u32, disk_sectors: u64) -> Vec<u8> {
+        ReplicaConfig {
+            mem_bytes: u64::from(frames) * 4096,
+            vcpus: 1,
+            workload: "kv".into(),
+            disk_sectors,
+        }
+        .encode()
+    }
+
+    /// Feeds a synchronisation of `img` (run `run`) and one epoch changing
+    /// frame 1 with a disk write; returns the epoch's messages' outcome.
+    fn sync_and_epoch(
+        shared: &Mutex<Shared>,
+        run: u64,
+        img: &mut Image,
+        epoch: u64,
+        fill: u8,
+        commit: bool,
+    ) {
+        let mut enc = "similarity".parse::<CodecSpec>().unwrap().build(1);
+        enc.init(img);
+        for m in sync_messages(run, img, config(img.frame_count(), 64)) {
+            assert!(apply(shared, m).unwrap().is_none());
+        }
+        img.page_mut(1).fill(fill);
+        let mut out = Vec::new();
+        enc.encode_epoch(img, &[1], &[], &mut out).unwrap();
+        let d = digest_epoch(img, &[1], &[]);
+        let msgs = epoch_messages(epoch, &out, vec![(3, vec![fill; 512])], 1, d, vec![fill]);
+        let n = msgs.len();
+        for (i, m) in msgs.into_iter().enumerate() {
+            if i + 1 == n && !commit {
+                return;
+            }
+            let r = apply(shared, m).unwrap();
+            assert_eq!(r.is_some(), i + 1 == n);
+        }
+    }
+
+    #[test]
+    fn a_resync_keeps_the_old_checkpoint_until_the_new_one_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = Mutex::new(Shared {
+            current: Replica::empty(),
+            staging: None,
+            disk_path: dir.path().join("disk.raw"),
+            staging_disk_path: dir.path().join("disk.raw.sync"),
+        });
+        let mut img = Image::zeroed(8);
+        sync_and_epoch(&shared, 1, &mut img, 5, 0xaa, true);
+        {
+            let st = lock(&shared);
+            assert_eq!(st.current.image.committed_epoch(), Some(5));
+            assert_eq!(st.current.image.image().page(1)[0], 0xaa);
+        }
+        let disk = std::fs::read(dir.path().join("disk.raw")).unwrap();
+        assert_eq!(disk[3 * 512], 0xaa);
+        // A new run synchronises; its first epoch has not arrived yet.
+        let mut img2 = Image::zeroed(8);
+        sync_and_epoch(&shared, 2, &mut img2, 9, 0xbb, false);
+        {
+            let st = lock(&shared);
+            assert_eq!(st.current.image.committed_epoch(), Some(5), "old checkpoint kept");
+            assert!(st.current.image.can_fail_over());
+            assert_eq!(st.current.image.run_id(), 1);
+            assert!(st.staging.is_some());
+        }
+        let disk = std::fs::read(dir.path().join("disk.raw")).unwrap();
+        assert_eq!(disk[3 * 512], 0xaa, "old disk kept");
+        // Now the new run's first epoch commits and replaces it.
+        sync_and_epoch(&shared, 3, &mut img2, 10, 0xcc, true);
+        let st = lock(&shared);
+        assert_eq!(st.current.image.committed_epoch(), Some(10));
+        assert_eq!(st.current.image.run_id(), 3);
+        assert_eq!(st.current.image.image().page(1)[0], 0xcc);
+        assert!(st.staging.is_none());
+        let disk = std::fs::read(dir.path().join("disk.raw")).unwrap();
+        assert_eq!(disk[3 * 512], 0xcc, "new disk installed");
+        assert!(!dir.path().join("disk.raw.sync").exists());
+    }
+
+    #[test]
+    fn a_bad_configuration_is_refused_and_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = Mutex::new(Shared {
+            current: Replica::empty(),
+            staging: None,
+            disk_path: dir.path().join("disk.raw"),
+            staging_disk_path: dir.path().join("disk.raw.sync"),
+        });
+        let img = Image::zeroed(4);
+        let mut msgs = sync_messages(1, &img, b"not json".to_vec());
+        let err = apply(&shared, msgs.remove(0)).unwrap_err();
+        assert!(err.1.contains("bad VM configuration"), "{err:?}");
+        assert!(lock(&shared).staging.is_none());
+    }
 }

@@ -73,18 +73,18 @@ impl HeldGate {
     /// Stops holding output and releases everything held (the backup is
     /// gone: the guest runs unprotected). Returns what was released.
     pub fn unprotect(&self) -> Held {
-        let released: Vec<NetResponse> = {
-            let mut st = self.lock();
-            st.protected = false;
-            st.held_bytes = 0;
-            st.held.drain(..).map(|(_, r)| r).collect()
-        };
+        let mut st = self.lock();
+        st.protected = false;
         let held = Held {
-            responses: released.len() as u64,
-            bytes: released.iter().map(|r| r.frame.len() as u64).sum(),
+            responses: st.held.len() as u64,
+            bytes: st.held_bytes,
             ..Held::default()
         };
-        for r in released {
+        st.held_bytes = 0;
+        // Delivered under the lock: a response submitted meanwhile (which
+        // now leaves at once) must not overtake older ones of its
+        // connection.
+        for (_, r) in st.held.drain(..) {
             self.delivery.deliver(r);
         }
         held
@@ -106,22 +106,15 @@ impl HeldGate {
 
     /// The backup acked `epoch`: every response of epochs up to it leaves.
     pub fn release(&self, epoch: u64) -> Held {
-        let released: Vec<NetResponse> = {
-            let mut st = self.lock();
-            let mut out = Vec::new();
-            while st.held.front().is_some_and(|(e, _)| *e <= epoch) {
-                let (_, r) = st.held.pop_front().expect("front exists");
-                st.held_bytes -= r.frame.len() as u64;
-                out.push(r);
-            }
-            out
-        };
-        let held = Held {
-            responses: released.len() as u64,
-            bytes: released.iter().map(|r| r.frame.len() as u64).sum(),
-            ..Held::default()
-        };
-        for r in released {
+        let mut st = self.lock();
+        let mut held = Held::default();
+        // Delivered in order and under the lock (see `unprotect`).
+        while st.held.front().is_some_and(|(e, _)| *e <= epoch) {
+            let (_, r) = st.held.pop_front().expect("front exists");
+            let n = r.frame.len() as u64;
+            st.held_bytes -= n;
+            held.responses += 1;
+            held.bytes += n;
             self.delivery.deliver(r);
         }
         held
@@ -147,8 +140,89 @@ impl OutputGate for HeldGate {
             st.held_bytes += response.frame.len() as u64;
             st.held.push_back((e, response));
         } else {
-            drop(st);
+            // Under the lock, so it cannot overtake a release in progress.
             self.delivery.deliver(response);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, OnceLock};
+
+    use super::*;
+    use crate::vmm::net::NetDevice;
+    use crate::vmm::vcpu::VcpuWakers;
+
+    /// A gate on a real network device without connections: every
+    /// response that leaves the gate is counted as discarded by the
+    /// device, so the count says what the gate let out.
+    fn rig() -> (Arc<NetDevice>, Arc<HeldGate>) {
+        let slot = Arc::new(OnceLock::new());
+        let s = Arc::clone(&slot);
+        let dev = NetDevice::new(Arc::new(VcpuWakers::default()), move |d| {
+            let g = Arc::new(HeldGate::new(d));
+            let _ = s.set(Arc::clone(&g));
+            g as Arc<dyn OutputGate>
+        });
+        let gate = slot.get().cloned().expect("the device made its gate");
+        (dev, gate)
+    }
+
+    fn resp(seq: u32) -> NetResponse {
+        NetResponse {
+            conn: 42,
+            seq,
+            frame: vec![0; 10],
+        }
+    }
+
+    #[test]
+    fn held_output_leaves_only_when_its_epoch_is_acked() {
+        let (dev, gate) = rig();
+        let out = || dev.stats().discarded_responses;
+        gate.submit(resp(0));
+        assert_eq!(out(), 1, "unprotected: at once");
+        gate.protect(5);
+        gate.submit(resp(1));
+        gate.submit(resp(2));
+        gate.close_epoch(5);
+        gate.submit(resp(3));
+        assert_eq!(out(), 1);
+        assert_eq!(
+            gate.held(),
+            Held {
+                responses: 3,
+                bytes: 30,
+                oldest_epoch: Some(5),
+                open_epoch: 6
+            }
+        );
+        assert_eq!(gate.release(4).responses, 0);
+        assert_eq!(out(), 1);
+        assert_eq!(gate.release(5).responses, 2);
+        assert_eq!(out(), 3);
+        gate.close_epoch(6);
+        gate.close_epoch(7);
+        assert_eq!(gate.release(7).responses, 1, "acks are cumulative");
+        assert_eq!(out(), 4);
+        assert_eq!(gate.held().responses, 0);
+    }
+
+    #[test]
+    fn losing_the_backup_releases_everything_and_stops_holding() {
+        let (dev, gate) = rig();
+        gate.protect(1);
+        for i in 0..4 {
+            gate.submit(resp(i));
+        }
+        gate.close_epoch(1);
+        gate.submit(resp(9));
+        assert_eq!(dev.stats().discarded_responses, 0);
+        assert_eq!(gate.unprotect().responses, 5);
+        assert!(!gate.is_protected());
+        assert_eq!(dev.stats().discarded_responses, 5);
+        gate.submit(resp(10));
+        assert_eq!(dev.stats().discarded_responses, 6);
     }
 }
