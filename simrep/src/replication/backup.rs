@@ -725,7 +725,11 @@ mod tests {
         sync_and_epoch(&shared, 2, &mut img2, 9, 0xbb, false);
         {
             let st = lock(&shared);
-            assert_eq!(st.current.image.committed_epoch(), Some(5), "old checkpoint kept");
+            assert_eq!(
+                st.current.image.committed_epoch(),
+                Some(5),
+                "old checkpoint kept"
+            );
             assert!(st.current.image.can_fail_over());
             assert_eq!(st.current.image.run_id(), 1);
             assert!(st.staging.is_some());
