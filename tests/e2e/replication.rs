@@ -588,3 +588,83 @@ fn a_primary_with_the_wrong_key_is_refused() {
     let (mut good, _) = start_primary(&dir, "primary", pair.backup_addr, &[]);
     assert_eq!(good.interrupt().code(), Some(0));
 }
+
+/// Bad flags, key files and configuration files are refused with exit 2
+/// and a clear message; a good `--config vm.toml` sets the guest.
+#[test]
+fn bad_keys_and_configs_are_refused_and_a_config_file_sets_the_guest() {
+    let mut pair = start_backup(&[]);
+    let dir = pair.dir.path().to_owned();
+    let to = pair.backup_addr.to_string();
+    std::fs::write(dir.join("short"), b"too short").expect("key");
+    std::fs::write(
+        dir.join("bad.toml"),
+        "workload = \"kv\"\nmemory = \"64M\"\n",
+    )
+    .expect("toml");
+    std::fs::write(
+        dir.join("vm.toml"),
+        "workload = \"kv\"\nmem = \"64M\"\nbind = \"127.0.0.1\"\nport = 0\n",
+    )
+    .expect("toml");
+    let run = |args: &[&str]| {
+        let out = Command::new(tests::simrep_bin())
+            .args(args)
+            .current_dir(&dir)
+            .env("NO_COLOR", "1")
+            .output()
+            .expect("run simrep");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = run(&["primary", "--backup", &to, "--key-file", "missing"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("cannot read the key file"), "{err}");
+    let (code, err) = run(&["primary", "--backup", &to, "--key-file", "short"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("key file"), "{err}");
+    let (code, err) = run(&[
+        "primary",
+        "--backup",
+        &to,
+        "--key-file",
+        "key",
+        "--config",
+        "bad.toml",
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("unknown field `memory`"), "{err}");
+    let (code, err) = run(&[
+        "primary",
+        "--backup",
+        "no-such-host.invalid:1",
+        "--key-file",
+        "key",
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--backup"), "{err}");
+    let (code, err) = run(&["backup", "--listen", &to, "--key-file", "key"]);
+    assert_eq!(code, Some(2), "a second backup on a used port: {err}");
+    assert!(err.contains("cannot listen"), "{err}");
+    let mut p = Proc::spawn(
+        &dir,
+        "primary",
+        &[
+            "primary",
+            "--backup",
+            &to,
+            "--key-file",
+            "key",
+            "--config",
+            "vm.toml",
+        ],
+    );
+    p.wait_for("the guest is protected", Duration::from_secs(60));
+    let log = p.text();
+    assert!(log.contains("workload=kv mem_mib=64"), "{log}");
+    assert_eq!(p.interrupt().code(), Some(0));
+    pair.backup
+        .wait_for("the primary said goodbye", Duration::from_secs(10));
+}
