@@ -989,6 +989,14 @@ struct PrimaryArgs {
     /// The backup is lost after this long without a record from it.
     #[arg(long, default_value = "1s", value_parser = parse_positive_duration)]
     link_timeout: std::time::Duration,
+    /// Trace guest write faults and the VMM's copy-on-write faults with
+    /// eBPF (needs root, bpffs, tracefs and the KVM tracepoints; without
+    /// them the primary runs on and says what is missing): per-epoch fault
+    /// counts and a cross-check with the dirty log in --stats, --metrics
+    /// and `simrep status`. Costs pause time (the maps are read while the
+    /// guest is paused).
+    #[arg(long)]
+    ebpf: bool,
     /// Guest flags from a TOML file (see below).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -1161,6 +1169,7 @@ fn cmd_primary(mut a: PrimaryArgs, matches: &clap::ArgMatches) -> Result<ExitCod
         metrics: a.metrics,
         link_timeout: a.link_timeout,
         dirty_mode: simrep::dirty::DirtyMode::Bitmap,
+        ebpf: a.ebpf,
     };
     match run_primary(opts, &stop) {
         Ok(s) => {

@@ -147,6 +147,20 @@ pub struct EpochRecord {
     pub held_bytes: u64,
     /// Whether a backup protected this epoch.
     pub protected: bool,
+    /// eBPF (`--ebpf`): guest write faults (write page-table walks) seen
+    /// in the epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub write_faults: Option<u64>,
+    /// eBPF: pages seen written that the dirty log lacks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ebpf_only_pages: Option<u64>,
+    /// eBPF: harvested pages eBPF did not see written (pages the VMM's
+    /// devices wrote, mappings still writable from an earlier epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub harvest_only_pages: Option<u64>,
+    /// eBPF: copy-on-write faults of the VMM's own threads in guest memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cow_faults: Option<u64>,
 }
 
 /// A JSON-lines file: one object per line, flushed per line.

@@ -103,6 +103,9 @@ pub struct PrimaryOptions {
     pub link_timeout: Duration,
     /// Dirty tracking mode.
     pub dirty_mode: DirtyMode,
+    /// Trace guest write faults and the VMM's copy-on-write faults with
+    /// eBPF, cross-check them with the dirty log and report them per epoch.
+    pub ebpf: bool,
 }
 
 /// Errors of the primary.
@@ -216,6 +219,77 @@ struct Replicator {
     summary: PrimarySummary,
     run_id: u64,
     out: Vec<u8>,
+    ebpf: Ebpf,
+}
+
+/// The eBPF tracers the agent uses (each absent when unavailable).
+#[derive(Default)]
+struct Ebpf {
+    writes: Option<Box<crate::ebpf::WriteTracer>>,
+    cow: Option<Box<crate::ebpf::CowTracer>>,
+    write_faults: Option<crate::replication::observe::Counter>,
+    cow_faults: Option<crate::replication::observe::Counter>,
+    mismatched: Option<crate::replication::observe::Counter>,
+}
+
+impl Ebpf {
+    /// Starts what the host allows, saying what is missing.
+    fn start(vm: &Vm, metrics: &Metrics, board: &StatusBoard) -> Ebpf {
+        use crate::ebpf::{CowTracer, CowTracing, WriteTracer, WriteTracing};
+        let pid = std::process::id();
+        let name = format!("primary{pid}");
+        let mut missing = Vec::new();
+        let writes = match WriteTracer::try_start(&name, pid) {
+            WriteTracing::Active(t) => {
+                tracing::info!(sources = ?t.sources(), missing = ?t.missing(), pins = %t.pin_dir().display(), "eBPF write tracing on");
+                Some(t)
+            }
+            WriteTracing::Unavailable { reason } => {
+                missing.push(format!("write tracing: {reason}"));
+                None
+            }
+        };
+        let mem = vm.memory();
+        let cow = match CowTracer::try_start(&name, pid, &[(mem.host_addr(), mem.size())]) {
+            CowTracing::Active(t) => {
+                tracing::info!("eBPF copy-on-write fault tracing on");
+                Some(t)
+            }
+            CowTracing::Unavailable { reason } => {
+                missing.push(format!("copy-on-write tracing: {reason}"));
+                None
+            }
+        };
+        if !missing.is_empty() {
+            tracing::warn!("eBPF: running without {}", missing.join("; "));
+            let text = missing.join("; ");
+            board.update(|s| {
+                s.extra.insert("ebpf_missing".into(), text.into());
+            });
+        }
+        Ebpf {
+            write_faults: writes.as_ref().map(|_| {
+                metrics.counter(
+                    "simrep_ebpf_write_faults_total",
+                    "Guest write faults seen by eBPF",
+                )
+            }),
+            mismatched: writes.as_ref().map(|_| {
+                metrics.counter(
+                    "simrep_ebpf_only_pages_total",
+                    "Pages eBPF saw written that the dirty log lacked",
+                )
+            }),
+            cow_faults: cow.as_ref().map(|_| {
+                metrics.counter(
+                    "simrep_ebpf_cow_faults_total",
+                    "Copy-on-write faults of VMM threads",
+                )
+            }),
+            writes,
+            cow,
+        }
+    }
 }
 
 /// `simrep primary`: boots the guest with dirty tracking, held output and
@@ -241,6 +315,7 @@ pub fn run_primary(
     })?;
     let gate = gate_slot.get().cloned();
     let tracker = vm.dirty_tracker().map_err(VmmError::from)?;
+    let ebpf_on = opts.ebpf;
     let ck = EpochCheckpointer::new(&vm, tracker)?;
     let metrics = Arc::new(Metrics::default());
     let counters = Counters::new(&metrics);
@@ -274,6 +349,11 @@ pub fn run_primary(
         gate.clone(),
     )
     .map_err(PrimaryError::Link)?;
+    let ebpf = if ebpf_on {
+        Ebpf::start(&vm, &metrics, &board)
+    } else {
+        Ebpf::default()
+    };
     let frames = (run.mem_bytes / PAGE_SIZE as u64) as u32;
     let block = vm.bus().block();
     let mut r = Replicator {
@@ -296,6 +376,7 @@ pub fn run_primary(
         summary: PrimarySummary::default(),
         run_id: rand_u64(),
         out: Vec::new(),
+        ebpf,
         opts,
     };
     tracing::info!(
@@ -641,6 +722,75 @@ impl Replicator {
         Ok(out)
     }
 
+    /// Adds the eBPF figures of the epoch to `rec`: write faults, the
+    /// cross-check with the dirty log (which stays the source of truth),
+    /// the VMM's copy-on-write faults.
+    fn ebpf_epoch(
+        &mut self,
+        rec: &mut EpochRecord,
+        traced: Option<Result<crate::ebpf::EpochWrites, crate::ebpf::EbpfError>>,
+        dirty: &[u64],
+    ) {
+        use crate::ebpf::WriteSource;
+        match traced {
+            Some(Ok(w)) => {
+                rec.write_faults = Some(w.stats.walk_writes + w.stats.ring_events);
+                if let Some(c) = &self.ebpf.write_faults {
+                    c.inc_by(w.stats.walk_writes + w.stats.ring_events);
+                }
+                let sources = self
+                    .ebpf
+                    .writes
+                    .as_ref()
+                    .map(|t| t.sources().to_vec())
+                    .unwrap_or_default();
+                // The ring source names guest frames exactly; page-table
+                // walks name guest virtual pages (identity-mapped here).
+                let source =
+                    if sources.contains(&WriteSource::DirtyRing) && !w.ring_frames.is_empty() {
+                        Some(WriteSource::DirtyRing)
+                    } else if sources.contains(&WriteSource::PagetableWalk) {
+                        Some(WriteSource::PagetableWalk)
+                    } else {
+                        None
+                    };
+                if let Some(src) = source {
+                    let harvest = crate::dirty::DirtyPages::from_unsorted(dirty.to_vec());
+                    let c = w.cross_check(src, &harvest);
+                    rec.ebpf_only_pages = Some(c.only_ebpf.len() as u64);
+                    rec.harvest_only_pages = Some(c.only_harvest.len() as u64);
+                    if let Some(m) = &self.ebpf.mismatched {
+                        m.inc_by(c.only_ebpf.len() as u64);
+                    }
+                    if !c.only_ebpf.is_empty() {
+                        tracing::debug!(epoch = rec.epoch, "eBPF cross-check: {c}");
+                    }
+                }
+            }
+            Some(Err(e)) => {
+                tracing::warn!("eBPF write tracing failed ({e}); turning it off");
+                self.ebpf.writes = None;
+            }
+            None => {}
+        }
+        if let Some(t) = self.ebpf.cow.as_mut() {
+            // Drain the ring (the events themselves are not kept).
+            let _ = t.poll();
+            match t.take_epoch_stats() {
+                Ok(st) => {
+                    rec.cow_faults = Some(st.cow_faults);
+                    if let Some(c) = &self.ebpf.cow_faults {
+                        c.inc_by(st.cow_faults);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!("eBPF copy-on-write tracing failed ({e}); turning it off");
+                    self.ebpf.cow = None;
+                }
+            }
+        }
+    }
+
     fn epoch(&mut self, vm: &Vm) -> Result<(), PrimaryError> {
         let session = self.session;
         let k = self.next_epoch;
@@ -648,11 +798,16 @@ impl Replicator {
         let gate = self.gate.clone();
         let block = Arc::clone(&self.block);
         let mut closed = None;
+        let tracer = &mut self.ebpf.writes;
+        let mut traced = None;
         let ckpt = self.ck.checkpoint_with(vm, false, &mut |_| {
             if let Some(g) = &gate {
                 g.close_epoch(k);
             }
             closed = Some(block.take_epoch());
+            if let Some(t) = tracer.as_mut() {
+                traced = Some(t.take_epoch());
+            }
         })?;
         let taken = Instant::now();
         let interval = self
@@ -734,8 +889,11 @@ impl Replicator {
             held_responses: held.responses,
             held_bytes: held.bytes,
             protected: self.acked.is_some(),
+            ..EpochRecord::default()
         };
         let _ = cow;
+        let mut rec = rec;
+        self.ebpf_epoch(&mut rec, traced, &ckpt.dirty);
         self.counters.epochs.inc_by(1);
         self.counters.dirty_pages.inc_by(rec.dirty_pages);
         self.counters.raw_bytes.inc_by(rec.raw_bytes);
