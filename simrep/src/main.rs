@@ -37,8 +37,10 @@ Exit codes:
   6    output could not be written
   7    no usable KVM (/dev/kvm missing or not accessible)
   8    `simrep load --verify` found lost or wrong data
-  9    `simrep load` could not reach any target
-  10   `simrep load`: a target broke the protocol (malformed response)
+  9    `simrep load` could not reach any target; `simrep status`: nothing
+       answers at --addr
+  10   `simrep load`: a target broke the protocol (malformed response);
+       `simrep status`: the answer is not a simrep status
   130  capture interrupted (Ctrl-C); the epochs captured so far form a valid trace
 
 Logging: RUST_LOG (e.g. RUST_LOG=simrep=debug) or -v / -q.";
