@@ -620,13 +620,13 @@ impl Replicator {
         let t0 = Instant::now();
         let k = self.next_epoch;
         self.next_epoch += 1;
-        let gate = self.gate.clone();
         let block = Arc::clone(&self.block);
         let mut closed = None;
         let ckpt = self.ck.checkpoint_with(vm, true, &mut |_| {
-            if let Some(g) = &gate {
-                g.protect(k + 1);
-            }
+            // Output is held from the next checkpoint on (see `epoch`):
+            // before the backup commits a first epoch there is nothing to
+            // fail over to, and holding output during a long copy would
+            // only stall clients.
             block.set_policy(FlushPolicy::Replicated);
             closed = Some(block.take_epoch());
         })?;
@@ -802,7 +802,13 @@ impl Replicator {
         let mut traced = None;
         let ckpt = self.ck.checkpoint_with(vm, false, &mut |_| {
             if let Some(g) = &gate {
-                g.close_epoch(k);
+                if g.is_protected() {
+                    g.close_epoch(k);
+                } else {
+                    // The first epoch after a synchronisation: its
+                    // responses already left; hold from here on.
+                    g.protect(k + 1);
+                }
             }
             closed = Some(block.take_epoch());
             if let Some(t) = tracer.as_mut() {
