@@ -53,7 +53,7 @@ enum Command {
     /// Native vs replicated guests (codec off, codec on), kv and bank, over
     /// a 1 Gbit/s link shaped between two network namespaces: throughput,
     /// latency, bytes per epoch, pause, CPU (target/bench-repl/).
-    BenchRepl(repl_bench::BenchReplArgs),
+    BenchRepl(Box<repl_bench::BenchReplArgs>),
 }
 
 #[derive(clap::Args)]
