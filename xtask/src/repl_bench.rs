@@ -1279,11 +1279,29 @@ pub fn run(simrep: &Path, args: &BenchReplArgs) -> Result<()> {
         warmup_s,
     };
     let mut rows = Vec::new();
+    let mut retried = Vec::new();
     let mut idx = 0u16;
     for wl in &workloads {
         for &mode in &modes {
             eprintln!("== {wl}, {}", mode.label());
-            rows.extend(measure(&ctx, wl, mode, idx)?);
+            // A run whose process dies under it (another process on this
+            // shared machine may signal it) is repeated once, and says so.
+            let mut attempt = 1;
+            let runs = loop {
+                match measure(&ctx, wl, mode, idx) {
+                    Ok(r) => break r,
+                    Err(e) if attempt < 2 && !STOP.load(Ordering::Relaxed) => {
+                        eprintln!("   run failed, repeating it once: {e:#}");
+                        retried.push(
+                            json!({"workload": wl, "mode": mode.name(), "error": format!("{e:#}")}),
+                        );
+                        attempt += 1;
+                        idx += 1;
+                    }
+                    Err(e) => return Err(e),
+                }
+            };
+            rows.extend(runs);
             idx += 1;
         }
     }
@@ -1322,7 +1340,21 @@ pub fn run(simrep: &Path, args: &BenchReplArgs) -> Result<()> {
         args.keys,
         args.accounts,
     );
-    let (md, goals, all) = report(&rows, args, &header);
+    let (mut md, goals, all) = report(&rows, args, &header);
+    for r in &retried {
+        let _ = writeln!(
+            md,
+            "\nNote: the {} {} run failed once and was repeated: {}",
+            r["workload"].as_str().unwrap_or(""),
+            r["mode"].as_str().unwrap_or(""),
+            r["error"]
+                .as_str()
+                .unwrap_or("")
+                .lines()
+                .next()
+                .unwrap_or("")
+        );
+    }
     let md_path = args.out.join("report.md");
     let json_path = args.out.join("report.json");
     std::fs::write(&md_path, &md)?;
@@ -1341,6 +1373,7 @@ pub fn run(simrep: &Path, args: &BenchReplArgs) -> Result<()> {
         "runs": rows,
         "goals": goals,
         "all_goals_met": all,
+        "repeated_runs": retried,
     });
     std::fs::write(&json_path, serde_json::to_string_pretty(&doc)?)?;
     println!("{md}");
