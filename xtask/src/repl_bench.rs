@@ -575,6 +575,26 @@ fn cpu_secs(pid: u32) -> Result<f64> {
     Ok((utime + stime) / hz)
 }
 
+/// Busy CPU time of the whole machine in seconds (all cores: user, nice,
+/// system, irq, softirq, steal), from /proc/stat.
+fn machine_busy_secs() -> Result<f64> {
+    let s = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let line = s.lines().next().context("empty /proc/stat")?;
+    let v: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().unwrap_or(0.0))
+        .collect();
+    // user nice system idle iowait irq softirq steal
+    let busy: f64 = [0usize, 1, 2, 5, 6, 7]
+        .iter()
+        .map(|&i| v.get(i).copied().unwrap_or(0.0))
+        .sum();
+    // SAFETY: sysconf(3) has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok(busy / hz)
+}
+
 // ---------------------------------------------------------------------------
 // Statistics.
 
@@ -852,6 +872,7 @@ fn measure(ctx: &Ctx, workload: &str, mode: Mode, idx: u16) -> Result<Vec<Value>
         let mut load = Proc::spawn("simrep load", &mut lc, &load_log)?;
         // The measured window: after the warm-up, for `secs`.
         sleep_checked(Duration::from_secs_f64(ctx.warmup_s))?;
+        let m0 = machine_busy_secs()?;
         let (g0, b0, t0, w0) = (
             cpu_secs(pid)?,
             backup.as_ref().map(|b| cpu_secs(b.pid())).transpose()?,
@@ -866,6 +887,7 @@ fn measure(ctx: &Ctx, workload: &str, mode: Mode, idx: u16) -> Result<Vec<Value>
                 b.check_alive(&backup_log)?;
             }
         }
+        let m1 = machine_busy_secs()?;
         let (g1, b1, t1, wsecs) = (
             cpu_secs(pid)?,
             backup.as_ref().map(|b| cpu_secs(b.pid())).transpose()?,
@@ -916,6 +938,7 @@ fn measure(ctx: &Ctx, workload: &str, mode: Mode, idx: u16) -> Result<Vec<Value>
                 (Some(a), Some(b)) => json!((b - a) / wsecs),
                 _ => Value::Null,
             },
+            "machine_busy_cores": (m1 - m0) / wsecs,
             "epochs": epochs,
         }));
         guest.check_alive(&guest_log)?;
@@ -979,7 +1002,7 @@ fn report(rows: &[Value], args: &BenchReplArgs, header: &str) -> (String, Value,
     let _ = writeln!(md, "{header}\n");
     let _ = writeln!(
         md,
-        "### Service (good: within {} ms, tolerable: within {} ms; CPU: the guest's process over the measured window, in cores; repl. CPU = replicated − native at the same offered load, open loop only)\n",
+        "### Service (good: within {} ms, tolerable: within {} ms; CPU: the guest's process over the measured window, in cores; repl. CPU = replicated − native at the same offered load, open loop only; machine: busy cores of the whole 2-core machine in the window, this benchmark's load client and other users included)\n",
         args.good_ms, args.tolerable_ms
     );
     let _ = writeln!(
@@ -1020,7 +1043,7 @@ fn report(rows: &[Value], args: &BenchReplArgs, header: &str) -> (String, Value,
             .map_or(mode, |m| m.label());
         let _ = writeln!(
             md,
-            "| {wl} | {label} | {load} | {} | {} | {} | {} % | {} % | {} | {} | {repl_cpu} | {} |",
+            "| {wl} | {label} | {load} | {} | {} | {} | {} % | {} % | {} | {} | {repl_cpu} | {} | {} |",
             fmt_n(f(r, "throughput_rps"), 0),
             fmt_n(f(r, "p50_ms"), 2),
             fmt_n(f(r, "p99_ms"), 2),
@@ -1029,6 +1052,7 @@ fn report(rows: &[Value], args: &BenchReplArgs, header: &str) -> (String, Value,
             r["errors"],
             fmt_n(f(r, "cpu_cores"), 2),
             fmt_n(f(r, "backup_cpu_cores"), 2),
+            fmt_n(f(r, "machine_busy_cores"), 2),
         );
     }
     let _ = writeln!(
