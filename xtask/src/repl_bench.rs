@@ -58,6 +58,10 @@ const ADDR_P: &str = "10.77.0.1";
 /// Address of [`VETH_B`].
 const ADDR_B: &str = "10.77.0.2";
 
+/// Most connections chosen automatically: the guest's network device
+/// refuses more than 1024 (`vmm::net::MAX_CONNECTIONS`).
+const MAX_AUTO_CONNECTIONS: u32 = 1000;
+
 /// Options of `cargo xtask bench-repl`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchReplArgs {
@@ -85,7 +89,8 @@ pub struct BenchReplArgs {
     #[arg(long, default_value_t = 5000)]
     pub rate: u64,
     /// Connections of the open-loop phase (default: 2 x rate x 2 epochs,
-    /// at least 64, so that held responses never starve the client).
+    /// at least 64, so that held responses never starve the client; at most
+    /// 1000, as the guest's network device takes at most 1024).
     #[arg(long)]
     pub connections: Option<u32>,
     /// Guest memory.
@@ -844,7 +849,7 @@ fn measure(ctx: &Ctx, workload: &str, mode: Mode, idx: u16) -> Result<Vec<Value>
             Phase::Open => {
                 let c = args.connections.unwrap_or_else(|| {
                     let per_epoch = args.rate as f64 * f64::from(args.epoch_ms) / 1000.0;
-                    ((4.0 * per_epoch).ceil() as u32).max(64)
+                    ((4.0 * per_epoch).ceil() as u32).clamp(64, MAX_AUTO_CONNECTIONS)
                 });
                 lc.args(["--rate", &args.rate.to_string()]);
                 c
@@ -1413,4 +1418,102 @@ pub fn run(simrep: &Path, args: &BenchReplArgs) -> Result<()> {
         bail!("a goal was missed (see the report)");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_rates_parse() {
+        assert_eq!(parse_secs("20s").unwrap(), 20.0);
+        assert_eq!(parse_secs("500ms").unwrap(), 0.5);
+        assert_eq!(parse_secs("2m").unwrap(), 120.0);
+        assert_eq!(parse_secs("7").unwrap(), 7.0);
+        assert!(parse_secs("fast").is_err());
+        assert_eq!(rate_bits("1gbit"), Some(1e9));
+        assert_eq!(rate_bits("500Mbit"), Some(5e8));
+        assert_eq!(rate_bits("fast"), None);
+    }
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let mut v: Vec<f64> = (1..=100).rev().map(f64::from).collect();
+        assert_eq!(percentile(&mut v, 50.0), 50.0);
+        assert_eq!(percentile(&mut v, 99.0), 99.0);
+        assert_eq!(percentile(&mut v, 100.0), 100.0);
+        assert!(percentile(&mut [], 50.0).is_nan());
+    }
+
+    fn line(t: u64, out: u64, raw: u64, ack: Option<f64>) -> String {
+        json!({"epoch": t, "unix_ms": t, "interval_ms": 50.0, "pause_us": t * 10,
+               "dirty_pages": raw / 4096, "raw_bytes": raw, "out_bytes": out,
+               "encode_ms": 1.0, "ack_ms": ack, "protected": true})
+        .to_string()
+    }
+
+    #[test]
+    fn epoch_figures_use_only_the_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("stats.jsonl");
+        let mut text = String::new();
+        text.push_str(&line(1, 999_999, 4096, Some(1.0)));
+        text.push('\n');
+        for t in 10..20 {
+            text.push_str(&line(t, 1000 * t, 8192, Some(t as f64)));
+            text.push('\n');
+        }
+        text.push_str(&line(30, 999_999, 4096, None));
+        text.push_str("\n{\"epoch\": 31, \"unix_"); // a line being written
+        std::fs::write(&p, text).unwrap();
+        let v = epoch_figures(&p, 10, 19).unwrap();
+        assert_eq!(v["epochs"], 10);
+        assert_eq!(v["out_bytes_mean"], 14500.0);
+        assert_eq!(v["out_bytes_p50"], 14000.0);
+        assert_eq!(v["out_bytes_p99"], 19000.0);
+        assert_eq!(v["dirty_pages_mean"], 2.0);
+        assert_eq!(v["ack_ms_p50"], 14.0);
+        assert_eq!(v["ratio"], 145_000.0 / 81_920.0);
+        // 8192 bytes per ms of encoding.
+        assert_eq!(v["encode_mb_s"], 8.192);
+    }
+
+    fn row(wl: &str, mode: Mode, rps: f64, p99: f64, out: f64) -> Value {
+        json!({"workload": wl, "mode": mode.name(), "phase": "open", "connections": 1000,
+        "offered_rps": 5000, "throughput_rps": rps, "p50_ms": 1.0, "p99_ms": p99,
+        "good_share": 1.0, "tolerable_share": 1.0, "errors": 0, "cpu_cores": 0.5,
+        "backup_cpu_cores": null, "machine_busy_cores": 1.0,
+        "epochs": if mode == Mode::Native { Value::Null } else {
+            json!({"out_bytes_mean": out, "interval_ms_mean": 50.0, "ratio": 0.5})
+        }})
+    }
+
+    #[test]
+    fn goals_are_checked_against_native_and_codec_off() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct W {
+            #[command(flatten)]
+            a: BenchReplArgs,
+        }
+        let args = W::parse_from(["x"]).a;
+        let ok = [
+            row("kv", Mode::Native, 5000.0, 5.0, 0.0),
+            row("kv", Mode::Raw, 5000.0, 90.0, 2e6),
+            row("kv", Mode::Similarity, 4600.0, 104.0, 1e6),
+        ];
+        let (md, goals, all) = report(&ok, &args, "h");
+        assert!(all, "{md}");
+        assert_eq!(goals.as_array().unwrap().len(), 3);
+        // Too slow, too late, and not enough fewer bytes: all three missed.
+        let bad = [
+            row("kv", Mode::Native, 5000.0, 5.0, 0.0),
+            row("kv", Mode::Raw, 5000.0, 90.0, 2e6),
+            row("kv", Mode::Similarity, 4400.0, 106.0, 1.5e6),
+        ];
+        let (md, goals, all) = report(&bad, &args, "h");
+        assert!(!all);
+        assert_eq!(md.matches("MISSED").count(), 3, "{md}");
+        assert!(goals.as_array().unwrap().iter().all(|g| g["met"] == false));
+    }
 }
