@@ -133,6 +133,11 @@ pub struct BenchReplArgs {
     /// Shaper: auto (netem if the kernel has it, else tbf), netem or tbf.
     #[arg(long, default_value = "auto")]
     pub shaper: String,
+    /// Measure the whole matrix this many times (interleaved); the tables
+    /// and goals use the median of each figure over the repetitions, the
+    /// JSON keeps every run.
+    #[arg(long, default_value_t = 1)]
+    pub repeat: u32,
     /// Fail (exit non-zero) when a goal is missed.
     #[arg(long)]
     pub check: bool,
@@ -730,12 +735,14 @@ struct Ctx<'a> {
 
 /// Measures one (workload, mode): starts the guest (and the backup), waits
 /// for protection, runs the phases; returns one JSON object per phase.
-fn measure(ctx: &Ctx, workload: &str, mode: Mode, idx: u16) -> Result<Vec<Value>> {
+fn measure(ctx: &Ctx, workload: &str, mode: Mode, idx: u16, rep: u32) -> Result<Vec<Value>> {
     let args = ctx.args;
-    let dir = args
-        .out
-        .join("runs")
-        .join(format!("{workload}-{}", mode.name()));
+    let name = if args.repeat > 1 {
+        format!("{workload}-{}-{rep}", mode.name())
+    } else {
+        format!("{workload}-{}", mode.name())
+    };
+    let dir = args.out.join("runs").join(name);
     if dir.exists() {
         std::fs::remove_dir_all(&dir)?;
     }
@@ -931,6 +938,7 @@ fn measure(ctx: &Ctx, workload: &str, mode: Mode, idx: u16) -> Result<Vec<Value>
             "workload": workload,
             "mode": mode.name(),
             "phase": phase.name(),
+            "rep": rep,
             "connections": conns,
             "offered_rps": if phase == Phase::Open { json!(args.rate) } else { Value::Null },
             "throughput_rps": report["throughput_rps"],
@@ -972,6 +980,54 @@ fn wait_until(limit: Duration, what: &str, mut ready: impl FnMut() -> Result<boo
 
 // ---------------------------------------------------------------------------
 // Report.
+
+/// One row per (workload, mode, phase), in order of first appearance, each
+/// number the median (nearest rank) over the repetitions, `runs` their
+/// count.
+fn medians(rows: &[Value]) -> Vec<Value> {
+    let key = |r: &Value| (r["workload"].clone(), r["mode"].clone(), r["phase"].clone());
+    let mut groups: Vec<Vec<&Value>> = Vec::new();
+    for r in rows {
+        match groups.iter_mut().find(|g| key(g[0]) == key(r)) {
+            Some(g) => g.push(r),
+            None => groups.push(vec![r]),
+        }
+    }
+    fn med(vals: &[&Value], k: &str) -> Option<Value> {
+        let mut v: Vec<f64> = vals.iter().filter_map(|x| x[k].as_f64()).collect();
+        (v.len() == vals.len() && !v.is_empty()).then(|| json!(percentile(&mut v, 50.0)))
+    }
+    groups
+        .into_iter()
+        .map(|g| {
+            let mut out = g[0].clone();
+            let obj = out.as_object_mut().expect("rows are objects");
+            let keys: Vec<String> = obj.keys().cloned().collect();
+            for k in keys {
+                if k == "rep" {
+                    continue;
+                }
+                if let Some(m) = med(&g, &k) {
+                    obj.insert(k, m);
+                } else if k == "epochs" && obj[&k].is_object() {
+                    let inner: Vec<&Value> = g.iter().map(|r| &r["epochs"]).collect();
+                    let mut e = obj[&k].clone();
+                    let eo = e.as_object_mut().expect("checked");
+                    let ek: Vec<String> = eo.keys().cloned().collect();
+                    for k2 in ek {
+                        if let Some(m) = med(&inner, &k2) {
+                            eo.insert(k2, m);
+                        }
+                    }
+                    obj.insert(k, e);
+                }
+            }
+            obj.remove("rep");
+            obj.insert("runs".into(), json!(g.len()));
+            out
+        })
+        .collect()
+}
 
 fn f(v: &Value, k: &str) -> f64 {
     v[k].as_f64().unwrap_or(f64::NAN)
@@ -1039,10 +1095,11 @@ fn report(rows: &[Value], args: &BenchReplArgs, header: &str) -> (String, Value,
         let load = if phase == Phase::Open {
             format!(
                 "open {} req/s, {} conns",
-                r["offered_rps"], r["connections"]
+                fmt_n(f(r, "offered_rps"), 0),
+                fmt_n(f(r, "connections"), 0)
             )
         } else {
-            format!("closed, {} conns", r["connections"])
+            format!("closed, {} conns", fmt_n(f(r, "connections"), 0))
         };
         let label = Mode::ALL
             .iter()
@@ -1056,7 +1113,7 @@ fn report(rows: &[Value], args: &BenchReplArgs, header: &str) -> (String, Value,
             fmt_n(f(r, "p99_ms"), 2),
             fmt_n(100.0 * f(r, "good_share"), 1),
             fmt_n(100.0 * f(r, "tolerable_share"), 1),
-            r["errors"],
+            fmt_n(f(r, "errors"), 0),
             fmt_n(f(r, "cpu_cores"), 2),
             fmt_n(f(r, "backup_cpu_cores"), 2),
             fmt_n(f(r, "machine_busy_cores"), 2),
@@ -1085,7 +1142,7 @@ fn report(rows: &[Value], args: &BenchReplArgs, header: &str) -> (String, Value,
             "| {} | {label} | {} | {} | {} | {}/{}/{} | {}/{}/{} | {} | {} | {} | {}/{} | {}/{} | {} |",
             r["workload"].as_str().unwrap_or(""),
             r["phase"].as_str().unwrap_or(""),
-            r["epochs"]["epochs"],
+            fmt_n(e(r, "epochs"), 0),
             fmt_n(e(r, "interval_ms_mean"), 1),
             fmt_n(e(r, "dirty_pages_mean"), 0),
             fmt_n(e(r, "dirty_pages_p50"), 0),
@@ -1312,28 +1369,38 @@ pub fn run(simrep: &Path, args: &BenchReplArgs) -> Result<()> {
     let mut rows = Vec::new();
     let mut retried = Vec::new();
     let mut idx = 0u16;
-    for wl in &workloads {
-        for &mode in &modes {
-            eprintln!("== {wl}, {}", mode.label());
-            // A run whose process dies under it (another process on this
-            // shared machine may signal it) is repeated once, and says so.
-            let mut attempt = 1;
-            let runs = loop {
-                match measure(&ctx, wl, mode, idx) {
-                    Ok(r) => break r,
-                    Err(e) if attempt < 2 && !STOP.load(Ordering::Relaxed) => {
-                        eprintln!("   run failed, repeating it once: {e:#}");
-                        retried.push(
+    for rep in 1..=args.repeat.max(1) {
+        for wl in &workloads {
+            for &mode in &modes {
+                if args.repeat > 1 {
+                    eprintln!(
+                        "== {wl}, {} (repetition {rep} of {})",
+                        mode.label(),
+                        args.repeat
+                    );
+                } else {
+                    eprintln!("== {wl}, {}", mode.label());
+                }
+                // A run whose process dies under it (another process on this
+                // shared machine may signal it) is repeated once, and says so.
+                let mut attempt = 1;
+                let runs = loop {
+                    match measure(&ctx, wl, mode, idx, rep) {
+                        Ok(r) => break r,
+                        Err(e) if attempt < 2 && !STOP.load(Ordering::Relaxed) => {
+                            eprintln!("   run failed, repeating it once: {e:#}");
+                            retried.push(
                             json!({"workload": wl, "mode": mode.name(), "error": format!("{e:#}")}),
                         );
-                        attempt += 1;
-                        idx += 1;
+                            attempt += 1;
+                            idx += 1;
+                        }
+                        Err(e) => return Err(e),
                     }
-                    Err(e) => return Err(e),
-                }
-            };
-            rows.extend(runs);
-            idx += 1;
+                };
+                rows.extend(runs);
+                idx += 1;
+            }
         }
     }
     let shaper = link.shaper.clone();
@@ -1344,7 +1411,7 @@ pub fn run(simrep: &Path, args: &BenchReplArgs) -> Result<()> {
          Guest: {} RAM, 1 vCPU, {} ms epochs, {} encoder threads. Link: {} ({}). \
          Probe: {}. Load: `simrep load` beside the primary against 127.0.0.1 (unshaped); \
          open loop {} req/s after {} warm-up for {}, then closed loop with {} connections for {}; \
-         kv: mix {}, values {}, {} keys; bank: {} accounts, default mix.",
+         kv: mix {}, values {}, {} keys; bank: {} accounts, default mix.{}",
         args.mem,
         args.epoch_ms,
         args.threads,
@@ -1370,8 +1437,17 @@ pub fn run(simrep: &Path, args: &BenchReplArgs) -> Result<()> {
         args.value_size,
         args.keys,
         args.accounts,
+        if args.repeat > 1 {
+            format!(
+                " Each figure is the median over {} interleaved runs (every run is in report.json).",
+                args.repeat
+            )
+        } else {
+            String::new()
+        },
     );
-    let (mut md, goals, all) = report(&rows, args, &header);
+    let med = medians(&rows);
+    let (mut md, goals, all) = report(&med, args, &header);
     for r in &retried {
         let _ = writeln!(
             md,
@@ -1402,6 +1478,7 @@ pub fn run(simrep: &Path, args: &BenchReplArgs) -> Result<()> {
         },
         "link": probes,
         "runs": rows,
+        "medians": med,
         "goals": goals,
         "all_goals_met": all,
         "repeated_runs": retried,
@@ -1486,6 +1563,25 @@ mod tests {
         "epochs": if mode == Mode::Native { Value::Null } else {
             json!({"out_bytes_mean": out, "interval_ms_mean": 50.0, "ratio": 0.5})
         }})
+    }
+
+    #[test]
+    fn medians_group_by_run_and_phase() {
+        let mut rows = Vec::new();
+        for (rep, p99) in [(1, 9.0), (2, 1.0), (3, 5.0)] {
+            let mut r = row("kv", Mode::Raw, 5000.0, p99, 1000.0 * p99);
+            r["rep"] = json!(rep);
+            rows.push(r);
+        }
+        rows.push(row("bank", Mode::Raw, 4000.0, 2.0, 7.0));
+        let m = medians(&rows);
+        assert_eq!(m.len(), 2);
+        assert_eq!(m[0]["p99_ms"], 5.0);
+        assert_eq!(m[0]["epochs"]["out_bytes_mean"], 5000.0);
+        assert_eq!(m[0]["runs"], 3);
+        assert!(m[0].get("rep").is_none());
+        assert_eq!(m[1]["throughput_rps"], 4000.0);
+        assert_eq!(m[1]["runs"], 1);
     }
 
     #[test]
