@@ -11,8 +11,11 @@
 //!   the trace analysed with every codec.
 //! * `figures`: traces several real servers under their own load tools and
 //!   analyses each trace (the README's table).
+//! * `bench-repl`: native vs replicated (codec off, codec on) guests over a
+//!   shaped 1 Gbit/s link between two network namespaces.
 
 mod guest_run;
+mod repl_bench;
 mod servers;
 mod setup;
 
@@ -48,6 +51,10 @@ enum Command {
     /// Trace several real servers under their own load tools and analyse
     /// each trace: the figures in the README.
     Figures(FiguresArgs),
+    /// Native vs replicated guests (codec off, codec on), kv and bank, over
+    /// a 1 Gbit/s link shaped between two network namespaces: throughput,
+    /// latency, bytes per epoch, pause, CPU (target/bench-repl/).
+    BenchRepl(Box<repl_bench::BenchReplArgs>),
 }
 
 #[derive(clap::Args)]
@@ -140,6 +147,10 @@ fn main() -> Result<()> {
         }
         Command::TraceDemo(args) => run(&root, &args),
         Command::Figures(args) => figures(&root, &args),
+        Command::BenchRepl(args) => {
+            let simrep = build_release(&root)?;
+            repl_bench::run(&simrep, &args)
+        }
     }
 }
 
