@@ -699,6 +699,15 @@ fn the_primary_reports_ebpf_fault_figures_per_epoch() {
     )
     .expect("metrics endpoint answers");
     assert!(body.contains("simrep_ebpf_write_faults_total"), "{body}");
+    let st = simrep::replication::observe::fetch_status(
+        metrics.parse().expect("addr"),
+        Duration::from_secs(5),
+    )
+    .expect("status");
+    assert!(
+        st.extra.contains_key("ebpf_write_faults_last_epoch"),
+        "eBPF figures in the status: {st:?}"
+    );
     assert_eq!(primary.interrupt().code(), Some(0));
     let stats = std::fs::read_to_string(dir.join("stats.jsonl")).expect("stats file");
     let (mut faults, mut checked) = (0u64, 0u64);

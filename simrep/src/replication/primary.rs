@@ -900,6 +900,21 @@ impl Replicator {
         let _ = cow;
         let mut rec = rec;
         self.ebpf_epoch(&mut rec, traced, &ckpt.dirty);
+        if rec.write_faults.is_some() || rec.cow_faults.is_some() {
+            let r = rec.clone();
+            self.board.update(|s| {
+                for (k, v) in [
+                    ("ebpf_write_faults_last_epoch", r.write_faults),
+                    ("ebpf_only_pages_last_epoch", r.ebpf_only_pages),
+                    ("ebpf_harvest_only_pages_last_epoch", r.harvest_only_pages),
+                    ("ebpf_cow_faults_last_epoch", r.cow_faults),
+                ] {
+                    if let Some(v) = v {
+                        s.extra.insert(k.into(), v.into());
+                    }
+                }
+            });
+        }
         self.counters.epochs.inc_by(1);
         self.counters.dirty_pages.inc_by(rec.dirty_pages);
         self.counters.raw_bytes.inc_by(rec.raw_bytes);
