@@ -24,7 +24,7 @@
 use std::time::{Duration, Instant};
 
 use crate::dirty::cow::{CowError, CowMemory, CowStats, CowView};
-use crate::dirty::{DirtyError, DirtyPages, DirtyTracker};
+use crate::dirty::{DirtyError, DirtyPages, DirtyTracker, PredictStats, Prediction};
 
 use super::state::{StateError, VmSnapshot};
 use super::vm::{Vm, VmError};
@@ -157,6 +157,31 @@ impl EpochCheckpointer {
     /// The copy-on-write memory (for statistics).
     pub fn cow(&self) -> &CowMemory {
         &self.cow
+    }
+
+    // --- write-fault prediction ---
+
+    /// Turns write-fault prediction on or off for the following
+    /// checkpoints (see [`crate::dirty::predict`]): pages dirty in each of
+    /// the last `k` checkpoints stay writable and are in every checkpoint's
+    /// dirty set until the next re-check. Bitmap dirty mode only.
+    ///
+    /// # Errors
+    ///
+    /// [`EpochError::Dirty`] with [`DirtyError::PredictionInRingMode`] or
+    /// [`DirtyError::BadPrediction`].
+    pub fn set_prediction(&mut self, prediction: Option<Prediction>) -> Result<(), EpochError> {
+        Ok(self.tracker.set_prediction(prediction)?)
+    }
+
+    /// The prediction counters after the last checkpoint, when on.
+    pub fn prediction_stats(&self) -> Option<PredictStats> {
+        self.tracker.prediction_stats()
+    }
+
+    /// The dirty tracker (mode, last harvest's cost, prediction).
+    pub fn tracker(&self) -> &DirtyTracker {
+        &self.tracker
     }
 
     /// Takes one checkpoint; the guest is running again when it returns.
