@@ -28,10 +28,11 @@
 //! harvest (every page, because of `KVM_DIRTY_LOG_INITIALLY_SET`) is not an
 //! observation of the guest and does not enter the history.
 //!
-//! [`FaultCounters`] reads KVM's per-VM page-fault counters from debugfs,
-//! to measure what prediction saves.
-
-use std::path::{Path, PathBuf};
+//! Measuring what it saves: under shadow paging (PVM here) each write
+//! fault on a protected page is one write walk of
+//! `kvmmmu:kvm_mmu_pagetable_walk`, which [`crate::ebpf::WriteTracer`]
+//! counts (`WriteStats::walk_writes`). KVM's own `pf_fixed` counters are in
+//! debugfs, which kernel lockdown makes unreadable here.
 
 /// Write-fault prediction settings (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -203,80 +204,6 @@ impl Predictor {
         self.stats.unprotected = unprotected;
         self.stats.rechecked = recheck;
         self.stats.unprotected_total += unprotected;
-    }
-}
-
-/// KVM's page-fault counters of one VM (summed over its vCPUs), from
-/// debugfs (`/sys/kernel/debug/kvm/<pid>-<vm fd>/`). Under shadow paging
-/// (PVM here) a write to a write-protected page is a `pf_taken` that KVM
-/// fixes (`pf_fixed`), or `pf_fast` when fixed without the MMU lock.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct FaultCounters {
-    /// Guest page faults KVM handled.
-    pub pf_taken: u64,
-    /// Of those, fixed by installing or upgrading a shadow PTE.
-    pub pf_fixed: u64,
-    /// Fixed on the lockless fast path.
-    pub pf_fast: u64,
-    /// Spurious (already fixed by another vCPU).
-    pub pf_spurious: u64,
-    /// Faults reflected into the guest.
-    pub pf_guest: u64,
-}
-
-/// Where debugfs keeps KVM's statistics.
-pub const KVM_DEBUGFS: &str = "/sys/kernel/debug/kvm";
-
-impl FaultCounters {
-    /// The debugfs directory of the VM with fd `vm_fd` in this process.
-    pub fn dir(vm_fd: i32) -> PathBuf {
-        Path::new(KVM_DEBUGFS).join(format!("{}-{vm_fd}", std::process::id()))
-    }
-
-    /// Reads the counters of the VM with fd `vm_fd` in this process.
-    ///
-    /// # Errors
-    ///
-    /// `NotFound` with a hint when debugfs is not mounted or the VM has no
-    /// directory; other I/O errors from reading the files.
-    pub fn read(vm_fd: i32) -> std::io::Result<Self> {
-        let dir = Self::dir(vm_fd);
-        if !dir.is_dir() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                format!(
-                    "{} does not exist (is debugfs mounted? `mount -t debugfs none /sys/kernel/debug`)",
-                    dir.display()
-                ),
-            ));
-        }
-        let get = |name: &str| -> std::io::Result<u64> {
-            let s = std::fs::read_to_string(dir.join(name))?;
-            s.trim().parse().map_err(|e| {
-                std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    format!("{}/{name}: {e}", dir.display()),
-                )
-            })
-        };
-        Ok(FaultCounters {
-            pf_taken: get("pf_taken")?,
-            pf_fixed: get("pf_fixed")?,
-            pf_fast: get("pf_fast")?,
-            pf_spurious: get("pf_spurious")?,
-            pf_guest: get("pf_guest")?,
-        })
-    }
-
-    /// The counts since `earlier`.
-    pub fn since(&self, earlier: &FaultCounters) -> FaultCounters {
-        FaultCounters {
-            pf_taken: self.pf_taken.wrapping_sub(earlier.pf_taken),
-            pf_fixed: self.pf_fixed.wrapping_sub(earlier.pf_fixed),
-            pf_fast: self.pf_fast.wrapping_sub(earlier.pf_fast),
-            pf_spurious: self.pf_spurious.wrapping_sub(earlier.pf_spurious),
-            pf_guest: self.pf_guest.wrapping_sub(earlier.pf_guest),
-        }
     }
 }
 
