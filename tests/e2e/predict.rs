@@ -13,11 +13,11 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use simrep::dirty::{DirtyError, DirtyMode, DirtyPages, DirtyTracker, Prediction};
+use simrep::ebpf::{WriteSource, WriteTracer};
 use simrep::vmm::abi::{self, TouchLogHeader, TouchParams};
 use simrep::vmm::epoch::{EpochCheckpointer, EpochError};
 use simrep::vmm::run::{self, ChurnOptions, RunOptions, TouchOptions, Workload};
 use simrep::vmm::Vm;
-use simrep::ebpf::{WriteSource, WriteTracer};
 use tests::require_kvm;
 
 use super::ebpf::{error_chain, require_root};
@@ -331,9 +331,15 @@ struct Figures {
 }
 
 /// Churn at `rate` MiB/s over `buffer` bytes, 50 ms epochs through
-/// [`EpochCheckpointer`] (views finished at once: no encoder), for
-/// `epochs` epochs after 10 warm-up epochs.
-fn bench_churn(rate: u32, buffer: u64, prediction: Option<Prediction>, epochs: usize) -> Figures {
+/// [`EpochCheckpointer`] with `copy_limit` (views finished at once: no
+/// encoder), for `epochs` epochs after 10 warm-up epochs.
+fn bench_churn(
+    rate: u32,
+    buffer: u64,
+    copy_limit: usize,
+    prediction: Option<Prediction>,
+    epochs: usize,
+) -> Figures {
     let opts = RunOptions {
         workload: Workload::Churn,
         mem_bytes: 256 << 20,
@@ -350,6 +356,7 @@ fn bench_churn(rate: u32, buffer: u64, prediction: Option<Prediction>, epochs: u
     let (mut vm, tracker) = run::boot_tracked(&opts, DirtyMode::Bitmap).expect("boot churn");
     let mut cp = EpochCheckpointer::new(&vm, tracker).expect("checkpointer");
     cp.set_prediction(prediction).expect("set prediction");
+    cp.copy_limit = copy_limit;
     let epoch = Duration::from_millis(50);
     let (mut faults_sum, mut sent, mut unprot, mut pause) = (0u64, 0u64, 0u64, Duration::ZERO);
     let mut start = None;
@@ -396,17 +403,19 @@ fn bench() {
 }
 
 fn bench_scenario() {
-    let epochs = 60;
+    let epochs = 80;
     eprintln!(
-        "| churn | prediction | write faults/epoch | pages sent/epoch | left writable/epoch | churn pages/s | pause ms/epoch |"
+        "| churn | copy limit | prediction | write faults/epoch | pages sent/epoch | left writable/epoch | churn pages/s | pause ms/epoch |"
     );
-    eprintln!("|---|---|---|---|---|---|---|");
-    for (rate, buffer) in [
-        (100, 1u64 << 20),
-        (0, 1 << 20),
-        (100, 16 << 20),
-        (100, 64 << 20),
-        (400, 16 << 20),
+    eprintln!("|---|---|---|---|---|---|---|---|");
+    let default_limit = simrep::vmm::epoch::DEFAULT_COPY_LIMIT;
+    for (rate, buffer, limit) in [
+        (100, 1u64 << 20, default_limit),
+        (0, 1 << 20, default_limit),
+        (100, 16 << 20, default_limit),
+        (100, 64 << 20, default_limit),
+        (400, 16 << 20, default_limit),
+        (400, 16 << 20, 8192),
     ] {
         let mut cfgs: Vec<Option<Prediction>> = vec![None];
         for k in [1, 2, 4] {
@@ -420,7 +429,7 @@ fn bench_scenario() {
             recheck_every: 5,
         }));
         for cfg in cfgs {
-            let f = bench_churn(rate, buffer, cfg, epochs);
+            let f = bench_churn(rate, buffer, limit, cfg, epochs);
             let name = match cfg {
                 None => "off".to_string(),
                 Some(p) => format!("k={} recheck={}", p.k, p.recheck_every),
@@ -431,7 +440,7 @@ fn bench_scenario() {
                 format!("{rate} MiB/s")
             };
             eprintln!(
-                "| {rate}, {} MiB buffer | {name} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} |",
+                "| {rate}, {} MiB buffer | {limit} | {name} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} |",
                 buffer >> 20,
                 f.faults,
                 f.sent,

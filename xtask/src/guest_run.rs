@@ -71,7 +71,9 @@ pub struct Options {
 }
 
 fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 fn spawn_logged(simrep: &Path, args: &[String], log: &Path, what: &'static str) -> Result<Guard> {
@@ -104,7 +106,11 @@ fn wait_for_log(g: &mut Guard, log: &Path, needle: &str, timeout: Duration) -> R
             );
         }
         if t.elapsed() > timeout {
-            bail!("{} did not log {needle:?} within {timeout:?}; see {}", g.1, log.display());
+            bail!(
+                "{} did not log {needle:?} within {timeout:?}; see {}",
+                g.1,
+                log.display()
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -161,7 +167,9 @@ fn client_line(log: &Path) -> String {
             let w: Vec<&str> = l.split_whitespace().collect();
             // [t, n, req/s, p50, v, ms, p99, v, ms, ...]
             match (w.get(1), w.get(4), w.get(7)) {
-                (Some(r), Some(p50), Some(p99)) => format!("{r:>7} req/s p50 {p50:>6} p99 {p99:>7} ms"),
+                (Some(r), Some(p50), Some(p99)) => {
+                    format!("{r:>7} req/s p50 {p50:>6} p99 {p99:>7} ms")
+                }
                 _ => String::new(),
             }
         })
@@ -186,8 +194,13 @@ pub fn run(simrep: &Path, o: &Options) -> Result<()> {
     let _ = std::fs::remove_dir_all(&state_dir);
     let stats = out.join("epochs.jsonl");
     let _ = std::fs::remove_file(&stats);
-    let (repl, service, port, m_primary, m_backup) =
-        (free_port()?, free_port()?, free_port()?, free_port()?, free_port()?);
+    let (repl, service, port, m_primary, m_backup) = (
+        free_port()?,
+        free_port()?,
+        free_port()?,
+        free_port()?,
+        free_port()?,
+    );
     // Ctrl-C reaches the foreground process group: the client stops, makes
     // its final verification pass and prints its summary; this process
     // notes it, then stops the primary and the backup, which run in process
@@ -213,9 +226,18 @@ pub fn run(simrep: &Path, o: &Options) -> Result<()> {
         s("--metrics"),
         format!("127.0.0.1:{m_backup}"),
     ];
-    eprintln!("== backup:  simrep {}  (log {})", backup_args.join(" "), backup_log.display());
+    eprintln!(
+        "== backup:  simrep {}  (log {})",
+        backup_args.join(" "),
+        backup_log.display()
+    );
     let mut backup = spawn_logged(simrep, &backup_args, &backup_log, "simrep backup")?;
-    wait_for_log(&mut backup, &backup_log, "waiting for a primary", Duration::from_secs(30))?;
+    wait_for_log(
+        &mut backup,
+        &backup_log,
+        "waiting for a primary",
+        Duration::from_secs(30),
+    )?;
 
     let primary_log = out.join("primary.log");
     let primary_args = vec![
@@ -243,10 +265,19 @@ pub fn run(simrep: &Path, o: &Options) -> Result<()> {
         s("--metrics"),
         format!("127.0.0.1:{m_primary}"),
     ];
-    eprintln!("== primary: simrep {}  (log {})", primary_args.join(" "), primary_log.display());
+    eprintln!(
+        "== primary: simrep {}  (log {})",
+        primary_args.join(" "),
+        primary_log.display()
+    );
     let mut primary = spawn_logged(simrep, &primary_args, &primary_log, "simrep primary")?;
     eprintln!("== synchronising the backup while the guest runs ...");
-    wait_for_log(&mut primary, &primary_log, "the guest is protected", Duration::from_secs(180))?;
+    wait_for_log(
+        &mut primary,
+        &primary_log,
+        "the guest is protected",
+        Duration::from_secs(180),
+    )?;
     eprintln!(
         "== protected. `simrep status --addr 127.0.0.1:{m_primary}` (primary) or --addr 127.0.0.1:{m_backup} (backup)"
     );
@@ -264,7 +295,14 @@ pub fn run(simrep: &Path, o: &Options) -> Result<()> {
         .args(["--target", &format!("127.0.0.1:{service}")])
         .args(["--workload", "kv", "--duration", &o.duration])
         .args(["--connections", &conns, "--keys", "4000"])
-        .args(["--value-size", "64-4096", "--warmup", "1s", "--verify", "--json"])
+        .args([
+            "--value-size",
+            "64-4096",
+            "--warmup",
+            "1s",
+            "--verify",
+            "--json",
+        ])
         .arg(&json)
         .env("NO_COLOR", "1")
         .stdout(lf.try_clone()?)
@@ -286,7 +324,17 @@ pub fn run(simrep: &Path, o: &Options) -> Result<()> {
     reader.seek(SeekFrom::End(0))?;
     let header = format!(
         "{:>6} {:>7} {:>5} {:>8} {:>9} {:>9} {:>6} {:>8} {:>8} {:>5}  {}",
-        "time", "epoch", "ep/s", "pages/ep", "raw KB/ep", "sent KB/ep", "ratio", "pause ms", "ack ms", "held", "client (last second)"
+        "time",
+        "epoch",
+        "ep/s",
+        "pages/ep",
+        "raw KB/ep",
+        "sent KB/ep",
+        "ratio",
+        "pause ms",
+        "ack ms",
+        "held",
+        "client (last second)"
     );
     let mut rows = 0;
     let mut killed = false;
@@ -324,7 +372,11 @@ pub fn run(simrep: &Path, o: &Options) -> Result<()> {
         rows += 1;
         let t = started.elapsed().as_secs_f64();
         if now.is_empty() {
-            let why = if killed { "primary gone" } else { "no epochs (link slow or down?)" };
+            let why = if killed {
+                "primary gone"
+            } else {
+                "no epochs (link slow or down?)"
+            };
             eprintln!("{t:>5.0}s {:>7} {why:>60}  {}", "-", client_line(&load_log));
             continue;
         }
