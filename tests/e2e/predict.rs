@@ -321,6 +321,74 @@ fn prediction_in_ring_mode_is_refused() {
     vm.shutdown();
 }
 
+/// With prediction and a dirty set above the copy limit the checkpoint
+/// copies the hot pages and arms copy-on-write over the rest: every dirty
+/// page read through that mixed view equals guest memory at the
+/// checkpoint although the guest keeps writing while the view is open.
+#[test]
+fn mixed_views_hold_the_checkpoint() {
+    use simrep::vmm::epoch::EpochView;
+    require_kvm();
+    let mem = 64u64 << 20;
+    let opts = RunOptions {
+        workload: Workload::Touch,
+        mem_bytes: mem,
+        vcpus: 1,
+        touch: TouchOptions {
+            pages_per_round: 256,
+            idle_us: 1000,
+            region_bytes: 16 << 20,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let (mut vm, tracker) = run::boot_tracked(&opts, DirtyMode::Bitmap).expect("boot");
+    let mut cp = EpochCheckpointer::new(&vm, tracker).expect("checkpointer");
+    cp.set_prediction(Some(Prediction {
+        k: 2,
+        recheck_every: 4,
+    }))
+    .expect("prediction");
+    // Every dirty set goes past the limit.
+    cp.copy_limit = 0;
+    let (mut mixed, mut hot_copied, mut cold_cow) = (0, 0, 0);
+    for epoch in 0..10 {
+        std::thread::sleep(Duration::from_millis(60));
+        let mut at = vec![0u8; mem as usize];
+        let c = cp
+            .checkpoint_with(&vm, false, &mut |vm| {
+                vm.memory().read(0, &mut at).expect("snapshot");
+            })
+            .expect("checkpoint");
+        // The guest writes into the open view.
+        std::thread::sleep(Duration::from_millis(30));
+        let mut page = [0u8; 4096];
+        for &gfn in &c.dirty {
+            c.view.read_page(gfn, &mut page).expect("read view");
+            let off = (gfn * PAGE) as usize;
+            assert!(
+                page[..] == at[off..off + PAGE as usize],
+                "epoch {epoch}: view of page {gfn:#x} differs from the checkpoint"
+            );
+        }
+        if let EpochView::Mixed { gfns, cow, .. } = &c.view {
+            mixed += 1;
+            hot_copied += gfns.len();
+            if cow.is_some() {
+                cold_cow += c.dirty.len() - gfns.len();
+            }
+            for g in gfns {
+                assert!(cp.tracker().predictor().unwrap().is_hot(*g));
+            }
+        }
+        c.view.finish();
+    }
+    vm.shutdown();
+    eprintln!("{mixed} mixed views: {hot_copied} hot pages copied, {cold_cow} copy-on-write");
+    assert!(mixed >= 5, "only {mixed} mixed views");
+    assert!(hot_copied > 0 && cold_cow > 0, "{hot_copied} copied, {cold_cow} cow");
+}
+
 /// One benchmark configuration's per-epoch means.
 struct Figures {
     faults: f64,
