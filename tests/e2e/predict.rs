@@ -386,7 +386,10 @@ fn mixed_views_hold_the_checkpoint() {
     vm.shutdown();
     eprintln!("{mixed} mixed views: {hot_copied} hot pages copied, {cold_cow} copy-on-write");
     assert!(mixed >= 5, "only {mixed} mixed views");
-    assert!(hot_copied > 0 && cold_cow > 0, "{hot_copied} copied, {cold_cow} cow");
+    assert!(
+        hot_copied > 0 && cold_cow > 0,
+        "{hot_copied} copied, {cold_cow} cow"
+    );
 }
 
 /// One benchmark configuration's per-epoch means.
