@@ -14,6 +14,7 @@ mod ebpf_cow;
 mod ebpf_writes;
 mod load;
 mod net;
+mod predict;
 mod replication;
 mod state;
 mod status;

@@ -53,9 +53,11 @@ use kvm_ioctls::VmFd;
 pub mod cow;
 pub mod kvm;
 pub mod pages;
+pub mod predict;
 pub mod ring;
 
 pub use pages::DirtyPages;
+pub use predict::{PredictStats, Prediction, Predictor};
 pub use ring::{DirtyRing, DirtyRings};
 
 /// Size of a guest page.
@@ -152,6 +154,24 @@ pub enum DirtyError {
     /// Duplicating the VM fd failed.
     #[error("cannot duplicate the VM fd")]
     DupFd(#[source] std::io::Error),
+    // --- write-fault prediction ---
+    /// Write-fault prediction needs the bitmap mode.
+    #[error(
+        "write-fault prediction is not supported in dirty-ring mode (the ring re-protects every page it reports); use the bitmap mode"
+    )]
+    PredictionInRingMode,
+    /// Prediction settings out of range.
+    #[error(
+        "write-fault prediction k={k} recheck_every={recheck_every}: need k in 1..={max_k} and recheck_every >= 1"
+    )]
+    BadPrediction {
+        /// Harvests a page must be dirty in.
+        k: u32,
+        /// The re-check period.
+        recheck_every: u32,
+        /// Largest k.
+        max_k: u32,
+    },
 }
 
 /// Duplicates the VM fd, so that a tracker or the rings can issue VM
@@ -209,6 +229,10 @@ pub struct DirtyTracker {
     scratch: Vec<u64>,
     harvests: u64,
     last: HarvestStats,
+    /// Bitmap mode: write-fault prediction, when on.
+    predictor: Option<Predictor>,
+    /// Bitmap mode with prediction: the bits to clear, reused.
+    clear: Vec<u64>,
 }
 
 impl DirtyTracker {
@@ -240,6 +264,8 @@ impl DirtyTracker {
             scratch: Vec::new(),
             harvests: 0,
             last: HarvestStats::default(),
+            predictor: None,
+            clear: Vec::new(),
         })
     }
 
@@ -285,7 +311,15 @@ impl DirtyTracker {
                 kvm::get_dirty_log(&self.vm, SLOT, self.pages, &mut self.bitmap)?;
                 out.set_from_bitmap(&self.bitmap, self.pages);
                 let t1 = Instant::now();
-                self.clear_bitmap()?;
+                match self.predictor.as_mut() {
+                    // The first harvest (every page) is no observation of
+                    // the guest: it is cleared in full.
+                    Some(p) if !first => {
+                        p.observe(&self.bitmap, &mut self.clear);
+                        clear_span(&self.vm, self.pages, &self.clear)?;
+                    }
+                    _ => self.clear_bitmap()?,
+                }
                 (out.len(), t1)
             }
             DirtyMode::Ring { .. } => {
@@ -323,27 +357,74 @@ impl DirtyTracker {
 
     /// Clears the bits of `self.bitmap` in KVM and re-protects their pages.
     fn clear_bitmap(&mut self) -> Result<(), DirtyError> {
-        // Clear (and re-protect) only the span of words that has bits: the
-        // kernel walks every word of the range it is given.
-        let Some(first) = self.bitmap.iter().position(|&w| w != 0) else {
+        clear_span(&self.vm, self.pages, &self.bitmap)
+    }
+
+    // --- write-fault prediction (see [`predict`]) ---
+
+    /// Turns write-fault prediction on (`Some`, with a fresh history) or
+    /// off (`None`: the next harvest re-protects every page it returns).
+    /// Bitmap mode only.
+    ///
+    /// # Errors
+    ///
+    /// [`DirtyError::PredictionInRingMode`]; [`DirtyError::BadPrediction`].
+    pub fn set_prediction(&mut self, prediction: Option<Prediction>) -> Result<(), DirtyError> {
+        let Some(cfg) = prediction else {
+            self.predictor = None;
             return Ok(());
         };
-        let last = self.bitmap.iter().rposition(|&w| w != 0).unwrap_or(first);
-        let first_page = first as u64 * 64;
-        let end = ((last as u64 + 1) * 64).min(self.pages);
-        let num_pages =
-            u32::try_from(end - first_page).map_err(|_| DirtyError::BitmapTooSmall {
-                words: self.bitmap.len(),
-                pages: end - first_page,
-            })?;
-        kvm::clear_dirty_log(
-            &self.vm,
-            SLOT,
-            first_page,
-            num_pages,
-            &self.bitmap[first..=last],
-        )
+        if !matches!(self.mode, DirtyMode::Bitmap) {
+            return Err(DirtyError::PredictionInRingMode);
+        }
+        if !cfg.is_valid() {
+            return Err(DirtyError::BadPrediction {
+                k: cfg.k,
+                recheck_every: cfg.recheck_every,
+                max_k: predict::MAX_K,
+            });
+        }
+        tracing::info!(
+            k = cfg.k,
+            recheck_every = cfg.recheck_every,
+            "write-fault prediction on"
+        );
+        self.predictor = Some(Predictor::new(cfg, self.pages));
+        Ok(())
     }
+
+    /// The prediction settings, when on.
+    pub fn prediction(&self) -> Option<Prediction> {
+        self.predictor.as_ref().map(Predictor::config)
+    }
+
+    /// The prediction counters, when on.
+    pub fn prediction_stats(&self) -> Option<PredictStats> {
+        self.predictor.as_ref().map(Predictor::stats)
+    }
+
+    /// The predictor, when on (hot set, counters).
+    pub fn predictor(&self) -> Option<&Predictor> {
+        self.predictor.as_ref()
+    }
+}
+
+/// Clears the bits of `bitmap` (one bit per page of slot 0's `pages`) in
+/// KVM and re-protects their pages.
+fn clear_span(vm: &OwnedFd, pages: u64, bitmap: &[u64]) -> Result<(), DirtyError> {
+    // Clear (and re-protect) only the span of words that has bits: the
+    // kernel walks every word of the range it is given.
+    let Some(first) = bitmap.iter().position(|&w| w != 0) else {
+        return Ok(());
+    };
+    let last = bitmap.iter().rposition(|&w| w != 0).unwrap_or(first);
+    let first_page = first as u64 * 64;
+    let end = ((last as u64 + 1) * 64).min(pages);
+    let num_pages = u32::try_from(end - first_page).map_err(|_| DirtyError::BitmapTooSmall {
+        words: bitmap.len(),
+        pages: end - first_page,
+    })?;
+    kvm::clear_dirty_log(vm, SLOT, first_page, num_pages, &bitmap[first..=last])
 }
 
 #[cfg(test)]
