@@ -991,6 +991,15 @@ struct PrimaryArgs {
     /// The backup is lost after this long without a record from it.
     #[arg(long, default_value = "1s", value_parser = parse_positive_duration)]
     link_timeout: std::time::Duration,
+    /// Write-fault prediction: pages dirty in each of the last K checkpoints
+    /// stay writable (no write fault next epoch) and are sent every epoch;
+    /// 0 turns it off. The default 2 is measured (README).
+    #[arg(long, value_name = "K", default_value_t = 2, value_parser = clap::value_parser!(u32).range(0..=64))]
+    predict: u32,
+    /// With --predict: re-protect every hot page every N checkpoints, so
+    /// pages the guest stopped writing cool down.
+    #[arg(long, value_name = "N", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+    predict_recheck: u32,
     /// Trace guest write faults and the VMM's copy-on-write faults with
     /// eBPF (needs root, bpffs, tracefs and the KVM tracepoints; without
     /// them the primary runs on and says what is missing): per-epoch fault
@@ -1172,6 +1181,10 @@ fn cmd_primary(mut a: PrimaryArgs, matches: &clap::ArgMatches) -> Result<ExitCod
         link_timeout: a.link_timeout,
         dirty_mode: simrep::dirty::DirtyMode::Bitmap,
         ebpf: a.ebpf,
+        predict: (a.predict > 0).then_some(simrep::dirty::Prediction {
+            k: a.predict,
+            recheck_every: a.predict_recheck,
+        }),
     };
     match run_primary(opts, &stop) {
         Ok(s) => {

@@ -158,6 +158,13 @@ pub struct EpochRecord {
     /// devices wrote, mappings still writable from an earlier epoch).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub harvest_only_pages: Option<u64>,
+    /// Write-fault prediction (`--predict`): hot pages (dirty in each of
+    /// the last K checkpoints).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hot_pages: Option<u64>,
+    /// Write-fault prediction: pages the checkpoint left writable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unprotected_pages: Option<u64>,
     /// eBPF: copy-on-write faults of the VMM's own threads in guest memory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cow_faults: Option<u64>,

@@ -103,6 +103,9 @@ pub struct PrimaryOptions {
     pub link_timeout: Duration,
     /// Dirty tracking mode.
     pub dirty_mode: DirtyMode,
+    /// Write-fault prediction: pages dirty in each of the last `k`
+    /// checkpoints stay writable and are sent every epoch (`None`: off).
+    pub predict: Option<crate::dirty::Prediction>,
     /// Trace guest write faults and the VMM's copy-on-write faults with
     /// eBPF, cross-check them with the dirty log and report them per epoch.
     pub ebpf: bool,
@@ -316,7 +319,15 @@ pub fn run_primary(
     let gate = gate_slot.get().cloned();
     let tracker = vm.dirty_tracker().map_err(VmmError::from)?;
     let ebpf_on = opts.ebpf;
-    let ck = EpochCheckpointer::new(&vm, tracker)?;
+    let mut ck = EpochCheckpointer::new(&vm, tracker)?;
+    if let Some(p) = opts.predict {
+        ck.set_prediction(Some(p))?;
+        tracing::info!(
+            k = p.k,
+            recheck_every = p.recheck_every,
+            "write-fault prediction on"
+        );
+    }
     let metrics = Arc::new(Metrics::default());
     let counters = Counters::new(&metrics);
     let board = StatusBoard::default();
@@ -899,6 +910,10 @@ impl Replicator {
         };
         let _ = cow;
         let mut rec = rec;
+        if let Some(p) = self.ck.prediction_stats() {
+            rec.hot_pages = Some(p.hot);
+            rec.unprotected_pages = Some(p.unprotected);
+        }
         self.ebpf_epoch(&mut rec, traced, &ckpt.dirty);
         if rec.write_faults.is_some() || rec.cow_faults.is_some() {
             let r = rec.clone();
