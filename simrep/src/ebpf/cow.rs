@@ -62,7 +62,7 @@ use simrep_common::{
     PAGE_FAULT_USER_TRACEPOINT, PF_ERROR_WRITE, RING_PAGES_MAP, WALK_PAGES_MAP,
 };
 
-use super::{field_layout, is_mounted, EbpfError, LogPump, PinDir, BPFFS, PIN_ROOT, TRACEFS};
+use super::{is_mounted, EbpfError, LogPump, PinDir, BPFFS, PIN_ROOT};
 use crate::vmm::memory::GuestMemory;
 
 /// The maps [`CowTracer`] pins, under `/sys/fs/bpf/simrep/<vm>/`.
@@ -370,7 +370,10 @@ impl CowTracer {
         if !is_mounted(BPFFS, "bpf")? {
             return Err(EbpfError::BpffsNotMounted.into());
         }
-        check_tracepoint()?;
+        super::check_page_fault_user(&[
+            ("address", PAGE_FAULT_USER_ADDRESS_OFFSET),
+            ("error_code", PAGE_FAULT_USER_ERROR_CODE_OFFSET),
+        ])?;
         let mut ebpf = load_object(ring_bytes)?;
         let log = LogPump::start(&mut ebpf)?;
         let (pins, lock_dir) = lock_pins(vm)?;
@@ -696,43 +699,6 @@ fn try_lock_pins(dir: &Path) -> Result<(PinDir, PathBuf), EbpfError> {
         }
     }
     Err(EbpfError::PinDirInUse { path: lock_dir })
-}
-
-/// Checks that tracefs is mounted, the tracepoint exists and its record has
-/// `address` and `error_code` where the program reads them.
-fn check_tracepoint() -> Result<(), EbpfError> {
-    if !Path::new(TRACEFS).join("events").is_dir() {
-        return Err(EbpfError::TracefsNotMounted);
-    }
-    let dir = Path::new(TRACEFS)
-        .join("events")
-        .join(PAGE_FAULT_USER_CATEGORY)
-        .join(PAGE_FAULT_USER_TRACEPOINT);
-    if !dir.is_dir() {
-        return Err(EbpfError::NoTracepoint {
-            category: PAGE_FAULT_USER_CATEGORY,
-            name: PAGE_FAULT_USER_TRACEPOINT,
-            path: dir,
-        });
-    }
-    let path = dir.join("format");
-    let format = fs::read_to_string(&path).map_err(|source| EbpfError::ReadFile {
-        path: path.clone(),
-        source,
-    })?;
-    for (field, offset) in [
-        ("address", PAGE_FAULT_USER_ADDRESS_OFFSET),
-        ("error_code", PAGE_FAULT_USER_ERROR_CODE_OFFSET),
-    ] {
-        if field_layout(&format, field) != Some((offset, 8)) {
-            return Err(EbpfError::TracepointFormat {
-                path,
-                field,
-                offset,
-            });
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -285,7 +285,7 @@ impl PageFaultCounter {
         if !is_mounted(BPFFS, "bpf")? {
             return Err(EbpfError::BpffsNotMounted);
         }
-        check_tracepoint()?;
+        check_page_fault_user(&[("error_code", PAGE_FAULT_USER_ERROR_CODE_OFFSET)])?;
 
         let mut ebpf = load_object()?;
         let log = LogPump::start(&mut ebpf)?;
@@ -561,9 +561,10 @@ fn is_mounted(target: &str, fstype: &str) -> Result<bool, EbpfError> {
     }))
 }
 
-/// Checks that tracefs is mounted, the tracepoint exists and its record
-/// has `error_code` where the program reads it.
-fn check_tracepoint() -> Result<(), EbpfError> {
+/// Checks that tracefs is mounted, `exceptions:page_fault_user` exists and
+/// its record has each of `fields` (name, offset; 8 bytes each) where the
+/// programs read them.
+pub(crate) fn check_page_fault_user(fields: &[(&'static str, usize)]) -> Result<(), EbpfError> {
     if !Path::new(TRACEFS).join("events").is_dir() {
         return Err(EbpfError::TracefsNotMounted);
     }
@@ -583,12 +584,14 @@ fn check_tracepoint() -> Result<(), EbpfError> {
         path: path.clone(),
         source,
     })?;
-    if field_layout(&format, "error_code") != Some((PAGE_FAULT_USER_ERROR_CODE_OFFSET, 8)) {
-        return Err(EbpfError::TracepointFormat {
-            path,
-            field: "error_code",
-            offset: PAGE_FAULT_USER_ERROR_CODE_OFFSET,
-        });
+    for &(field, offset) in fields {
+        if field_layout(&format, field) != Some((offset, 8)) {
+            return Err(EbpfError::TracepointFormat {
+                path,
+                field,
+                offset,
+            });
+        }
     }
     Ok(())
 }

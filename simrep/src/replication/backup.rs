@@ -662,6 +662,15 @@ mod tests {
     use crate::compress::{CodecSpec, Image, PageView};
     use crate::replication::apply::{digest_epoch, epoch_messages, sync_messages};
 
+    fn shared_in(dir: &Path) -> Mutex<Shared> {
+        Mutex::new(Shared {
+            current: Replica::empty(),
+            staging: None,
+            disk_path: dir.join("disk.raw"),
+            staging_disk_path: dir.join("disk.raw.sync"),
+        })
+    }
+
     fn config(frames: u32, disk_sectors: u64) -> Vec<u8> {
         ReplicaConfig {
             mem_bytes: u64::from(frames) * 4096,
@@ -705,12 +714,7 @@ mod tests {
     #[test]
     fn a_resync_keeps_the_old_checkpoint_until_the_new_one_commits() {
         let dir = tempfile::tempdir().unwrap();
-        let shared = Mutex::new(Shared {
-            current: Replica::empty(),
-            staging: None,
-            disk_path: dir.path().join("disk.raw"),
-            staging_disk_path: dir.path().join("disk.raw.sync"),
-        });
+        let shared = shared_in(dir.path());
         let mut img = Image::zeroed(8);
         sync_and_epoch(&shared, 1, &mut img, 5, 0xaa, true);
         {
@@ -751,12 +755,7 @@ mod tests {
     #[test]
     fn a_bad_configuration_is_refused_and_changes_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let shared = Mutex::new(Shared {
-            current: Replica::empty(),
-            staging: None,
-            disk_path: dir.path().join("disk.raw"),
-            staging_disk_path: dir.path().join("disk.raw.sync"),
-        });
+        let shared = shared_in(dir.path());
         let img = Image::zeroed(4);
         let mut msgs = sync_messages(1, &img, b"not json".to_vec());
         let err = apply(&shared, msgs.remove(0)).unwrap_err();

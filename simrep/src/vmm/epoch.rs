@@ -155,6 +155,22 @@ impl EpochView {
 /// module docs; measured on this project's machines).
 pub const DEFAULT_COPY_LIMIT: usize = 4096;
 
+/// Copies the pages `gfns` of the paused `vm`; on an error the guest is
+/// resumed first.
+fn copy_pages(vm: &Vm, gfns: &[u64]) -> Result<Vec<u8>, EpochError> {
+    let mut data = vec![0u8; gfns.len() * 4096];
+    for (i, &gfn) in gfns.iter().enumerate() {
+        if let Err(e) = vm
+            .memory()
+            .read(gfn * 4096, &mut data[i * 4096..(i + 1) * 4096])
+        {
+            let _ = vm.resume_all();
+            return Err(EpochError::Cow(CowError::Memory(e)));
+        }
+    }
+    Ok(data)
+}
+
 /// Takes checkpoints of one VM.
 #[derive(Debug)]
 pub struct EpochCheckpointer {
@@ -284,30 +300,12 @@ impl EpochCheckpointer {
             } else {
                 dirty.clone()
             };
-            let mut data = vec![0u8; gfns.len() * 4096];
-            for (i, &gfn) in gfns.iter().enumerate() {
-                if let Err(e) = vm
-                    .memory()
-                    .read(gfn * 4096, &mut data[i * 4096..(i + 1) * 4096])
-                {
-                    let _ = vm.resume_all();
-                    return Err(EpochError::Cow(CowError::Memory(e)));
-                }
-            }
+            let data = copy_pages(vm, &gfns)?;
             EpochView::Copied { gfns, data }
         } else if let Some(hot) = self.hot_dirty(&dirty, all) {
             // Write-fault prediction: copy the hot pages, copy-on-write
             // the rest.
-            let mut data = vec![0u8; hot.len() * 4096];
-            for (i, &gfn) in hot.iter().enumerate() {
-                if let Err(e) = vm
-                    .memory()
-                    .read(gfn * 4096, &mut data[i * 4096..(i + 1) * 4096])
-                {
-                    let _ = vm.resume_all();
-                    return Err(EpochError::Cow(CowError::Memory(e)));
-                }
-            }
+            let data = copy_pages(vm, &hot)?;
             let cold: Vec<u64> = dirty
                 .iter()
                 .copied()
