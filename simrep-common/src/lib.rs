@@ -29,7 +29,14 @@
 //! |---|---|---|---|
 //! | [`RING_PAGES_MAP`] | per-CPU hash, [`WRITE_PAGES_MAX`] entries | `u64` [`ring_page_key`]`(slot, offset)` | `u64` pushes this epoch |
 //! | [`WALK_PAGES_MAP`] | per-CPU hash, [`WRITE_PAGES_MAX`] entries | `u64` guest virtual page (`addr >> 12`) | `u64` write walks this epoch |
+//! | [`FAULT_PAGES_MAP`] | per-CPU hash, [`WRITE_PAGES_MAX`] entries | `u64` guest frame (`gpa >> 12`) | `u64` write faults this epoch |
 //! | [`WRITE_STATS_MAP`] | per-CPU array | `u32` [`WriteStat`] index | `u64` events since load |
+//!
+//! On hosts with hardware-assisted paging (VMX/SVM; they never fire under
+//! PVM) [`KVM_PAGE_FAULT_PROGRAM`] (on `kvm:kvm_page_fault`) and
+//! [`FAST_PAGE_FAULT_PROGRAM`] (on `kvmmmu:fast_page_fault`) record write
+//! faults (error code bit 1) per guest frame in [`FAULT_PAGES_MAP`], one
+//! map for both; a fault that takes both paths counts twice.
 //!
 //! The agent empties the page maps at every epoch boundary; the statistics
 //! are cumulative and the agent reports per-epoch differences. Per-CPU maps
@@ -121,7 +128,8 @@ pub const WALK_PAGES_MAP: &str = "SIMREP_WALK_PAGES";
 /// [`WriteStat`].
 pub const WRITE_STATS_MAP: &str = "SIMREP_WRITE_STATS";
 
-/// Capacity of [`RING_PAGES_MAP`] and [`WALK_PAGES_MAP`]: distinct pages per
+/// Capacity of [`RING_PAGES_MAP`], [`WALK_PAGES_MAP`] and
+/// [`FAULT_PAGES_MAP`]: distinct pages per
 /// epoch; events for more pages count as [`WriteStat::MapFull`].
 pub const WRITE_PAGES_MAX: u32 = 262_144;
 
@@ -145,6 +153,33 @@ pub const PAGETABLE_WALK_ADDR_OFFSET: usize = 8;
 /// Offset of `u32 pferr` (page-fault error code) in the
 /// `kvmmmu:kvm_mmu_pagetable_walk` record.
 pub const PAGETABLE_WALK_PFERR_OFFSET: usize = 16;
+
+/// Name of the per-CPU hash map of guest frames written as seen by
+/// `kvm:kvm_page_fault` and `kvmmmu:fast_page_fault` (hardware-assisted
+/// paging, VMX/SVM): key the guest frame (`gpa >> 12`, `u64`), value the
+/// `u64` number of write-fault events of both tracepoints on this CPU since
+/// the last reset.
+pub const FAULT_PAGES_MAP: &str = "SIMREP_FAULT_PAGES";
+
+/// Name of the program on `kvm:kvm_page_fault`.
+pub const KVM_PAGE_FAULT_PROGRAM: &str = "kvm_page_fault";
+
+/// Name of the program on `kvmmmu:fast_page_fault`.
+pub const FAST_PAGE_FAULT_PROGRAM: &str = "fast_page_fault";
+
+/// Offset of `u64 fault_address` (a guest physical address under EPT/NPT)
+/// in the `kvm:kvm_page_fault` record.
+pub const KVM_PAGE_FAULT_ADDRESS_OFFSET: usize = 24;
+
+/// Offset of `u64 error_code` in the `kvm:kvm_page_fault` record.
+pub const KVM_PAGE_FAULT_ERROR_CODE_OFFSET: usize = 32;
+
+/// Offset of `gpa_t cr2_or_gpa` (a guest physical address under EPT/NPT)
+/// in the `kvmmmu:fast_page_fault` record.
+pub const FAST_PAGE_FAULT_GPA_OFFSET: usize = 16;
+
+/// Offset of `u64 error_code` in the `kvmmmu:fast_page_fault` record.
+pub const FAST_PAGE_FAULT_ERROR_CODE_OFFSET: usize = 24;
 
 /// The key of [`RING_PAGES_MAP`]: the memory slot in the top 16 bits, the
 /// frame offset within the slot in the low 48.
@@ -170,11 +205,19 @@ pub enum WriteStat {
     MapFull = 5,
     /// Tracepoint records that could not be read.
     ReadErrors = 6,
+    /// `kvm_page_fault` and `fast_page_fault` events of the target (reads
+    /// and writes, both programs).
+    FaultEvents = 7,
+    /// Of those, write faults (error code bit 1), recorded in
+    /// [`FAULT_PAGES_MAP`].
+    FaultWrites = 8,
+    /// `kvm_page_fault` and `fast_page_fault` events of other thread groups.
+    FaultFiltered = 9,
 }
 
 impl WriteStat {
     /// Number of statistics, the `max_entries` of [`WRITE_STATS_MAP`].
-    pub const COUNT: u32 = 7;
+    pub const COUNT: u32 = 10;
 
     /// Every statistic, in index order.
     pub const ALL: [WriteStat; Self::COUNT as usize] = [
@@ -185,6 +228,9 @@ impl WriteStat {
         WriteStat::WalkFiltered,
         WriteStat::MapFull,
         WriteStat::ReadErrors,
+        WriteStat::FaultEvents,
+        WriteStat::FaultWrites,
+        WriteStat::FaultFiltered,
     ];
 
     /// The statistic's index in [`WRITE_STATS_MAP`].

@@ -9,8 +9,13 @@
 //! * `kvm_mmu_pagetable_walk` (tracepoint `kvmmmu:kvm_mmu_pagetable_walk`):
 //!   per guest write access walked by the shadow MMU, bumps the per-CPU count
 //!   of the guest virtual page in `SIMREP_WALK_PAGES`.
+//! * `kvm_page_fault` (tracepoint `kvm:kvm_page_fault`) and
+//!   `fast_page_fault` (tracepoint `kvmmmu:fast_page_fault`), which fire
+//!   on hosts with hardware-assisted paging (VMX/SVM), not under PVM: per
+//!   guest write fault, bump the per-CPU count of the guest frame in
+//!   `SIMREP_FAULT_PAGES` (one map for both).
 //!
-//! Both count their events in `SIMREP_WRITE_STATS`.
+//! All of them count their events in `SIMREP_WRITE_STATS`.
 //! * `cow_page_fault` (tracepoint `exceptions:page_fault_user`, in
 //!   `cow.rs`): records the configured thread group's write faults in its
 //!   guest-memory ranges in the ring buffer `SIMREP_COW_EVENTS`.
@@ -37,6 +42,11 @@ use simrep_common::{
     PAGETABLE_WALK_PROGRAM, RING_PAGES_MAP, WALK_PAGES_MAP, WRITE_PAGES_MAX, WRITE_STATS_MAP,
 };
 use simrep_common::{
+    FAST_PAGE_FAULT_ERROR_CODE_OFFSET, FAST_PAGE_FAULT_GPA_OFFSET, FAST_PAGE_FAULT_PROGRAM,
+    FAULT_PAGES_MAP, KVM_PAGE_FAULT_ADDRESS_OFFSET, KVM_PAGE_FAULT_ERROR_CODE_OFFSET,
+    KVM_PAGE_FAULT_PROGRAM,
+};
+use simrep_common::{
     Counter, FaultConfig, CONFIG_MAP, FAULT_COUNTERS_MAP, PAGE_FAULT_USER_CATEGORY,
     PAGE_FAULT_USER_ERROR_CODE_OFFSET, PAGE_FAULT_USER_PROGRAM, PAGE_FAULT_USER_TRACEPOINT,
     PF_ERROR_WRITE,
@@ -60,6 +70,12 @@ static SIMREP_RING_PAGES: PerCpuHashMap<u64, u64, { WRITE_PAGES_MAX as usize }> 
 /// Per-CPU write counts of guest virtual pages seen by page-table walks.
 #[btf_map]
 static SIMREP_WALK_PAGES: PerCpuHashMap<u64, u64, { WRITE_PAGES_MAX as usize }> =
+    PerCpuHashMap::new();
+
+/// Per-CPU write-fault counts of guest frames seen by `kvm_page_fault` and
+/// `fast_page_fault`.
+#[btf_map]
+static SIMREP_FAULT_PAGES: PerCpuHashMap<u64, u64, { WRITE_PAGES_MAX as usize }> =
     PerCpuHashMap::new();
 
 /// Per-CPU `u64` statistics, indexed by [`WriteStat`].
@@ -93,6 +109,9 @@ const _: () = assert!(str_eq(WRITE_STATS_MAP, "SIMREP_WRITE_STATS"));
 const _: () = assert!(str_eq(DIRTY_RING_PUSH_PROGRAM, "kvm_dirty_ring_push"));
 const _: () = assert!(str_eq(PAGETABLE_WALK_PROGRAM, "kvm_mmu_pagetable_walk"));
 const _: () = assert!(str_eq(PAGE_FAULT_USER_CATEGORY, "exceptions"));
+const _: () = assert!(str_eq(FAULT_PAGES_MAP, "SIMREP_FAULT_PAGES"));
+const _: () = assert!(str_eq(KVM_PAGE_FAULT_PROGRAM, "kvm_page_fault"));
+const _: () = assert!(str_eq(FAST_PAGE_FAULT_PROGRAM, "fast_page_fault"));
 const _: () = assert!(str_eq(PAGE_FAULT_USER_TRACEPOINT, "page_fault_user"));
 
 /// Entry point on `exceptions:page_fault_user`. (Private: the macro drops
@@ -202,6 +221,57 @@ fn kvm_mmu_pagetable_walk(ctx: TracePointContext) -> u32 {
     if u64::from(pferr) & PF_ERROR_WRITE != 0 {
         stat(WriteStat::WalkWrites);
         count_page(&SIMREP_WALK_PAGES, addr >> 12);
+    }
+    0
+}
+
+/// Entry point on `kvm:kvm_page_fault` (VMX/SVM). On VMX `error_code` is
+/// the EPT-violation exit qualification, whose bit 1 also means a write.
+#[tracepoint(category = "kvm", name = "kvm_page_fault")]
+fn kvm_page_fault(ctx: TracePointContext) -> u32 {
+    guest_fault(
+        &ctx,
+        KVM_PAGE_FAULT_ADDRESS_OFFSET,
+        KVM_PAGE_FAULT_ERROR_CODE_OFFSET,
+    )
+}
+
+/// Entry point on `kvmmmu:fast_page_fault` (VMX/SVM).
+#[tracepoint(category = "kvmmmu", name = "fast_page_fault")]
+fn fast_page_fault(ctx: TracePointContext) -> u32 {
+    guest_fault(
+        &ctx,
+        FAST_PAGE_FAULT_GPA_OFFSET,
+        FAST_PAGE_FAULT_ERROR_CODE_OFFSET,
+    )
+}
+
+/// Counts one guest page fault whose record has the `u64` guest physical
+/// address at `gpa_offset` and the `u64` error code at `error_offset`; a
+/// write fault bumps its frame in `SIMREP_FAULT_PAGES`.
+#[inline(always)]
+fn guest_fault(ctx: &TracePointContext, gpa_offset: usize, error_offset: usize) -> u32 {
+    if !is_target() {
+        stat(WriteStat::FaultFiltered);
+        return 0;
+    }
+    // SAFETY: offsets of the two `u64` fields in the record (checked by user
+    // space against the format file); the helper copies them out and
+    // reports, instead of faulting, if it cannot.
+    let read = unsafe {
+        (
+            ctx.read_at::<u64>(gpa_offset),
+            ctx.read_at::<u64>(error_offset),
+        )
+    };
+    let (Ok(gpa), Ok(error_code)) = read else {
+        stat(WriteStat::ReadErrors);
+        return 0;
+    };
+    stat(WriteStat::FaultEvents);
+    if error_code & PF_ERROR_WRITE != 0 {
+        stat(WriteStat::FaultWrites);
+        count_page(&SIMREP_FAULT_PAGES, gpa >> 12);
     }
     0
 }

@@ -31,6 +31,7 @@ pub use simrep_common::{
     WriteStat, DIRTY_RING_PUSH_PROGRAM, PAGETABLE_WALK_PROGRAM, RING_PAGES_MAP, WALK_PAGES_MAP,
     WRITE_STATS_MAP,
 };
+pub use simrep_common::{FAST_PAGE_FAULT_PROGRAM, FAULT_PAGES_MAP, KVM_PAGE_FAULT_PROGRAM};
 pub use writes::{
     CrossCheck, EpochWrites, WriteSource, WriteStats, WriteTracer, WriteTracing, WRITE_PINNED_MAPS,
 };

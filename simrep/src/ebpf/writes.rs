@@ -4,9 +4,15 @@
 //! `kvm:kvm_dirty_ring_push`, which fires per page the dirty ring reports,
 //! ring mode only) and `kvm_mmu_pagetable_walk` (on
 //! `kvmmmu:kvm_mmu_pagetable_walk`, which fires per guest memory access
-//! walked by the shadow MMU, as under PVM), attaching whichever exist on the
-//! host and reporting which are active ([`WriteTracer::sources`]). Both
-//! filter by the VMM's thread group inside the program.
+//! walked by the shadow MMU, as under PVM), and, for hosts with
+//! hardware-assisted paging (VMX/SVM; present but silent under PVM),
+//! `kvm_page_fault` (on `kvm:kvm_page_fault`) and `fast_page_fault` (on
+//! `kvmmmu:fast_page_fault`), which count guest write faults per guest
+//! frame. It attaches whichever exist on the host, after checking their
+//! record layout against the tracepoint's `format` file, and reports which
+//! are active ([`WriteTracer::sources`]) and which are missing, with why
+//! ([`WriteTracer::missing`]). All filter by the VMM's thread group inside
+//! the program.
 //!
 //! Maps (pinned under `/sys/fs/bpf/simrep/<vm>/`, all BTF-typed):
 //!
@@ -15,6 +21,7 @@
 //! | `SIMREP_CONFIG` | array, 1 entry | 0 | [`FaultConfig`]: `target_tgid` |
 //! | `SIMREP_RING_PAGES` | per-CPU hash | `slot << 48 \| frame offset in slot` | `u64` ring pushes this epoch |
 //! | `SIMREP_WALK_PAGES` | per-CPU hash | guest *virtual* page number | `u64` write walks this epoch |
+//! | `SIMREP_FAULT_PAGES` | per-CPU hash | guest frame (`gpa >> 12`) | `u64` write faults this epoch (`kvm_page_fault` and `fast_page_fault` together: a fault that takes both paths counts twice) |
 //! | `SIMREP_WRITE_STATS` | per-CPU array | [`WriteStat`] index | `u64` cumulative events |
 //!
 //! [`WriteTracer::take_epoch`] reads and clears the page maps and returns the
@@ -38,6 +45,11 @@ use simrep_common::{
     PAGETABLE_WALK_ADDR_OFFSET, PAGETABLE_WALK_PFERR_OFFSET, PAGETABLE_WALK_PROGRAM,
     RING_PAGES_MAP, WALK_PAGES_MAP, WRITE_STATS_MAP,
 };
+use simrep_common::{
+    FAST_PAGE_FAULT_ERROR_CODE_OFFSET, FAST_PAGE_FAULT_GPA_OFFSET, FAST_PAGE_FAULT_PROGRAM,
+    FAULT_PAGES_MAP, KVM_PAGE_FAULT_ADDRESS_OFFSET, KVM_PAGE_FAULT_ERROR_CODE_OFFSET,
+    KVM_PAGE_FAULT_PROGRAM,
+};
 
 use super::{
     field_layout, is_mounted, EbpfError, FaultConfig, LogPump, PinDir, BPFFS, CONFIG_MAP, TRACEFS,
@@ -52,11 +64,22 @@ pub enum WriteSource {
     /// `kvmmmu:kvm_mmu_pagetable_walk` writes: guest virtual pages (shadow
     /// paging).
     PagetableWalk,
+    /// `kvm:kvm_page_fault` write faults: guest frames (hardware-assisted
+    /// paging, VMX/SVM).
+    KvmPageFault,
+    /// `kvmmmu:fast_page_fault` write faults: guest frames (hardware-assisted
+    /// paging, VMX/SVM).
+    FastPageFault,
 }
 
 impl WriteSource {
-    /// Both sources, in the order they are tried.
-    pub const ALL: [WriteSource; 2] = [WriteSource::DirtyRing, WriteSource::PagetableWalk];
+    /// Every source, in the order they are tried.
+    pub const ALL: [WriteSource; 4] = [
+        WriteSource::DirtyRing,
+        WriteSource::PagetableWalk,
+        WriteSource::KvmPageFault,
+        WriteSource::FastPageFault,
+    ];
 
     /// `(program, category, tracepoint, fields the program reads)`.
     fn spec(
@@ -84,6 +107,24 @@ impl WriteSource {
                 [
                     ("addr", PAGETABLE_WALK_ADDR_OFFSET, 8),
                     ("pferr", PAGETABLE_WALK_PFERR_OFFSET, 4),
+                ],
+            ),
+            WriteSource::KvmPageFault => (
+                KVM_PAGE_FAULT_PROGRAM,
+                "kvm",
+                "kvm_page_fault",
+                [
+                    ("fault_address", KVM_PAGE_FAULT_ADDRESS_OFFSET, 8),
+                    ("error_code", KVM_PAGE_FAULT_ERROR_CODE_OFFSET, 8),
+                ],
+            ),
+            WriteSource::FastPageFault => (
+                FAST_PAGE_FAULT_PROGRAM,
+                "kvmmmu",
+                "fast_page_fault",
+                [
+                    ("cr2_or_gpa", FAST_PAGE_FAULT_GPA_OFFSET, 8),
+                    ("error_code", FAST_PAGE_FAULT_ERROR_CODE_OFFSET, 8),
                 ],
             ),
         }
@@ -114,6 +155,13 @@ pub struct WriteStats {
     pub map_full: u64,
     /// Records the programs could not read.
     pub read_errors: u64,
+    /// `kvm_page_fault` and `fast_page_fault` events of the VMM (reads and
+    /// writes, both tracepoints).
+    pub fault_events: u64,
+    /// Of those, write faults.
+    pub fault_writes: u64,
+    /// Guest page faults of other processes (filtered out).
+    pub fault_filtered: u64,
 }
 
 impl WriteStats {
@@ -127,6 +175,9 @@ impl WriteStats {
             walk_filtered: at(WriteStat::WalkFiltered),
             map_full: at(WriteStat::MapFull),
             read_errors: at(WriteStat::ReadErrors),
+            fault_events: at(WriteStat::FaultEvents),
+            fault_writes: at(WriteStat::FaultWrites),
+            fault_filtered: at(WriteStat::FaultFiltered),
         }
     }
 }
@@ -142,6 +193,9 @@ pub struct EpochWrites {
     pub ring_other_slots: BTreeMap<u64, u64>,
     /// Guest virtual pages written, with the number of write walks.
     pub walk_pages: BTreeMap<u64, u64>,
+    /// Guest frames written as seen by `kvm_page_fault` and
+    /// `fast_page_fault`, with the number of write-fault events.
+    pub fault_frames: BTreeMap<u64, u64>,
     /// Statistics of the epoch.
     pub stats: WriteStats,
 }
@@ -186,8 +240,13 @@ impl std::fmt::Debug for WriteTracer {
 }
 
 /// The maps [`WriteTracer`] pins.
-pub const WRITE_PINNED_MAPS: [&str; 4] =
-    [CONFIG_MAP, RING_PAGES_MAP, WALK_PAGES_MAP, WRITE_STATS_MAP];
+pub const WRITE_PINNED_MAPS: [&str; 5] = [
+    CONFIG_MAP,
+    RING_PAGES_MAP,
+    WALK_PAGES_MAP,
+    WRITE_STATS_MAP,
+    FAULT_PAGES_MAP,
+];
 
 impl WriteTracer {
     /// Like [`WriteTracer::start`], but never fails: on error it logs a
@@ -361,6 +420,7 @@ impl WriteTracer {
     pub fn take_epoch(&mut self) -> Result<EpochWrites, EbpfError> {
         let ring = self.drain(RING_PAGES_MAP)?;
         let walk_pages = self.drain(WALK_PAGES_MAP)?;
+        let fault_frames = self.drain(FAULT_PAGES_MAP)?;
         let mut ring_frames = BTreeMap::new();
         let mut ring_other_slots = BTreeMap::new();
         for (key, n) in ring {
@@ -380,6 +440,7 @@ impl WriteTracer {
             ring_frames,
             ring_other_slots,
             walk_pages,
+            fault_frames,
             stats: WriteStats::from_array(delta),
         })
     }
@@ -578,11 +639,14 @@ impl EpochWrites {
     /// Compares the pages `source` saw with the epoch's dirty `harvest`
     /// (guest frames). For [`WriteSource::PagetableWalk`] the pages are
     /// guest *virtual* pages, comparable only in an identity-mapped guest
-    /// like the bundled one.
+    /// like the bundled one. [`WriteSource::KvmPageFault`] and
+    /// [`WriteSource::FastPageFault`] share one map, so both compare
+    /// [`EpochWrites::fault_frames`] (guest frames).
     pub fn cross_check(&self, source: WriteSource, harvest: &DirtyPages) -> CrossCheck {
         let seen = match source {
             WriteSource::DirtyRing => &self.ring_frames,
             WriteSource::PagetableWalk => &self.walk_pages,
+            WriteSource::KvmPageFault | WriteSource::FastPageFault => &self.fault_frames,
         };
         let mut out = CrossCheck {
             source: Some(source),
@@ -625,5 +689,62 @@ mod tests {
             &DirtyPages::from_unsorted(vec![1, 2, 9]),
         );
         assert!(exact.is_exact(), "{exact}");
+    }
+
+    #[test]
+    fn cross_check_of_fault_sources_compares_fault_frames() {
+        let w = EpochWrites {
+            ring_frames: [(7, 1)].into_iter().collect(),
+            walk_pages: [(8, 1)].into_iter().collect(),
+            fault_frames: [(3, 2), (4, 1), (0x1_0000, 1)].into_iter().collect(),
+            ..Default::default()
+        };
+        let harvest = DirtyPages::from_unsorted(vec![4, 3, 6]);
+        for source in [WriteSource::KvmPageFault, WriteSource::FastPageFault] {
+            let c = w.cross_check(source, &harvest);
+            assert_eq!(c.source, Some(source));
+            assert_eq!(c.both, 2, "{c}");
+            assert_eq!(c.only_ebpf, vec![0x1_0000]);
+            assert_eq!(c.only_harvest, vec![6]);
+        }
+        let exact = w.cross_check(
+            WriteSource::KvmPageFault,
+            &DirtyPages::from_unsorted(vec![0x1_0000, 4, 3]),
+        );
+        assert!(exact.is_exact(), "{exact}");
+        // The other maps are not mixed in.
+        let none = EpochWrites::default().cross_check(WriteSource::FastPageFault, &harvest);
+        assert_eq!((none.both, none.only_harvest.len()), (0, 3));
+    }
+
+    #[test]
+    fn every_source_has_a_distinct_program_and_tracepoint() {
+        let mut programs = std::collections::BTreeSet::new();
+        let mut tracepoints = std::collections::BTreeSet::new();
+        for s in WriteSource::ALL {
+            let (program, _, _, fields) = s.spec();
+            assert!(programs.insert(program), "{program} twice");
+            assert!(tracepoints.insert(s.tracepoint()), "{s:?}");
+            // Past the common header, and the sizes the programs read.
+            assert!(fields
+                .iter()
+                .all(|&(_, offset, size)| offset >= 8 && (size == 4 || size == 8)));
+        }
+        assert_eq!(WriteSource::KvmPageFault.tracepoint(), "kvm:kvm_page_fault");
+        assert_eq!(WriteSource::FastPageFault.tracepoint(), "kvmmmu:fast_page_fault");
+    }
+
+    #[test]
+    fn stats_read_the_appended_indexes() {
+        let mut v = [0u64; WriteStat::COUNT as usize];
+        for s in WriteStat::ALL {
+            v[s.index() as usize] = u64::from(s.index()) + 100;
+        }
+        let st = WriteStats::from_array(v);
+        assert_eq!(st.read_errors, 106);
+        assert_eq!(
+            (st.fault_events, st.fault_writes, st.fault_filtered),
+            (107, 108, 109)
+        );
     }
 }

@@ -745,9 +745,10 @@ impl Replicator {
         use crate::ebpf::WriteSource;
         match traced {
             Some(Ok(w)) => {
-                rec.write_faults = Some(w.stats.walk_writes + w.stats.ring_events);
+                let writes = w.stats.walk_writes + w.stats.ring_events + w.stats.fault_writes;
+                rec.write_faults = Some(writes);
                 if let Some(c) = &self.ebpf.write_faults {
-                    c.inc_by(w.stats.walk_writes + w.stats.ring_events);
+                    c.inc_by(writes);
                 }
                 let sources = self
                     .ebpf
@@ -760,6 +761,11 @@ impl Replicator {
                 let source =
                     if sources.contains(&WriteSource::DirtyRing) && !w.ring_frames.is_empty() {
                         Some(WriteSource::DirtyRing)
+                    } else if sources.contains(&WriteSource::KvmPageFault)
+                        && !w.fault_frames.is_empty()
+                    {
+                        // VMX/SVM: guest write faults name guest frames.
+                        Some(WriteSource::KvmPageFault)
                     } else if sources.contains(&WriteSource::PagetableWalk) {
                         Some(WriteSource::PagetableWalk)
                     } else {
