@@ -416,7 +416,11 @@ fn check_round(
     // themselves are not checked here; on VMX/SVM they are the guest's
     // write faults.
     assert_eq!(w.stats.fault_writes, w.fault_frames.values().sum::<u64>());
-    assert!(w.stats.fault_events >= w.stats.fault_writes, "{:?}", w.stats);
+    assert!(
+        w.stats.fault_events >= w.stats.fault_writes,
+        "{:?}",
+        w.stats
+    );
     let c = w.cross_check(WriteSource::KvmPageFault, harvest);
     assert_eq!(c.both + c.only_ebpf.len(), w.fault_frames.len(), "{c}");
     match scenario {

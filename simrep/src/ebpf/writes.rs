@@ -731,7 +731,10 @@ mod tests {
                 .all(|&(_, offset, size)| offset >= 8 && (size == 4 || size == 8)));
         }
         assert_eq!(WriteSource::KvmPageFault.tracepoint(), "kvm:kvm_page_fault");
-        assert_eq!(WriteSource::FastPageFault.tracepoint(), "kvmmmu:fast_page_fault");
+        assert_eq!(
+            WriteSource::FastPageFault.tracepoint(),
+            "kvmmmu:fast_page_fault"
+        );
     }
 
     #[test]

@@ -758,19 +758,19 @@ impl Replicator {
                     .unwrap_or_default();
                 // The ring source names guest frames exactly; page-table
                 // walks name guest virtual pages (identity-mapped here).
-                let source =
-                    if sources.contains(&WriteSource::DirtyRing) && !w.ring_frames.is_empty() {
-                        Some(WriteSource::DirtyRing)
-                    } else if sources.contains(&WriteSource::KvmPageFault)
-                        && !w.fault_frames.is_empty()
-                    {
-                        // VMX/SVM: guest write faults name guest frames.
-                        Some(WriteSource::KvmPageFault)
-                    } else if sources.contains(&WriteSource::PagetableWalk) {
-                        Some(WriteSource::PagetableWalk)
-                    } else {
-                        None
-                    };
+                let source = if sources.contains(&WriteSource::DirtyRing)
+                    && !w.ring_frames.is_empty()
+                {
+                    Some(WriteSource::DirtyRing)
+                } else if sources.contains(&WriteSource::KvmPageFault) && !w.fault_frames.is_empty()
+                {
+                    // VMX/SVM: guest write faults name guest frames.
+                    Some(WriteSource::KvmPageFault)
+                } else if sources.contains(&WriteSource::PagetableWalk) {
+                    Some(WriteSource::PagetableWalk)
+                } else {
+                    None
+                };
                 if let Some(src) = source {
                     let harvest = crate::dirty::DirtyPages::from_unsorted(dirty.to_vec());
                     let c = w.cross_check(src, &harvest);
