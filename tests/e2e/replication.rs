@@ -48,9 +48,20 @@ impl Proc {
 
     /// Waits until the log contains `needle`; returns the line.
     fn wait_for(&mut self, needle: &str, timeout: Duration) -> String {
+        self.wait_for_nth(needle, 1, timeout)
+    }
+
+    /// Waits until the log contains `needle` on `n` lines; returns the
+    /// `n`th of them.
+    fn wait_for_nth(&mut self, needle: &str, n: usize, timeout: Duration) -> String {
         let t = Instant::now();
         loop {
-            if let Some(line) = self.text().lines().find(|l| l.contains(needle)) {
+            if let Some(line) = self
+                .text()
+                .lines()
+                .filter(|l| l.contains(needle))
+                .nth(n - 1)
+            {
                 return line.to_owned();
             }
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -395,6 +406,9 @@ fn kill_and_restart_the_backup() {
         ],
     );
     backup2.wait_for("first checkpoint committed", Duration::from_secs(30));
+    // The primary logs protection when the backup's ack reaches it, a
+    // moment after the backup logged its commit.
+    primary.wait_for_nth("the guest is protected", 2, Duration::from_secs(10));
     let log = primary.text();
     assert_eq!(
         log.matches("the guest is protected").count(),
