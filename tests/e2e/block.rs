@@ -7,7 +7,6 @@
 //! fail and say why.
 
 use std::path::Path;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 use tests::require_kvm;
 
@@ -19,47 +18,9 @@ const SECTOR: usize = 512;
 const LOG_SECTORS: usize = 2048;
 const SEED: u64 = 1;
 
-/// Runs `simrep args...` with a deadline; returns (exit code, stderr
-/// without colours).
+/// Runs `simrep args...` to its end (at most 120 s).
 fn run_cli(args: &[&str]) -> (Option<i32>, String) {
-    let deadline = Duration::from_secs(120);
-    let mut child = tests::simrep()
-        .args(args)
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn simrep");
-    let start = Instant::now();
-    while child.try_wait().expect("wait").is_none() {
-        if start.elapsed() > deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().expect("output");
-            panic!(
-                "simrep {args:?} did not end within {deadline:?}; stderr:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().expect("output");
-    let err = String::from_utf8_lossy(&out.stderr);
-    // Drop ANSI colour sequences.
-    let mut clean = String::with_capacity(err.len());
-    let mut chars = err.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for d in chars.by_ref() {
-                if d.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            clean.push(c);
-        }
-    }
-    (out.status.code(), clean)
+    tests::run_cli(args, Duration::from_secs(120))
 }
 
 fn image(dir: &Path, bytes: usize) -> std::path::PathBuf {

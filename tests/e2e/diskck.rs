@@ -6,20 +6,15 @@
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
-use tests::{require_kvm, strip_ansi};
+use tests::{require_kvm, Proc};
 
 use simrep::proto::{op, status};
 use simrep::vmm::checkpoint::{CheckpointOptions, Checkpointer, Manifest, DISK_FILE};
 use simrep::vmm::run::{self, RunOptions, Workload};
 
 use crate::net::{spawn_listening, spawn_service, Client};
-
-fn signal(child: &Child, sig: nix::sys::signal::Signal) {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig).unwrap();
-}
 
 fn sparse_image(path: &Path, bytes: u64) {
     std::fs::File::create(path).unwrap().set_len(bytes).unwrap();
@@ -38,40 +33,19 @@ fn manifest(dir: &Path) -> Manifest {
         .unwrap()
 }
 
-/// Runs `simrep args...` to its end (at most 120 s); returns (exit code,
-/// stderr without colours).
+/// Runs `simrep args...` to its end (at most 120 s).
 fn run_cli(args: &[&str]) -> (Option<i32>, String) {
-    let mut child = tests::simrep()
-        .args(args)
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn simrep");
-    let start = Instant::now();
-    while child.try_wait().expect("wait").is_none() {
-        if start.elapsed() > Duration::from_secs(120) {
-            let _ = child.kill();
-            let out = child.wait_with_output().expect("output");
-            panic!(
-                "simrep {args:?} did not end within 120 s:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().expect("output");
-    (
-        out.status.code(),
-        strip_ansi(&String::from_utf8_lossy(&out.stderr)),
-    )
+    tests::run_cli(args, Duration::from_secs(120))
 }
 
-fn stop_cleanly(child: &mut Child, what: &str) {
-    signal(child, nix::sys::signal::Signal::SIGINT);
-    let st = child.wait().unwrap();
-    assert_eq!(st.code(), Some(0), "{what} did not stop cleanly");
+fn stop_cleanly(p: &mut Proc, what: &str) {
+    let st = p.interrupt();
+    assert_eq!(
+        st.code(),
+        Some(0),
+        "{what} did not stop cleanly:\n{}",
+        p.text()
+    );
 }
 
 fn value(i: u32) -> Vec<u8> {
@@ -119,14 +93,13 @@ fn a_kv_guest_with_a_disk_restores_consistently_and_its_disk_boots_alone() {
             status::OK
         );
     }
-    signal(&first, nix::sys::signal::Signal::SIGUSR1);
+    first.signal(nix::sys::signal::Signal::SIGUSR1);
     wait_for(&ckdir.join("latest").join("manifest.json"), "checkpoint");
     // After the checkpoint: in the first guest's disk log, not in the
     // checkpoint.
     assert_eq!(c.call(op::PUT, b"after", b"lost").0, status::OK);
     drop(c);
-    first.kill().unwrap();
-    first.wait().unwrap();
+    first.kill9();
     let m = manifest(&ckdir);
     let entry = m.disk.clone().expect("the manifest names the disk image");
     assert_eq!(entry.file, DISK_FILE);
@@ -186,7 +159,7 @@ fn a_kv_guest_with_a_disk_restores_consistently_and_its_disk_boots_alone() {
     check_checkpoint_data(&mut c, KEYS);
     assert_eq!(c.call(op::PUT, b"restored", b"yes").0, status::OK);
     assert_eq!(c.call(op::DEL, b"k001", b"").0, status::OK);
-    signal(&second, nix::sys::signal::Signal::SIGUSR1);
+    second.signal(nix::sys::signal::Signal::SIGUSR1);
     wait_for(
         &ck2dir.join("latest").join("manifest.json"),
         "second checkpoint",

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-use tests::{require_kvm, strip_ansi};
+use tests::{require_kvm, strip_ansi, Proc};
 
 use simrep::proto::{self, op, status};
 use simrep::vmm::run::{self, RunOptions, RunSummary, Workload};
@@ -872,7 +872,7 @@ fn kv_changes_survive_a_restart_through_the_disk_log() {
 
 /// `simrep run --workload W --port 0` as a child process, and the address
 /// its log names.
-pub(crate) fn spawn_service(workload: &str, extra: &[&str]) -> (std::process::Child, SocketAddr) {
+pub(crate) fn spawn_service(workload: &str, extra: &[&str]) -> (Proc, SocketAddr) {
     let mut args = vec![
         "run",
         "--workload",
@@ -888,37 +888,11 @@ pub(crate) fn spawn_service(workload: &str, extra: &[&str]) -> (std::process::Ch
 }
 
 /// `simrep ARGS` as a child process that logs `net: listening on ADDR`.
-pub(crate) fn spawn_listening(args: &[&str]) -> (std::process::Child, SocketAddr) {
+pub(crate) fn spawn_listening(args: &[&str]) -> (Proc, SocketAddr) {
     require_kvm();
-    let mut child = Command::new(tests::simrep_bin())
-        .args(args)
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn simrep");
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            let _ = tx.send(strip_ansi(&line));
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) else {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("no `listening on` line within 60 s");
-        };
-        if let Some(rest) = line.split("net: listening on ").nth(1) {
-            let addr = rest.split_whitespace().next().unwrap().parse().unwrap();
-            return (child, addr);
-        }
-    }
+    let mut p = Proc::spawn_temp("simrep", args);
+    let addr = p.wait_addr("net: listening on ");
+    (p, addr)
 }
 
 /// The real client against the real guest service, in separate
@@ -954,8 +928,7 @@ fn simrep_load_verifies_the_guest_services() {
             .args(&args)
             .output()
             .expect("run simrep load");
-        let _ = server.kill();
-        let _ = server.wait();
+        server.kill9();
         assert_eq!(
             out.status.code(),
             Some(0),
@@ -1003,11 +976,7 @@ fn a_kv_guest_checkpointed_and_restored_in_another_process_serves_its_data() {
             status::OK
         );
     }
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(first.id() as i32),
-        nix::sys::signal::Signal::SIGUSR1,
-    )
-    .unwrap();
+    first.signal(nix::sys::signal::Signal::SIGUSR1);
     let deadline = Instant::now() + Duration::from_secs(60);
     while !ckdir.join("latest").join("manifest.json").exists() {
         assert!(Instant::now() < deadline, "no checkpoint within 60 s");
@@ -1016,8 +985,7 @@ fn a_kv_guest_checkpointed_and_restored_in_another_process_serves_its_data() {
     // Written after the checkpoint: lost with the process.
     assert_eq!(c.call(op::PUT, b"after", b"x").0, status::OK);
     drop(c);
-    first.kill().unwrap();
-    first.wait().unwrap();
+    first.kill9();
 
     let (mut second, addr) =
         spawn_listening(&["restore", &ck, "--port", "0", "--bind", "127.0.0.1"]);
@@ -1036,11 +1004,11 @@ fn a_kv_guest_checkpointed_and_restored_in_another_process_serves_its_data() {
         (status::OK, b"write".to_vec())
     );
     drop(c);
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(second.id() as i32),
-        nix::sys::signal::Signal::SIGINT,
-    )
-    .unwrap();
-    let status = second.wait().unwrap();
-    assert_eq!(status.code(), Some(0), "restore did not stop cleanly");
+    let status = second.interrupt();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "restore did not stop cleanly:\n{}",
+        second.text()
+    );
 }

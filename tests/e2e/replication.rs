@@ -13,121 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// A `simrep` process whose log (stderr) goes to a file; SIGKILLed when
-/// dropped.
-struct Proc {
-    name: String,
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn spawn(dir: &Path, name: &str, args: &[&str]) -> Proc {
-        let log = dir.join(format!("{name}.log"));
-        let file = std::fs::File::create(&log).expect("create log");
-        let child = Command::new(tests::simrep_bin())
-            .args(args)
-            .env("NO_COLOR", "1")
-            .env("RUST_LOG", "simrep=info")
-            .current_dir(dir)
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().expect("dup log"))
-            .stderr(file)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn simrep {args:?}: {e}"));
-        Proc {
-            name: name.into(),
-            child,
-            log,
-        }
-    }
-
-    fn text(&self) -> String {
-        tests::strip_ansi(&std::fs::read_to_string(&self.log).unwrap_or_default())
-    }
-
-    /// Waits until the log contains `needle`; returns the line.
-    fn wait_for(&mut self, needle: &str, timeout: Duration) -> String {
-        self.wait_for_nth(needle, 1, timeout)
-    }
-
-    /// Waits until the log contains `needle` on `n` lines; returns the
-    /// `n`th of them.
-    fn wait_for_nth(&mut self, needle: &str, n: usize, timeout: Duration) -> String {
-        let t = Instant::now();
-        loop {
-            if let Some(line) = self
-                .text()
-                .lines()
-                .filter(|l| l.contains(needle))
-                .nth(n - 1)
-            {
-                return line.to_owned();
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
-                    "{} exited ({status}) before logging {needle:?}; its log:\n{}",
-                    self.name,
-                    self.text()
-                );
-            }
-            assert!(
-                t.elapsed() < timeout,
-                "{} did not log {needle:?} within {timeout:?}; its log:\n{}",
-                self.name,
-                self.text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Waits for a log line `... <needle> ADDR` and returns ADDR.
-    fn wait_addr(&mut self, needle: &str) -> SocketAddr {
-        let line = self.wait_for(needle, Duration::from_secs(30));
-        let rest = &line[line.find(needle).expect("found") + needle.len()..];
-        let word = rest.split_whitespace().next().expect("an address follows");
-        let addr: SocketAddr = word
-            .parse()
-            .unwrap_or_else(|_| panic!("no address in {line:?}"));
-        if addr.ip().is_unspecified() {
-            SocketAddr::from(([127, 0, 0, 1], addr.port()))
-        } else {
-            addr
-        }
-    }
-
-    fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// SIGINT, then waits for the exit status.
-    fn interrupt(&mut self) -> std::process::ExitStatus {
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
-        let t = Instant::now();
-        loop {
-            if let Some(s) = self.child.try_wait().expect("wait") {
-                return s;
-            }
-            if t.elapsed() > Duration::from_secs(20) {
-                self.kill9();
-                panic!(
-                    "{} did not stop on SIGINT; log:\n{}",
-                    self.name,
-                    self.text()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
+use tests::Proc;
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -699,7 +585,7 @@ fn the_primary_reports_ebpf_fault_figures_per_epoch() {
         &["--ebpf", "--stats", "stats.jsonl", "--metrics", &metrics],
     );
     primary.wait_for("eBPF write tracing on", Duration::from_secs(5));
-    let pins = PathBuf::from(format!("/sys/fs/bpf/simrep/primary{}", primary.child.id()));
+    let pins = PathBuf::from(format!("/sys/fs/bpf/simrep/primary{}", primary.id()));
     let (load, json) = spawn_load(&dir, &[paddr.to_string()], "2s", &[]);
     let r = finish_load(load, &json);
     verify_ok(&r, "with eBPF tracing");

@@ -5,51 +5,14 @@
 //! They need `/dev/kvm` and the right to open it (root on this project's
 //! machines); without them every test fails and says why.
 
-use std::process::{Command, Stdio};
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
-use tests::{require_kvm, strip_ansi};
+use tests::{require_kvm, run_cli};
 
 use simrep::vmm::abi;
 use simrep::vmm::run::{self, ChurnOptions, Fault, RunOptions, Workload};
 use simrep::vmm::vcpu::{VcpuError, VcpuOutcome, VcpuState};
 use simrep::vmm::{boot, Vm, VmmError, GUEST_ELF};
-
-fn simrep() -> Command {
-    Command::new(tests::simrep_bin())
-}
-
-/// Runs `simrep args...` with a deadline; returns (exit code, stderr).
-fn run_cli(args: &[&str], deadline: Duration) -> (Option<i32>, String) {
-    let mut child = simrep()
-        .args(args)
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn simrep");
-    let start = Instant::now();
-    loop {
-        if let Some(_status) = child.try_wait().expect("wait") {
-            break;
-        }
-        if start.elapsed() > deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().expect("output");
-            panic!(
-                "simrep {args:?} did not end within {deadline:?}; stderr:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().expect("output");
-    (
-        out.status.code(),
-        strip_ansi(&String::from_utf8_lossy(&out.stderr)),
-    )
-}
 
 fn small(workload: Workload) -> RunOptions {
     RunOptions {
@@ -446,8 +409,9 @@ fn pause_resume_latency() {
 #[test]
 fn ctrl_c_stops_the_guest_cleanly() {
     require_kvm();
-    let mut child = simrep()
-        .args([
+    let mut p = tests::Proc::spawn_temp(
+        "run",
+        &[
             "run",
             "--workload",
             "churn",
@@ -455,29 +419,13 @@ fn ctrl_c_stops_the_guest_cleanly() {
             "64M",
             "--report-ms",
             "200",
-        ])
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    std::thread::sleep(Duration::from_millis(2500));
-    let rc = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGINT,
+        ],
     );
-    assert!(rc.is_ok());
-    let start = Instant::now();
-    while child.try_wait().expect("wait").is_none() {
-        if start.elapsed() > Duration::from_secs(10) {
-            let _ = child.kill();
-            panic!("simrep run did not stop within 10 s of SIGINT");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().expect("output");
-    let err = strip_ansi(&String::from_utf8_lossy(&out.stderr));
-    assert_eq!(out.status.code(), Some(0), "stderr:\n{err}");
+    std::thread::sleep(Duration::from_millis(2500));
+    p.signal(nix::sys::signal::Signal::SIGINT);
+    let status = p.wait_exit(Duration::from_secs(10));
+    let err = p.text();
+    assert_eq!(status.code(), Some(0), "stderr:\n{err}");
     assert!(err.contains("churn cpu0: t="), "{err}");
     assert!(err.contains("interrupted=true"), "{err}");
 }
