@@ -62,7 +62,7 @@ use simrep_common::{
     PAGE_FAULT_USER_TRACEPOINT, PF_ERROR_WRITE, RING_PAGES_MAP, WALK_PAGES_MAP,
 };
 
-use super::{is_mounted, EbpfError, LogPump, PinDir, BPFFS, PIN_ROOT};
+use super::{EbpfError, LogPump, PinDir, PIN_ROOT};
 use crate::vmm::memory::GuestMemory;
 
 /// The maps [`CowTracer`] pins, under `/sys/fs/bpf/simrep/<vm>/`.
@@ -358,7 +358,6 @@ impl CowTracer {
         ranges: &[CowRange],
         ring_bytes: u32,
     ) -> Result<Self, CowTraceError> {
-        super::check_name(vm)?;
         check_ranges(ranges)?;
         if !ring_bytes.is_power_of_two() || ring_bytes < 4096 {
             return Err(CowTraceError::Ranges {
@@ -367,9 +366,7 @@ impl CowTracer {
                 ),
             });
         }
-        if !is_mounted(BPFFS, "bpf")? {
-            return Err(EbpfError::BpffsNotMounted.into());
-        }
+        super::preflight(vm)?;
         super::check_page_fault_user(&[
             ("address", PAGE_FAULT_USER_ADDRESS_OFFSET),
             ("error_code", PAGE_FAULT_USER_ERROR_CODE_OFFSET),
@@ -599,19 +596,12 @@ impl Drop for CowTracer {
 /// at full size they lock 2 x 25 MB of kernel memory (2 CPUs) for nothing.
 /// The ring buffer gets `ring_bytes`.
 fn load_object(ring_bytes: u32) -> Result<Ebpf, EbpfError> {
-    EbpfLoader::new()
-        .map_max_entries(COW_EVENTS_MAP, ring_bytes)
-        .map_max_entries(RING_PAGES_MAP, 1)
-        .map_max_entries(WALK_PAGES_MAP, 1)
-        .load(super::EBPF_OBJECT)
-        .map_err(|e| {
-            let source = Box::new(e);
-            if super::is_root() {
-                EbpfError::LoadObject { source }
-            } else {
-                EbpfError::NotRoot { source }
-            }
-        })
+    super::load_object_with(
+        EbpfLoader::new()
+            .map_max_entries(COW_EVENTS_MAP, ring_bytes)
+            .map_max_entries(RING_PAGES_MAP, 1)
+            .map_max_entries(WALK_PAGES_MAP, 1),
+    )
 }
 
 /// Removes the pins, then the lock directory while still holding its lock,

@@ -80,7 +80,12 @@ const PINNED_MAPS: [&str; 2] = [CONFIG_MAP, FAULT_COUNTERS_MAP];
 /// Loads simrep's eBPF object, telling a missing privilege from other
 /// load failures.
 pub(crate) fn load_object() -> Result<Ebpf, EbpfError> {
-    Ebpf::load(EBPF_OBJECT).map_err(|e| {
+    load_object_with(&mut aya::EbpfLoader::new())
+}
+
+/// [`load_object`] through a configured loader (map sizes).
+pub(crate) fn load_object_with(loader: &mut aya::EbpfLoader<'_>) -> Result<Ebpf, EbpfError> {
+    loader.load(EBPF_OBJECT).map_err(|e| {
         let source = Box::new(e);
         if is_root() {
             EbpfError::LoadObject { source }
@@ -282,10 +287,7 @@ impl PageFaultCounter {
     /// unexpected record layout, the name in use, and any failure of the
     /// kernel to load, pin or attach: see [`EbpfError`].
     pub fn load(name: &str, target_tgid: u32) -> Result<Self, EbpfError> {
-        check_name(name)?;
-        if !is_mounted(BPFFS, "bpf")? {
-            return Err(EbpfError::BpffsNotMounted);
-        }
+        preflight(name)?;
         check_page_fault_user(&[("error_code", PAGE_FAULT_USER_ERROR_CODE_OFFSET)])?;
 
         let mut ebpf = load_object()?;
@@ -549,6 +551,19 @@ fn check_name(name: &str) -> Result<(), EbpfError> {
     }
 }
 
+/// The checks every tracer makes before it loads anything: a usable
+/// instance name, bpffs mounted at [`BPFFS`] and tracefs at [`TRACEFS`].
+pub(crate) fn preflight(name: &str) -> Result<(), EbpfError> {
+    check_name(name)?;
+    if !is_mounted(BPFFS, "bpf")? {
+        return Err(EbpfError::BpffsNotMounted);
+    }
+    if !Path::new(TRACEFS).join("events").is_dir() {
+        return Err(EbpfError::TracefsNotMounted);
+    }
+    Ok(())
+}
+
 /// Whether a file system of type `fstype` is mounted at `target`.
 fn is_mounted(target: &str, fstype: &str) -> Result<bool, EbpfError> {
     let path = Path::new("/proc/self/mounts");
@@ -562,13 +577,10 @@ fn is_mounted(target: &str, fstype: &str) -> Result<bool, EbpfError> {
     }))
 }
 
-/// Checks that tracefs is mounted, `exceptions:page_fault_user` exists and
-/// its record has each of `fields` (name, offset; 8 bytes each) where the
-/// programs read them.
+/// Checks that `exceptions:page_fault_user` exists and its record has each
+/// of `fields` (name, offset; 8 bytes each) where the programs read them
+/// (after [`preflight`]).
 pub(crate) fn check_page_fault_user(fields: &[(&'static str, usize)]) -> Result<(), EbpfError> {
-    if !Path::new(TRACEFS).join("events").is_dir() {
-        return Err(EbpfError::TracefsNotMounted);
-    }
     let dir = Path::new(TRACEFS)
         .join("events")
         .join(PAGE_FAULT_USER_CATEGORY)

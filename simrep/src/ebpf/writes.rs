@@ -51,9 +51,7 @@ use simrep_common::{
     KVM_PAGE_FAULT_PROGRAM,
 };
 
-use super::{
-    field_layout, is_mounted, EbpfError, FaultConfig, LogPump, PinDir, BPFFS, CONFIG_MAP, TRACEFS,
-};
+use super::{field_layout, EbpfError, FaultConfig, LogPump, PinDir, CONFIG_MAP, TRACEFS};
 use aya::maps::Array;
 
 /// A source of guest write events.
@@ -285,13 +283,7 @@ impl WriteTracer {
     ///
     /// As [`WriteTracer::start`].
     pub fn start_with(vm: &str, tgid: u32, sources: &[WriteSource]) -> Result<Self, EbpfError> {
-        super::check_name(vm)?;
-        if !is_mounted(BPFFS, "bpf")? {
-            return Err(EbpfError::BpffsNotMounted);
-        }
-        if !Path::new(TRACEFS).join("events").is_dir() {
-            return Err(EbpfError::TracefsNotMounted);
-        }
+        super::preflight(vm)?;
         let mut ebpf = super::load_object()?;
         let log = LogPump::start(&mut ebpf)?;
         let mut this = Self {
