@@ -585,22 +585,6 @@ pub fn boot_service_with(
     Ok((vm, service))
 }
 
-/// [`boot_image`] with a hook that runs after the VM and its memory exist
-/// and before the vCPUs start (to attach devices).
-///
-/// # Errors
-///
-/// As [`boot_image`], plus the hook's error.
-pub fn boot_with(
-    opts: &RunOptions,
-    image: &[u8],
-    attach: impl FnOnce(&Vm) -> Result<(), VmmError>,
-) -> Result<Vm, VmmError> {
-    boot_image_with(opts, image, None, attach)
-}
-
-// --- end net ---
-
 /// The progress counter of vCPU `cpu` (churn: pages written).
 ///
 /// # Errors
