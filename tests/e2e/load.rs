@@ -307,6 +307,67 @@ fn load_fails_over_to_a_server_with_the_same_data() {
     assert!(state.kv_len() > 0);
 }
 
+/// The next target is not up yet when the first dies (a backup still
+/// taking over): the client goes round the list until it serves, and
+/// reports that as one failover from the dead target to the one that
+/// answered, with its number of moves.
+#[test]
+fn load_reports_one_failover_while_the_next_target_comes_up_late() {
+    let state = SharedState::new(0);
+    let a = TestServer::bind("127.0.0.1:0", Service::Kv, state.clone(), Faults::default())
+        .expect("server a");
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let aa = a.addr().to_string();
+    let ba = format!("127.0.0.1:{port}");
+    let late = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let slot = late.clone();
+    let r = load(
+        &[
+            "--target",
+            &aa,
+            "--target",
+            &ba,
+            "--duration",
+            "3s",
+            "--verify",
+            "--keys",
+            "2000",
+            "-q",
+        ],
+        move || {
+            std::thread::sleep(Duration::from_millis(1000));
+            a.shutdown();
+            std::thread::sleep(Duration::from_millis(700));
+            let b = TestServer::bind(
+                &format!("127.0.0.1:{port}"),
+                Service::Kv,
+                state,
+                Faults::default(),
+            )
+            .expect("server b on the reserved port");
+            *slot.lock().unwrap() = Some(b);
+        },
+    );
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    let j = r.json.expect("JSON report");
+    assert_eq!(problems(&j), 0, "{j}");
+    let f = j["failovers"].as_array().expect("failovers");
+    assert_eq!(f.len(), 1, "one failover: {j}");
+    assert_eq!(f[0]["from"].as_str(), Some(aa.as_str()), "{j}");
+    assert_eq!(f[0]["to"].as_str(), Some(ba.as_str()), "{j}");
+    assert!(f[0]["moves"].as_u64().unwrap() > 1, "{j}");
+    let gap = f[0]["gap_ms"].as_f64().expect("a response after it");
+    assert!(
+        gap >= 600.0,
+        "the gap spans the 700 ms without a server: {j}"
+    );
+    let b = late.lock().unwrap().take().expect("server b ran");
+    assert!(b.requests() > 100, "server b served {}", b.requests());
+}
+
 #[test]
 fn load_reports_writes_missing_after_failover_to_an_empty_server() {
     let mut a = ServerProc::start(&[]);

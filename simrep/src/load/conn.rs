@@ -126,13 +126,18 @@ pub struct Failover {
     /// last success before it to the first success after it (ms; `None`
     /// when no response came after it).
     pub gap_ms: Option<f64>,
+    /// Moves along the target list this failover took: more than 1 when
+    /// the next target did not accept either (a backup still taking over)
+    /// and the client went round the list until one served.
+    pub moves: u32,
 }
 
 struct TargetState {
     current: usize,
     gen: u64,
-    /// Per failover: (event, last success before it in ns since start).
-    events: Vec<(Failover, u64)>,
+    /// Per failover: the event, the last success before it (ns since
+    /// start) and the generation it moved to.
+    events: Vec<(Failover, u64, u64)>,
 }
 
 /// The target list, the current target and the success timeline.
@@ -140,6 +145,9 @@ pub(crate) struct Targets {
     addrs: Vec<String>,
     state: Mutex<TargetState>,
     gen: AtomicU64,
+    /// The generation of the oldest failover no response has followed yet
+    /// (`u64::MAX`: none), so that most successes need no lock.
+    gap_open_gen: AtomicU64,
     start: Instant,
     last_success_ns: AtomicU64,
     longest_gap_ns: AtomicU64,
@@ -165,6 +173,7 @@ impl Targets {
                 events: Vec::new(),
             }),
             gen: AtomicU64::new(0),
+            gap_open_gen: AtomicU64::new(u64::MAX),
             start: Instant::now(),
             last_success_ns: AtomicU64::new(0),
             longest_gap_ns: AtomicU64::new(0),
@@ -269,41 +278,59 @@ impl Targets {
         s.current = (t + 1) % self.addrs.len();
         s.gen += 1;
         self.gen.store(s.gen, Ordering::Release);
+        let to = self.addrs[s.current].clone();
+        // No response since the previous move: the same failover goes on.
+        let gen = s.gen;
+        if let Some((ev, _, ev_gen)) = s.events.last_mut().filter(|(e, ..)| e.gap_ms.is_none()) {
+            tracing::debug!(from = %self.addrs[t], %to, "target failed too: moving on");
+            ev.to = to;
+            ev.moves += 1;
+            *ev_gen = gen;
+            return;
+        }
         let ev = Failover {
             from: self.addrs[t].clone(),
-            to: self.addrs[s.current].clone(),
+            to,
             at_s: self.start.elapsed().as_secs_f64(),
             gap_ms: None,
+            moves: 1,
         };
         tracing::warn!(from = %ev.from, to = %ev.to, "target failed: moving to the next one");
         let last = self.last_success_ns.load(Ordering::Relaxed);
-        s.events.push((ev, last));
+        s.events.push((ev, last, gen));
+        self.gap_open_gen.fetch_min(gen, Ordering::AcqRel);
     }
 
     fn now_ns(&self) -> u64 {
         self.start.elapsed().as_nanos() as u64
     }
 
-    /// A response arrived on a connection of generation `gen`.
-    pub(crate) fn success(&self, gen: &mut u64) {
+    /// A response arrived on a connection made in generation `conn_gen`.
+    /// It closes the gap of every failover that connection was made after
+    /// (a late answer on a connection to the failed target does not).
+    pub(crate) fn success(&self, conn_gen: u64) {
         let now = self.now_ns();
         let prev = self.last_success_ns.swap(now, Ordering::Relaxed);
         self.longest_gap_ns
             .fetch_max(now.saturating_sub(prev), Ordering::Relaxed);
-        if *gen != self.gen.load(Ordering::Acquire) {
-            let mut s = self.lock();
-            *gen = s.gen;
-            for (ev, last) in s.events.iter_mut() {
-                if ev.gap_ms.is_none() {
-                    ev.gap_ms = Some(now.saturating_sub(*last) as f64 / 1e6);
-                }
+        if conn_gen < self.gap_open_gen.load(Ordering::Acquire) {
+            return;
+        }
+        let mut s = self.lock();
+        let mut open = u64::MAX;
+        for (ev, last, gen) in s.events.iter_mut().filter(|(e, ..)| e.gap_ms.is_none()) {
+            if *gen <= conn_gen {
+                ev.gap_ms = Some(now.saturating_sub(*last) as f64 / 1e6);
+            } else {
+                open = open.min(*gen);
             }
         }
+        self.gap_open_gen.store(open, Ordering::Release);
     }
 
     /// The failovers so far.
     pub(crate) fn failovers(&self) -> Vec<Failover> {
-        self.lock().events.iter().map(|(e, _)| e.clone()).collect()
+        self.lock().events.iter().map(|(e, ..)| e.clone()).collect()
     }
 
     /// The longest time without a successful response, in ms.

@@ -555,7 +555,6 @@ struct ConnCtx {
     sh: Arc<Shared>,
     c: usize,
     conn: Conn,
-    gen: u64,
     enc: Encoded,
     problems: Vec<Problem>,
     checked: u64,
@@ -594,9 +593,10 @@ impl ConnCtx {
         'again: loop {
             for o in work.sweep() {
                 work.encode(&o, &mut self.enc);
+                let gen = self.conn.gen;
                 match self.conn.call(&self.enc, timeout).await {
                     Ok((st, body)) => {
-                        self.sh.targets.success(&mut self.gen);
+                        self.sh.targets.success(gen);
                         let before = self.problems.len();
                         work.check(&o, st, body, true, &mut self.problems);
                         self.checked += 1;
@@ -623,7 +623,6 @@ async fn conn_task(sh: Arc<Shared>, c: u32, mut work: Work) -> Result<ConnResult
     let mut stats = Stats::new();
     let conn = sh.targets.connect(None).await?;
     let mut cx = ConnCtx {
-        gen: conn.gen,
         sh: Arc::clone(&sh),
         c: c as usize,
         conn,
@@ -675,10 +674,11 @@ async fn conn_task(sh: Arc<Shared>, c: u32, mut work: Work) -> Result<ConnResult
         work.encode(&op, &mut cx.enc);
         let measured = intended >= sh.measure_start;
         let sent = Instant::now();
+        let gen = cx.conn.gen;
         match cx.conn.call(&cx.enc, o.request_timeout).await {
             Ok((st, body)) => {
                 let latency = intended.min(sent).elapsed();
-                sh.targets.success(&mut cx.gen);
+                sh.targets.success(gen);
                 let before = cx.problems.len();
                 work.check(&op, st, body, o.verify, &mut cx.problems);
                 cx.note_problems(before);
@@ -783,14 +783,19 @@ pub fn render_summary(r: &LoadReport) -> String {
     for f in &r.failovers {
         let _ = writeln!(
             s,
-            "  failover    at {:.2} s from {} to {}: gap {}",
+            "  failover    at {:.2} s from {} to {}: gap {}{}",
             f.at_s,
             f.from,
             f.to,
             f.gap_ms
                 .map_or("(no response after it)".to_string(), |g| format!(
                     "{g:.1} ms"
-                ))
+                )),
+            if f.moves > 1 {
+                format!(" ({} moves along the target list)", f.moves)
+            } else {
+                String::new()
+            }
         );
     }
     if let Some(v) = &r.verify {
