@@ -313,3 +313,29 @@ pub fn run_cli(args: &[&str], deadline: Duration) -> (Option<i32>, String) {
     let status = p.wait_exit(deadline);
     (status.code(), p.text())
 }
+
+/// Runs the ignored test `test` (`module::name`) of this test binary alone
+/// in a child process with the environment `env` (the scenario it plays:
+/// eBPF programs count a whole process, and a "crash" must not take the
+/// test runner with it). Returns its stdout and stderr.
+///
+/// # Panics
+/// When the child cannot run or fails, with its output.
+pub fn run_ignored_test(test: &str, env: &[(&str, &str)]) -> String {
+    let exe = std::env::current_exe().expect("test binary");
+    let out = Command::new(exe)
+        .args([test, "--exact", "--ignored", "--nocapture"])
+        .envs(env.iter().copied())
+        .output()
+        .unwrap_or_else(|e| panic!("run {test} in a child process: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "{test} ({env:?}) failed in its child process:\n{text}"
+    );
+    text
+}

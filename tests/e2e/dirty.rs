@@ -29,18 +29,20 @@ fn touch_opts(mem_bytes: u64, vcpus: u32, timer_hz: u32, touch: TouchOptions) ->
     }
 }
 
-fn log_gpa(p: &TouchParams, cpu: u32) -> u64 {
+/// Guest address of vCPU `cpu`'s `touch` log.
+pub(crate) fn log_gpa(p: &TouchParams, cpu: u32) -> u64 {
     p.log_gpa + u64::from(cpu) * abi::touch_log_stride(p.log_entries)
 }
 
-fn header(vm: &Vm, p: &TouchParams, cpu: u32) -> TouchLogHeader {
+/// The header of vCPU `cpu`'s `touch` log.
+pub(crate) fn header(vm: &Vm, p: &TouchParams, cpu: u32) -> TouchLogHeader {
     vm.memory()
         .read_obj(log_gpa(p, cpu))
         .expect("read the touch log header")
 }
 
 /// The entries `from..count` of vCPU `cpu`'s log, and `count`.
-fn read_log(vm: &Vm, p: &TouchParams, cpu: u32, from: u64) -> (u64, Vec<u64>) {
+pub(crate) fn read_log(vm: &Vm, p: &TouchParams, cpu: u32, from: u64) -> (u64, Vec<u64>) {
     let count = header(vm, p, cpu).count;
     assert!(count >= from, "vCPU {cpu}: log count went back");
     assert!(

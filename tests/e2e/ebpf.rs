@@ -357,17 +357,7 @@ fn stale_pins_of_a_crashed_run_are_replaced() {
     let pin_dir = PathBuf::from("/sys/fs/bpf/simrep").join(&name);
 
     // A separate process loads under `name` and exits without dropping.
-    let out = Command::new(std::env::current_exe().expect("test binary"))
-        .args(["ebpf::crash_helper", "--exact", "--ignored", "--nocapture"])
-        .env(CRASH_HELPER_ENV, &name)
-        .output()
-        .expect("run the crash helper");
-    assert!(
-        out.status.success(),
-        "crash helper failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    tests::run_ignored_test("ebpf::crash_helper", &[(CRASH_HELPER_ENV, &name)]);
     let stale = pin_dir.join(CONFIG_MAP);
     assert!(stale.exists(), "the crashed run left no pin to replace");
     let stale_config = dump_entries(&bpftool_dump(&stale, true));

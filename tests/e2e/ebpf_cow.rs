@@ -442,18 +442,7 @@ fn cow_and_write_tracers_of_one_vm_share_its_pin_directory() {
 fn stale_cow_pins_of_a_crashed_run_are_replaced() {
     require_root();
     let name = instance("stale");
-    let out = Command::new(std::env::current_exe().expect("test binary"))
-        .args([
-            "ebpf_cow::crash_helper",
-            "--exact",
-            "--ignored",
-            "--nocapture",
-        ])
-        .env(CRASH_HELPER_ENV, &name)
-        .output()
-        .expect("run the helper");
-    let text = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "crash helper failed: {text}");
+    tests::run_ignored_test("ebpf_cow::crash_helper", &[(CRASH_HELPER_ENV, &name)]);
     let pin_dir = PathBuf::from(PIN_ROOT).join(&name);
     let stale = pin_dir.join(COW_CONFIG_MAP);
     assert!(stale.exists(), "the crashed run left no pin to replace");

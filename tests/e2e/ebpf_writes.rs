@@ -11,7 +11,6 @@
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -20,11 +19,12 @@ use simrep::ebpf::{
     EbpfError, EpochWrites, WriteSource, WriteTracer, WriteTracing, CONFIG_MAP, FAULT_PAGES_MAP,
     RING_PAGES_MAP, WALK_PAGES_MAP, WRITE_PINNED_MAPS, WRITE_STATS_MAP,
 };
-use simrep::vmm::abi::{self, TouchLogHeader, TouchParams};
+use simrep::vmm::abi::{self, TouchParams};
 use simrep::vmm::run::{self, RunOptions, TouchOptions, Workload};
 use simrep::vmm::Vm;
 use tests::require_kvm;
 
+use super::dirty::{header, read_log};
 use super::ebpf::{bpftool_dump, dump_entries, error_chain, json_number, require_root};
 
 const PAGE: u64 = abi::PAGE_SIZE;
@@ -37,31 +37,9 @@ const HELPER_ENV: &str = "SIMREP_E2E_EBPF_WRITES_HELPER";
 /// Env var with the VM name the helper uses (default: made up).
 const NAME_ENV: &str = "SIMREP_E2E_EBPF_WRITES_NAME";
 
-fn header(vm: &Vm, p: &TouchParams) -> TouchLogHeader {
-    vm.memory()
-        .read_obj(p.log_gpa)
-        .expect("read the touch log header")
-}
-
-/// Entries `from..count` of vCPU 0's log, and `count`.
-fn read_log(vm: &Vm, p: &TouchParams, from: u64) -> (u64, Vec<u64>) {
-    let count = header(vm, p).count;
-    assert!(count - from <= p.log_entries, "log overflow");
-    let base = p.log_gpa + abi::TOUCH_LOG_ENTRIES_OFFSET;
-    let mut buf = vec![0u8; p.log_entries as usize * 8];
-    vm.memory()
-        .read(base, &mut buf)
-        .expect("read the touch log");
-    let at = |n: u64| {
-        let i = (n % p.log_entries) as usize * 8;
-        u64::from_le_bytes(buf[i..i + 8].try_into().unwrap())
-    };
-    (count, (from..count).map(at).collect())
-}
-
 fn wait_round(vm: &Vm, p: &TouchParams, round: u64) {
     let start = Instant::now();
-    while header(vm, p).rounds_done < round {
+    while header(vm, p, 0).rounds_done < round {
         if let Some(ev) = vm.wait_exit(Duration::ZERO) {
             panic!("the vCPU ended: {ev:?}");
         }
@@ -83,18 +61,8 @@ fn go(vm: &Vm, p: &TouchParams, round: u64) {
 fn in_child(scenario: &str) {
     require_root();
     require_kvm();
-    let out = Command::new(std::env::current_exe().expect("test binary"))
-        .args(["ebpf_writes::helper", "--exact", "--ignored", "--nocapture"])
-        .env(HELPER_ENV, scenario)
-        .output()
-        .expect("run the helper");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = tests::run_ignored_test("ebpf_writes::helper", &[(HELPER_ENV, scenario)]);
     eprintln!("{text}");
-    assert!(out.status.success(), "helper {scenario} failed:\n{text}");
     assert!(text.contains("1 passed"), "the helper did not run:\n{text}");
 }
 
@@ -112,16 +80,9 @@ fn walk_pages_include_the_guest_log() {
 fn stale_pins_of_a_crashed_vmm_are_replaced() {
     require_root();
     let name = format!("e2e-writes-stale-{}", std::process::id());
-    let out = Command::new(std::env::current_exe().expect("test binary"))
-        .args(["ebpf_writes::helper", "--exact", "--ignored", "--nocapture"])
-        .env(HELPER_ENV, "crash")
-        .env(NAME_ENV, &name)
-        .output()
-        .expect("run the helper");
-    assert!(
-        out.status.success(),
-        "crash helper failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+    tests::run_ignored_test(
+        "ebpf_writes::helper",
+        &[(HELPER_ENV, "crash"), (NAME_ENV, &name)],
     );
     let pin_dir = PathBuf::from("/sys/fs/bpf/simrep").join(&name);
     let stale = pin_dir.join(CONFIG_MAP);
@@ -336,13 +297,13 @@ fn helper() {
 
     let mut last = None;
     for round in 1..=ROUNDS {
-        let (before, _) = read_log(&vm, &p, 0);
+        let (before, _) = read_log(&vm, &p, 0, 0);
         go(&vm, &p, round);
         vm.resume_all().expect("resume");
         wait_round(&vm, &p, round + 1);
         vm.pause_all().expect("pause");
         let harvest = tracker.harvest().expect("harvest");
-        let (_, logged) = read_log(&vm, &p, before);
+        let (_, logged) = read_log(&vm, &p, 0, before);
         assert_eq!(logged.len(), PER_ROUND as usize, "round {round}");
         let logged: BTreeSet<u64> = logged.into_iter().collect();
         if round == ROUNDS {

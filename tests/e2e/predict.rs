@@ -8,18 +8,18 @@
 //! `cargo test -p tests --test e2e predict::bench -- --ignored --nocapture`.
 
 use std::collections::HashSet;
-use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use simrep::dirty::{DirtyError, DirtyMode, DirtyPages, DirtyTracker, Prediction};
 use simrep::ebpf::{WriteSource, WriteTracer};
-use simrep::vmm::abi::{self, TouchLogHeader, TouchParams};
+use simrep::vmm::abi;
 use simrep::vmm::epoch::{EpochCheckpointer, EpochError};
 use simrep::vmm::run::{self, ChurnOptions, RunOptions, TouchOptions, Workload};
 use simrep::vmm::Vm;
 use tests::require_kvm;
 
+use super::dirty::read_log;
 use super::ebpf::{error_chain, require_root};
 
 const PAGE: u64 = abi::PAGE_SIZE;
@@ -52,18 +52,8 @@ impl Faults {
 fn in_child(scenario: &str) {
     require_root();
     require_kvm();
-    let out = Command::new(std::env::current_exe().expect("test binary"))
-        .args(["predict::helper", "--exact", "--ignored", "--nocapture"])
-        .env(HELPER_ENV, scenario)
-        .output()
-        .expect("run the helper");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = tests::run_ignored_test("predict::helper", &[(HELPER_ENV, scenario)]);
     eprintln!("{text}");
-    assert!(out.status.success(), "helper {scenario} failed:\n{text}");
     assert!(text.contains("1 passed"), "the helper did not run:\n{text}");
 }
 
@@ -81,35 +71,6 @@ fn helper() {
         "bench" => bench_scenario(),
         other => panic!("unknown scenario {other}"),
     }
-}
-
-fn log_gpa(p: &TouchParams, cpu: u32) -> u64 {
-    p.log_gpa + u64::from(cpu) * abi::touch_log_stride(p.log_entries)
-}
-
-/// The entries `from..count` of vCPU `cpu`'s log, and `count`.
-fn read_log(vm: &Vm, p: &TouchParams, cpu: u32, from: u64) -> (u64, Vec<u64>) {
-    let head: TouchLogHeader = vm
-        .memory()
-        .read_obj(log_gpa(p, cpu))
-        .expect("read the touch log header");
-    let count = head.count;
-    assert!(
-        count - from <= p.log_entries,
-        "vCPU {cpu}: {} entries overflow the {}-entry log",
-        count - from,
-        p.log_entries
-    );
-    let base = log_gpa(p, cpu) + abi::TOUCH_LOG_ENTRIES_OFFSET;
-    let mut buf = vec![0u8; p.log_entries as usize * 8];
-    vm.memory()
-        .read(base, &mut buf)
-        .expect("read the touch log");
-    let at = |n: u64| {
-        let i = (n % p.log_entries) as usize * 8;
-        u64::from_le_bytes(buf[i..i + 8].try_into().unwrap())
-    };
-    (count, (from..count).map(at).collect())
 }
 
 /// What one run of [`touch_epochs`] saw.
