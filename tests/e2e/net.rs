@@ -6,12 +6,12 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-use tests::{require_kvm, strip_ansi, Proc};
+use tests::{require_kvm, Proc};
 
 use simrep::proto::{self, op, status};
 use simrep::vmm::run::{self, RunOptions, RunSummary, Workload};
@@ -638,54 +638,17 @@ fn bank_transfers_keep_the_total_and_record_history() {
 
 #[test]
 fn cli_serves_on_an_ephemeral_port_and_stops_on_ctrl_c() {
-    require_kvm();
-    let mut child = Command::new(tests::simrep_bin())
-        .args([
-            "run",
-            "--workload",
-            "kv",
-            "--mem",
-            "64M",
-            "--port",
-            "0",
-            "--bind",
-            "127.0.0.1",
-        ])
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn simrep");
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            let _ = tx.send(strip_ansi(&line));
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut log = String::new();
-    let addr: SocketAddr = loop {
-        let line = rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .unwrap_or_else(|_| {
-                let _ = child.kill();
-                panic!("no `listening on` line within 60 s:\n{log}")
-            });
-        log.push_str(&line);
-        log.push('\n');
-        if let Some(rest) = line.split("net: listening on ").nth(1) {
-            break rest
-                .split_whitespace()
-                .next()
-                .unwrap()
-                .parse()
-                .expect("address");
-        }
-    };
+    let (mut p, addr) = spawn_listening(&[
+        "run",
+        "--workload",
+        "kv",
+        "--mem",
+        "64M",
+        "--port",
+        "0",
+        "--bind",
+        "127.0.0.1",
+    ]);
     assert_ne!(addr.port(), 0);
     let mut c = Client::connect(addr);
     assert_eq!(c.call(op::PUT, b"cli", b"works").0, status::OK);
@@ -693,26 +656,8 @@ fn cli_serves_on_an_ephemeral_port_and_stops_on_ctrl_c() {
         c.call(op::GET, b"cli", b""),
         (status::OK, b"works".to_vec())
     );
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGINT,
-    )
-    .unwrap();
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if start.elapsed() > Duration::from_secs(20) {
-            let _ = child.kill();
-            panic!("simrep did not stop within 20 s of SIGINT");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    while let Ok(line) = rx.recv_timeout(Duration::from_secs(2)) {
-        log.push_str(&line);
-        log.push('\n');
-    }
+    let status = p.interrupt();
+    let log = p.text();
     assert_eq!(status.code(), Some(0), "log:\n{log}");
     assert!(log.contains("net: service stopped"), "{log}");
     assert!(c.closed_by_server(), "client connection survived the stop");
