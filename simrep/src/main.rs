@@ -511,12 +511,29 @@ fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<(), Failure>
     Ok(())
 }
 
-fn cmd_capture(args: CaptureArgs) -> Result<ExitCode, Failure> {
+/// A flag set by SIGINT (Ctrl-C) and SIGTERM.
+fn stop_flag() -> anyhow::Result<Arc<AtomicBool>> {
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, Arc::clone(&stop))
             .context("installing the Ctrl-C handler")?;
     }
+    Ok(stop)
+}
+
+/// The log line of a guest that stopped.
+fn log_stopped(s: &simrep::vmm::run::RunSummary) {
+    tracing::info!(
+        elapsed = ?s.elapsed,
+        progress = ?s.progress,
+        outcomes = ?s.outcomes,
+        interrupted = s.interrupted,
+        "guest stopped"
+    );
+}
+
+fn cmd_capture(args: CaptureArgs) -> Result<ExitCode, Failure> {
+    let stop = stop_flag()?;
     let out = File::create(&args.output).map_err(|e| OutputError(args.output.clone(), e))?;
     let opts = CaptureOptions {
         tree: args.tree,
@@ -559,21 +576,11 @@ fn cmd_capture(args: CaptureArgs) -> Result<ExitCode, Failure> {
 }
 
 fn cmd_run(a: RunArgs) -> Result<ExitCode, Failure> {
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, Arc::clone(&stop))
-            .context("installing the Ctrl-C handler")?;
-    }
+    let stop = stop_flag()?;
     let opts = run_options(&a);
     let mut checkpointer = checkpointer(a.checkpoint_dir, a.checkpoint_every)?;
     let s = checkpoint::run_with_checkpoints(&opts, &stop, checkpointer.as_mut())?;
-    tracing::info!(
-        elapsed = ?s.elapsed,
-        progress = ?s.progress,
-        outcomes = ?s.outcomes,
-        interrupted = s.interrupted,
-        "guest stopped"
-    );
+    log_stopped(&s);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -627,11 +634,7 @@ fn checkpointer(
 }
 
 fn cmd_restore(a: RestoreArgs) -> Result<ExitCode, Failure> {
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, Arc::clone(&stop))
-            .context("installing the Ctrl-C handler")?;
-    }
+    let stop = stop_flag()?;
     let mut checkpointer = checkpointer(a.checkpoint_dir, a.checkpoint_every)?;
     let ropts = checkpoint::RestoreOptions {
         watchdog: (a.watchdog > 0).then(|| std::time::Duration::from_secs(a.watchdog)),
@@ -640,13 +643,7 @@ fn cmd_restore(a: RestoreArgs) -> Result<ExitCode, Failure> {
     };
     let s = checkpoint::restore_and_run(&a.dir, &ropts, &stop, checkpointer.as_mut())
         .with_context(|| format!("restoring from {}", a.dir.display()))?;
-    tracing::info!(
-        elapsed = ?s.elapsed,
-        progress = ?s.progress,
-        outcomes = ?s.outcomes,
-        interrupted = s.interrupted,
-        "guest stopped"
-    );
+    log_stopped(&s);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -767,11 +764,7 @@ struct TestServerArgs {
 }
 
 fn cmd_load(a: LoadArgs, quiet: bool) -> Result<ExitCode, Failure> {
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, Arc::clone(&stop))
-            .context("installing the Ctrl-C handler")?;
-    }
+    let stop = stop_flag()?;
     let mut o = LoadOptions::new(a.targets, a.workload);
     if let Some(m) = &a.mix {
         let names: &[&'static str] = match a.workload {
@@ -1151,11 +1144,7 @@ fn apply_config(
 
 fn cmd_primary(mut a: PrimaryArgs, matches: &clap::ArgMatches) -> Result<ExitCode, Failure> {
     use simrep::replication::primary::{run_primary, PrimaryError, PrimaryOptions};
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, Arc::clone(&stop))
-            .context("installing the Ctrl-C handler")?;
-    }
+    let stop = stop_flag()?;
     if let Some(path) = a.config.clone() {
         let sub = matches.subcommand_matches("primary");
         apply_config(&path, &mut a.guest, sub)?;
@@ -1205,11 +1194,7 @@ fn cmd_primary(mut a: PrimaryArgs, matches: &clap::ArgMatches) -> Result<ExitCod
 
 fn cmd_backup(a: BackupArgs) -> Result<ExitCode, Failure> {
     use simrep::replication::backup::{run_backup, BackupError, BackupOptions, BackupOutcome};
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, Arc::clone(&stop))
-            .context("installing the Ctrl-C handler")?;
-    }
+    let stop = stop_flag()?;
     let listen = resolve("--listen", &a.listen)?;
     let key = read_key(&a.key_file)?;
     let opts = BackupOptions {
