@@ -520,6 +520,55 @@ fn a_checkpoint_of_a_churning_guest_holds_memory_as_of_the_pause() {
     vm2.shutdown();
 }
 
+/// Where guest memory cannot be registered for copy-on-write (here: it
+/// already is, by another userfaultfd), the checkpointer copies memory
+/// during the pause instead and the checkpoint is the same; once the other
+/// registration is gone, it can be told to use the view again.
+#[test]
+fn without_a_copy_on_write_view_checkpoints_copy_memory_during_the_pause() {
+    use simrep::dirty::cow::CowMemory;
+    use simrep::vmm::checkpoint::{CheckpointOptions, Checkpointer};
+    require_kvm();
+    const MEM: u64 = 32 << 20;
+    let mut vm = run::boot(&churn_opts(1, MEM)).expect("boot");
+    wait_until("churn progress", Duration::from_secs(30), || {
+        progress(&vm, 1)[0] > 1000
+    });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut ck = Checkpointer::new(
+        CheckpointOptions {
+            dir: dir.path().join("ck"),
+            every: None,
+        },
+        std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),
+    )
+    .expect("checkpointer");
+    let mut other = Some(CowMemory::new(vm.memory().clone()).expect("first registration"));
+    for round in 0..2 {
+        let mut at_pause = vec![0u8; MEM as usize];
+        let r = ck
+            .checkpoint_with(&vm, &mut |vm| {
+                vm.memory().read(0, &mut at_pause).expect("read")
+            })
+            .expect("checkpoint");
+        let file = std::fs::read(r.written.path.join(checkpoint::MEMORY_FILE)).expect("read");
+        assert!(
+            file == at_pause,
+            "round {round}: memory.raw is not memory at the pause"
+        );
+        if round == 0 {
+            assert!(ck.copies_during_pause(), "no fallback to the copy");
+            assert!(r.cow.is_none() && r.copy > Duration::ZERO, "{r:?}");
+            drop(other.take());
+            ck.set_copy_during_pause(false);
+        } else {
+            assert!(!ck.copies_during_pause());
+            assert!(r.cow.is_some() && r.copy == Duration::ZERO, "{r:?}");
+        }
+    }
+    vm.shutdown();
+}
+
 /// `sequence` of the checkpoint `latest` points at.
 fn latest_sequence(dir: &Path) -> u64 {
     let m: serde_json::Value = serde_json::from_slice(

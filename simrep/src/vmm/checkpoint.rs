@@ -63,8 +63,26 @@
 //! checkpoint's files are never modified, so a checkpoint can be restored
 //! any number of times.
 //!
-//! Until a copy-on-write view of guest memory exists, the guest stays
-//! paused while `memory.raw` is written (the log line says for how long).
+//! # Memory
+//!
+//! The guest is not paused for a copy of its memory either. During the
+//! pause (after the state save, before the disk hold) a copy-on-write view
+//! over all of guest memory is armed ([`CowMemory::arm_all`]: one
+//! `UFFDIO_WRITEPROTECT` over the whole range); after the guest resumes,
+//! `memory.raw` is written 2 MiB at a time from the view
+//! ([`CowView::read_page`]: the page as of the pause, the saved copy if
+//! the guest wrote it since), and each 2 MiB is released once written
+//! ([`CowView::release_range`]), so the guest's later writes there run
+//! without a fault. Until then, the guest's (and the devices') first write
+//! to a page blocks while the fault handler copies the page: the log line
+//! gives the number of these faults, their median and longest handling
+//! time, and the most memory the copies held. The view is finished when
+//! the file is synced.
+//!
+//! Where userfaultfd is not available, or arming fails, the memory is
+//! copied during the pause instead ([`MemoryCopy`]; ~100-230 ms per GiB
+//! here), which is logged once; [`Checkpointer::set_copy_during_pause`]
+//! chooses that too. The file is the same either way.
 
 use std::fs::{self, File};
 use std::io::{Read, Write};
@@ -318,10 +336,11 @@ fn is_zero(page: &[u8]) -> bool {
 /// A copy of guest memory taken while the vCPUs are paused, into a
 /// pre-faulted arena of the guest's size (kept by the [`Checkpointer`] from
 /// one checkpoint to the next, so that the pause does not pay for page
-/// faults), with the list of 2 MiB chunks that are not all zero. The guest
-/// resumes as soon as it is taken; writing it to disk happens while the
-/// guest runs (the disk here writes ~200-300 MB/s: a 1 GiB image would
-/// otherwise pause the guest for seconds).
+/// faults), with the list of 2 MiB chunks that are not all zero: the
+/// [`Checkpointer`]'s fallback when no copy-on-write view can be armed.
+/// The guest resumes as soon as it is taken; writing it to disk happens
+/// while the guest runs (the disk here writes ~200-300 MB/s: a 1 GiB image
+/// would otherwise pause the guest for seconds).
 #[derive(Debug)]
 pub struct MemoryCopy {
     arena: Arc<GuestMemory>,
@@ -1150,7 +1169,7 @@ impl Checkpointer {
                 }
             }
         }
-        if self.copy_only && !self.arena.as_ref().is_some_and(|a| a.size() == mem.size()) {
+        if self.copy_only && self.arena.as_ref().is_none_or(|a| a.size() != mem.size()) {
             let t = Instant::now();
             let a = MemoryCopy::arena(mem.size())
                 .map_err(|e| CheckpointError::Vm(StateError::Memory(e)))?;
