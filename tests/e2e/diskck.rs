@@ -401,13 +401,16 @@ fn measure_disk_checkpoint_256mib() {
         let r = ck.checkpoint(&vm).unwrap();
         windows.push((t, Instant::now()));
         eprintln!(
-            "round {round}: disk data {} MiB, paused {:.3} ms (save {} us, memory copy {:.3} ms), disk held (settle + copy + fsync) {:.1} ms, whole write {:.1} ms",
+            "round {round}: disk data {} MiB, paused {:.3} ms (save {} us, copy-on-write arm {:.3} ms, memory copy {:.3} ms, disk hold {} us), disk held (settle + copy + fsync) {:.1} ms, whole write {:.1} ms, copy-on-write faults {:?}",
             r.written.manifest.disk_data_bytes.unwrap() >> 20,
             r.paused.as_secs_f64() * 1e3,
             r.save.as_micros(),
+            r.arm.as_secs_f64() * 1e3,
             r.copy.as_secs_f64() * 1e3,
+            r.hold.as_micros(),
             r.written.disk_time.unwrap().as_secs_f64() * 1e3,
             r.written.total_time.as_secs_f64() * 1e3,
+            r.cow.as_ref().map(|c| c.faults),
         );
         // The guest runs after the checkpoint.
         assert_eq!(c.call(op::GET, b"r0-0", b"").0, status::OK);

@@ -421,6 +421,154 @@ fn checkpoint_in_one_process_restore_in_another() {
     assert!(log.contains("interrupted=true"), "{log}");
 }
 
+/// A guest that keeps rewriting its memory while `memory.raw` is written:
+/// the checkpoint holds memory exactly as it was at the pause (compared
+/// byte for byte with a copy taken at the end of the pause), both with the
+/// copy-on-write view (the guest takes write faults meanwhile, twice in a
+/// row so that the view is armed again) and with the copy during the pause
+/// (the fallback); restored, the guest continues from it.
+#[test]
+fn a_checkpoint_of_a_churning_guest_holds_memory_as_of_the_pause() {
+    use simrep::vmm::checkpoint::{CheckpointOptions, Checkpointer};
+    require_kvm();
+    const MEM: u64 = 128 << 20;
+    let vcpus = 2;
+    let mut opts = churn_opts(vcpus, MEM);
+    opts.churn.rate_mib_s = 400;
+    let mut vm = run::boot(&opts).expect("boot");
+    wait_until("churn progress", Duration::from_secs(30), || {
+        progress(&vm, vcpus).iter().all(|&p| p > 5000)
+    });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut ck = Checkpointer::new(
+        CheckpointOptions {
+            dir: dir.path().join("ck"),
+            every: None,
+        },
+        std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),
+    )
+    .expect("checkpointer");
+    let mut last = None;
+    for (round, copy) in [(0, false), (1, false), (2, true)] {
+        ck.set_copy_during_pause(copy);
+        let mut at_pause = vec![0u8; MEM as usize];
+        let mut saved = Vec::new();
+        let r = ck
+            .checkpoint_with(&vm, &mut |vm| {
+                vm.memory().read(0, &mut at_pause).expect("read");
+                saved = progress(vm, vcpus);
+            })
+            .expect("checkpoint");
+        eprintln!(
+            "round {round} ({}): paused {:?} (save {:?}, arm {:?}, copy {:?}, disk hold {:?}), write {:?}, cow {:?}",
+            if copy { "copy" } else { "view" },
+            r.paused,
+            r.save,
+            r.arm,
+            r.copy,
+            r.hold,
+            r.written.total_time,
+            r.cow
+        );
+        if copy {
+            assert!(r.cow.is_none() && r.copy > Duration::ZERO);
+        } else {
+            let cow = r.cow.as_ref().expect("a copy-on-write view was used");
+            assert!(
+                cow.pages_copied > 0,
+                "the guest wrote no page during the write: {cow:?}"
+            );
+            assert_eq!(cow.handler_errors, 0);
+            assert_eq!(r.copy, Duration::ZERO);
+        }
+        let file = std::fs::read(r.written.path.join(checkpoint::MEMORY_FILE)).expect("read");
+        assert_eq!(file.len() as u64, MEM);
+        if let Some(gpa) = (0..MEM as usize)
+            .step_by(4096)
+            .find(|&g| file[g..g + 4096] != at_pause[g..g + 4096])
+        {
+            panic!("round {round}: memory.raw differs from memory at the pause at {gpa:#x}");
+        }
+        assert_eq!(saved_progress(&r.written.path, vcpus), saved);
+        // The guest ran on meanwhile.
+        assert!(progress(&vm, vcpus).iter().zip(&saved).all(|(a, b)| a > b));
+        last = Some((at_pause, saved));
+    }
+    vm.shutdown();
+    drop(vm);
+    let (at_pause, saved) = last.expect("a checkpoint");
+    let loaded = checkpoint::load(&dir.path().join("ck")).expect("load");
+    let (vm2, _) = checkpoint::restore(&loaded).expect("restore");
+    let mut back = vec![0u8; MEM as usize];
+    vm2.memory().read(0, &mut back).expect("read");
+    assert!(back == at_pause, "restored memory differs from the pause");
+    vm2.resume_all_and_wait().expect("resume");
+    let mut vm2 = vm2;
+    wait_until(
+        "the restored guest to continue",
+        Duration::from_secs(30),
+        || {
+            progress(&vm2, vcpus)
+                .iter()
+                .zip(&saved)
+                .all(|(p, s)| *p > s + 1000)
+        },
+    );
+    if let Some(ev) = vm2.wait_exit(Duration::ZERO) {
+        panic!("a restored vCPU ended: {ev:?}");
+    }
+    vm2.shutdown();
+}
+
+/// Where guest memory cannot be registered for copy-on-write (here: it
+/// already is, by another userfaultfd), the checkpointer copies memory
+/// during the pause instead and the checkpoint is the same; once the other
+/// registration is gone, it can be told to use the view again.
+#[test]
+fn without_a_copy_on_write_view_checkpoints_copy_memory_during_the_pause() {
+    use simrep::dirty::cow::CowMemory;
+    use simrep::vmm::checkpoint::{CheckpointOptions, Checkpointer};
+    require_kvm();
+    const MEM: u64 = 32 << 20;
+    let mut vm = run::boot(&churn_opts(1, MEM)).expect("boot");
+    wait_until("churn progress", Duration::from_secs(30), || {
+        progress(&vm, 1)[0] > 1000
+    });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut ck = Checkpointer::new(
+        CheckpointOptions {
+            dir: dir.path().join("ck"),
+            every: None,
+        },
+        std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),
+    )
+    .expect("checkpointer");
+    let mut other = Some(CowMemory::new(vm.memory().clone()).expect("first registration"));
+    for round in 0..2 {
+        let mut at_pause = vec![0u8; MEM as usize];
+        let r = ck
+            .checkpoint_with(&vm, &mut |vm| {
+                vm.memory().read(0, &mut at_pause).expect("read")
+            })
+            .expect("checkpoint");
+        let file = std::fs::read(r.written.path.join(checkpoint::MEMORY_FILE)).expect("read");
+        assert!(
+            file == at_pause,
+            "round {round}: memory.raw is not memory at the pause"
+        );
+        if round == 0 {
+            assert!(ck.copies_during_pause(), "no fallback to the copy");
+            assert!(r.cow.is_none() && r.copy > Duration::ZERO, "{r:?}");
+            drop(other.take());
+            ck.set_copy_during_pause(false);
+        } else {
+            assert!(!ck.copies_during_pause());
+            assert!(r.cow.is_some() && r.copy == Duration::ZERO, "{r:?}");
+        }
+    }
+    vm.shutdown();
+}
+
 /// `sequence` of the checkpoint `latest` points at.
 fn latest_sequence(dir: &Path) -> u64 {
     let m: serde_json::Value = serde_json::from_slice(
@@ -668,8 +816,9 @@ fn crc32(b: &[u8]) -> u32 {
 
 /// Figures for a 1 GiB guest (not a timed test; run with `--ignored
 /// --nocapture`, with `SIMREP_BIN=target/release/simrep` for release
-/// figures): the pause of a checkpoint (pause + state save + memory copy +
-/// resume), the write, and a restore in a fresh process, split into memory
+/// figures): the pause of 5 checkpoints (pause + state save + arming the
+/// copy-on-write view or copying memory + disk hold + resume), their
+/// writes, and a restore in a fresh process, split into memory
 /// load and KVM state.
 #[test]
 #[ignore = "measurement: 1 GiB guest, prints figures"]
@@ -696,13 +845,26 @@ fn checkpoint_1gib_figures() {
     run.wait_for("progress", Duration::from_secs(120), |l| {
         churn_line(l).filter(|&(c, _)| c == 1)
     });
-    for _ in 0..3 {
+    let field = |line: &str, name: &str| -> Option<Duration> {
+        let rest = &line[line.find(&format!(" {name}="))? + name.len() + 2..];
+        let v: f64 = rest.split(' ').next()?.parse().ok()?;
+        Some(Duration::from_secs_f64(v / 1e3))
+    };
+    let (mut paused, mut written) = (Vec::new(), Vec::new());
+    for _ in 0..5 {
         run.signal(nix::sys::signal::Signal::SIGUSR1);
         let line = run.wait_for("the checkpoint", Duration::from_secs(120), |l| {
             l.contains("checkpoint written").then(|| l.to_owned())
         });
         eprintln!("{}", &line[line.find("checkpoint").unwrap_or(0)..]);
+        paused.extend(field(&line, "paused_ms"));
+        written.extend(field(&line, "write_ms"));
+        // Let the guest run between checkpoints.
+        std::thread::sleep(Duration::from_secs(1));
     }
+    assert_eq!((paused.len(), written.len()), (5, 5), "unparsed log lines");
+    eprintln!("{}", summary("checkpoint pause", paused));
+    eprintln!("{}", summary("checkpoint write", written));
     let (code, _) = run.stop();
     assert_eq!(code, Some(0));
     // Drop the page cache's copy so that the restore reads from disk too.

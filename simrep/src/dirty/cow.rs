@@ -823,6 +823,74 @@ impl CowView {
         }
     }
 
+    /// Releases the pages `first..first + pages` of the view like
+    /// [`CowView::release`] (pages of the range that are not in the view
+    /// are left alone, released ones stay released), with one un-protect
+    /// over the whole range: page by page, a reader going through all of
+    /// memory would pay one ioctl per page and split every huge page that
+    /// the guest did not write.
+    ///
+    /// # Errors
+    ///
+    /// [`CowError::OutOfRange`] for a range beyond guest memory,
+    /// [`CowError::Closed`], or [`CowError::WriteProtect`] if the kernel
+    /// refuses to un-protect.
+    pub fn release_range(&self, first: u64, pages: u64) -> Result<(), CowError> {
+        let sh = &*self.shared;
+        if sh.open_epoch.load(Ordering::Acquire) != self.epoch {
+            return Err(CowError::Closed { epoch: self.epoch });
+        }
+        let end = first.saturating_add(pages);
+        if end > sh.pages {
+            return Err(CowError::OutOfRange {
+                gfn: end - 1,
+                pages: sh.pages,
+            });
+        }
+        let released = (self.epoch << 2) | RELEASED;
+        let mut saved = Vec::new();
+        let mut count = 0u64;
+        for gfn in first..end {
+            let word = &sh.words[gfn as usize];
+            loop {
+                let w = word.load(Ordering::Acquire);
+                let state = effective(w, self.epoch, self.whole);
+                if state != PROTECTED && state != SAVED {
+                    break;
+                }
+                if word
+                    .compare_exchange(w, released, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
+                    count += 1;
+                    if state == SAVED {
+                        saved.push(gfn);
+                    }
+                    break;
+                }
+            }
+        }
+        sh.released.fetch_add(count, Ordering::Relaxed);
+        if !saved.is_empty() {
+            let copies: Vec<_> = {
+                let mut st = sh.lock();
+                if st.active && st.epoch == self.epoch {
+                    saved.iter().filter_map(|g| st.copies.remove(g)).collect()
+                } else {
+                    Vec::new()
+                }
+            };
+            drop(copies);
+        }
+        // As in `release`: the un-protect follows the word changes, and
+        // un-protecting pages the handler already un-protected is
+        // harmless.
+        if pages == 0 {
+            return Ok(());
+        }
+        sh.protect(first, pages, false)
+    }
+
     /// Ends the view: un-protects every page still protected, frees all
     /// copies and returns the epoch's stats. Dropping the view does the
     /// same (without the stats).

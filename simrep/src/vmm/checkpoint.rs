@@ -63,8 +63,26 @@
 //! checkpoint's files are never modified, so a checkpoint can be restored
 //! any number of times.
 //!
-//! Until a copy-on-write view of guest memory exists, the guest stays
-//! paused while `memory.raw` is written (the log line says for how long).
+//! # Memory
+//!
+//! The guest is not paused for a copy of its memory either. During the
+//! pause (after the state save, before the disk hold) a copy-on-write view
+//! over all of guest memory is armed ([`CowMemory::arm_all`]: one
+//! `UFFDIO_WRITEPROTECT` over the whole range); after the guest resumes,
+//! `memory.raw` is written 2 MiB at a time from the view
+//! ([`CowView::read_page`]: the page as of the pause, the saved copy if
+//! the guest wrote it since), and each 2 MiB is released once written
+//! ([`CowView::release_range`]), so the guest's later writes there run
+//! without a fault. Until then, the guest's (and the devices') first write
+//! to a page blocks while the fault handler copies the page: the log line
+//! gives the number of these faults, their median and longest handling
+//! time, and the most memory the copies held. The view is finished when
+//! the file is synced.
+//!
+//! Where userfaultfd is not available, or arming fails, the memory is
+//! copied during the pause instead ([`MemoryCopy`]; ~100-230 ms per GiB
+//! here), which is logged once; [`Checkpointer::set_copy_during_pause`]
+//! chooses that too. The file is the same either way.
 
 use std::fs::{self, File};
 use std::io::{Read, Write};
@@ -76,6 +94,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
+
+use crate::dirty::cow::{self, CowError, CowMemory, CowStats, CowView};
 
 use super::abi::{LARGE_PAGE_SIZE, PAGE_SIZE};
 use super::block::DiskHold;
@@ -164,6 +184,16 @@ pub enum CheckpointError {
     /// The block device refused a checkpoint hold or its write-out.
     #[error("checkpointing the disk")]
     Disk(#[source] super::block::BlockError),
+    /// Reading (or releasing) a page of the copy-on-write view of guest
+    /// memory failed while `memory.raw` was written.
+    #[error("reading guest frame {gfn:#x} through the copy-on-write view")]
+    Cow {
+        /// The guest frame.
+        gfn: u64,
+        /// The error.
+        #[source]
+        source: CowError,
+    },
 }
 
 impl CheckpointError {
@@ -179,7 +209,8 @@ impl CheckpointError {
             CheckpointError::Write { .. }
             | CheckpointError::Vm(_)
             | CheckpointError::DiskChoice { .. }
-            | CheckpointError::Disk(_) => false,
+            | CheckpointError::Disk(_)
+            | CheckpointError::Cow { .. } => false,
         }
     }
 }
@@ -305,10 +336,11 @@ fn is_zero(page: &[u8]) -> bool {
 /// A copy of guest memory taken while the vCPUs are paused, into a
 /// pre-faulted arena of the guest's size (kept by the [`Checkpointer`] from
 /// one checkpoint to the next, so that the pause does not pay for page
-/// faults), with the list of 2 MiB chunks that are not all zero. The guest
-/// resumes as soon as it is taken; writing it to disk happens while the
-/// guest runs (the disk here writes ~200-300 MB/s: a 1 GiB image would
-/// otherwise pause the guest for seconds).
+/// faults), with the list of 2 MiB chunks that are not all zero: the
+/// [`Checkpointer`]'s fallback when no copy-on-write view can be armed.
+/// The guest resumes as soon as it is taken; writing it to disk happens
+/// while the guest runs (the disk here writes ~200-300 MB/s: a 1 GiB image
+/// would otherwise pause the guest for seconds).
 #[derive(Debug)]
 pub struct MemoryCopy {
     arena: Arc<GuestMemory>,
@@ -378,34 +410,97 @@ impl MemoryCopy {
     }
 }
 
-/// Writes a memory copy to `path` as a sparse image (zero pages are
+/// The memory image a checkpoint writes: taken at the pause, read while
+/// the guest runs.
+#[derive(Debug, Clone, Copy)]
+pub enum MemoryImage<'a> {
+    /// A copy taken during the pause (the fallback without userfaultfd).
+    Copy(&'a MemoryCopy),
+    /// A copy-on-write view armed during the pause: pages are read (and
+    /// released) as they are written to the file.
+    View(&'a CowView),
+}
+
+impl MemoryImage<'_> {
+    /// Bytes of guest memory.
+    fn size(&self) -> u64 {
+        match self {
+            MemoryImage::Copy(c) => c.size(),
+            MemoryImage::View(v) => v.armed_pages() * PAGE_SIZE,
+        }
+    }
+}
+
+/// Fills `pages` with the image's content from `gpa` (2 MiB aligned) on;
+/// `false` for a chunk known to be all zeros (not read).
+fn read_chunk(
+    img: &MemoryImage<'_>,
+    gpa: u64,
+    pages: &mut [[u8; cow::PAGE_SIZE]],
+) -> Result<bool, CheckpointError> {
+    match img {
+        MemoryImage::Copy(c) => {
+            if c.chunks.binary_search(&gpa).is_err() {
+                return Ok(false);
+            }
+            c.arena
+                .read(gpa, pages.as_flattened_mut())
+                .map_err(|e| CheckpointError::Vm(StateError::Memory(e)))?;
+        }
+        MemoryImage::View(v) => {
+            let first = gpa / PAGE_SIZE;
+            for (gfn, page) in (first..).zip(pages.iter_mut()) {
+                v.read_page(gfn, page)
+                    .map_err(|source| CheckpointError::Cow { gfn, source })?;
+            }
+        }
+    }
+    Ok(true)
+}
+
+/// The image's pages of `chunk` (at `gpa`) are in the file: a view drops
+/// their copies or protection, so later guest writes to them run without
+/// a copy-on-write fault.
+fn release_chunk(img: &MemoryImage<'_>, gpa: u64, len: usize) -> Result<(), CheckpointError> {
+    if let MemoryImage::View(v) = img {
+        let gfn = gpa / PAGE_SIZE;
+        v.release_range(gfn, len as u64 / PAGE_SIZE)
+            .map_err(|source| CheckpointError::Cow { gfn, source })?;
+    }
+    Ok(())
+}
+
+/// Writes a memory image to `path` as a sparse image (zero pages are
 /// holes); returns its CRC-32 and the number of non-zero pages.
-fn write_memory(path: &Path, mem: &MemoryCopy) -> Result<(u32, u64), CheckpointError> {
+fn write_memory(path: &Path, img: &MemoryImage<'_>) -> Result<(u32, u64), CheckpointError> {
     let file = File::create(path).map_err(werr(path))?;
-    let size = mem.size();
+    let size = img.size();
     file.set_len(size).map_err(werr(path))?;
     let zeros = ZeroCrc::new();
     let mut crc = crc32fast::Hasher::new();
     let mut data_pages = 0u64;
     let page = PAGE_SIZE as usize;
-    let mut buf = vec![0u8; LARGE_PAGE_SIZE as usize];
+    let mut buf = vec![[0u8; cow::PAGE_SIZE]; (LARGE_PAGE_SIZE / PAGE_SIZE) as usize];
     // Everything below `hashed` is in `crc`.
     let mut hashed = 0u64;
-    for &gpa in &mem.chunks {
+    let mut gpa = 0u64;
+    while gpa < size {
         let n = (size - gpa).min(LARGE_PAGE_SIZE) as usize;
-        let chunk = &mut buf[..n];
-        mem.arena
-            .read(gpa, chunk)
-            .map_err(|e| CheckpointError::Vm(StateError::Memory(e)))?;
-        let chunk = &buf[..n];
-        zeros.extend(&mut crc, (gpa - hashed) / PAGE_SIZE);
+        let chunk_gpa = gpa;
+        gpa += n as u64;
+        let pages = &mut buf[..n / page];
+        if !read_chunk(img, chunk_gpa, pages)? {
+            continue;
+        }
+        let chunk = pages.as_flattened();
+        zeros.extend(&mut crc, (chunk_gpa - hashed) / PAGE_SIZE);
         // Runs of non-zero pages are written with one pwrite each.
         let mut run_start: Option<usize> = None;
         for (i, p) in chunk.chunks(page).enumerate() {
             if is_zero(p) {
                 zeros.extend(&mut crc, 1);
                 if let Some(s) = run_start.take() {
-                    file.write_all_at(&chunk[s..i * page], gpa + s as u64)
+                    file.write_all_at(&chunk[s..i * page], chunk_gpa + s as u64)
                         .map_err(werr(path))?;
                 }
             } else {
@@ -415,10 +510,12 @@ fn write_memory(path: &Path, mem: &MemoryCopy) -> Result<(u32, u64), CheckpointE
             }
         }
         if let Some(s) = run_start {
-            file.write_all_at(&chunk[s..], gpa + s as u64)
+            file.write_all_at(&chunk[s..], chunk_gpa + s as u64)
                 .map_err(werr(path))?;
         }
-        hashed = gpa + chunk.len() as u64;
+        hashed = chunk_gpa + chunk.len() as u64;
+        // The data is in the page cache now: the view's pages can go.
+        release_chunk(img, chunk_gpa, n)?;
     }
     zeros.extend(&mut crc, (size - hashed) / PAGE_SIZE);
     file.sync_all().map_err(werr(path))?;
@@ -477,7 +574,7 @@ pub fn write(
     mem: &MemoryCopy,
     save_time: Duration,
 ) -> Result<Written, CheckpointError> {
-    write_with_disk(dir, seq, snapshot, mem, save_time, None)
+    write_with_disk(dir, seq, snapshot, MemoryImage::Copy(mem), save_time, None)
 }
 
 /// Settles the held disk, copies it to `path` (sparse) and syncs; the hold
@@ -523,7 +620,7 @@ pub fn write_with_disk(
     dir: &Path,
     seq: u64,
     snapshot: &VmSnapshot,
-    mem: &MemoryCopy,
+    mem: MemoryImage<'_>,
     save_time: Duration,
     disk: Option<DiskHold>,
 ) -> Result<Written, CheckpointError> {
@@ -541,7 +638,7 @@ pub fn write_with_disk(
     let state = snapshot.encode();
     write_file(&tmp.join(STATE_FILE), &state)?;
     let t_mem = Instant::now();
-    let (mem_crc, data_pages) = write_memory(&tmp.join(MEMORY_FILE), mem)?;
+    let (mem_crc, data_pages) = write_memory(&tmp.join(MEMORY_FILE), &mem)?;
     let memory_time = t_mem.elapsed();
     let manifest = Manifest {
         format: FORMAT_NAME.into(),
@@ -951,25 +1048,54 @@ pub struct CheckpointOptions {
 pub struct CheckpointReport {
     /// The checkpoint written.
     pub written: Written,
-    /// How long the guest was paused (pause + state save + memory copy +
-    /// resume).
+    /// How long the guest was paused (pause + state save + arm or copy +
+    /// disk hold + resume).
     pub paused: Duration,
     /// The state save within it.
     pub save: Duration,
-    /// The memory copy within it.
+    /// Arming the copy-on-write view within it (zero when memory was
+    /// copied instead).
+    pub arm: Duration,
+    /// The memory copy within it (zero when the copy-on-write view was
+    /// armed; see [`Checkpointer::set_copy_during_pause`]).
     pub copy: Duration,
+    /// Holding the disk within it.
+    pub hold: Duration,
+    /// The copy-on-write view's statistics (the guest's write faults while
+    /// `memory.raw` was written), when one was used.
+    pub cow: Option<CowStats>,
+}
+
+/// The memory image taken at a pause.
+#[derive(Debug)]
+enum Taken {
+    /// A copy-on-write view over the live memory.
+    View(CowView),
+    /// A copy in the arena.
+    Copy(MemoryCopy),
 }
 
 /// Writes checkpoints of a running VM on request (a flag, set by SIGUSR1
 /// in the CLI) or periodically.
+///
+/// Guest memory is written from a copy-on-write view ([`CowMemory`])
+/// armed during the pause, so the pause does not grow with the guest's
+/// memory; where userfaultfd is not available (or arming fails) memory is
+/// copied during the pause instead, into an arena kept from one
+/// checkpoint to the next, and that is logged once.
 #[derive(Debug)]
 pub struct Checkpointer {
     opts: CheckpointOptions,
     request: Arc<AtomicBool>,
     next_due: Option<Instant>,
     seq: u64,
-    /// Where memory is copied during the pause (created before the first
-    /// pause, reused).
+    /// The VM's memory registered for copy-on-write (created before the
+    /// first pause, reused while the VM's memory is the same).
+    cow: Option<(Arc<GuestMemory>, CowMemory)>,
+    /// Copy during the pause instead (userfaultfd unavailable, or asked).
+    copy_only: bool,
+    /// Where memory is copied during the pause in the fallback (created
+    /// before the first pause, reused).
     arena: Option<Arc<GuestMemory>>,
 }
 
@@ -988,8 +1114,25 @@ impl Checkpointer {
             request,
             next_due,
             seq,
+            cow: None,
+            copy_only: false,
             arena: None,
         })
+    }
+
+    /// With `true`, the following checkpoints copy guest memory during the
+    /// pause instead of arming a copy-on-write view (what happens anyway
+    /// where userfaultfd is not available); for comparisons and tests.
+    pub fn set_copy_during_pause(&mut self, copy: bool) {
+        self.copy_only = copy;
+        if copy {
+            self.cow = None;
+        }
+    }
+
+    /// Whether the next checkpoint copies memory during the pause.
+    pub fn copies_during_pause(&self) -> bool {
+        self.copy_only
     }
 
     /// Writes a checkpoint if one was requested or is due.
@@ -1009,59 +1152,161 @@ impl Checkpointer {
         self.checkpoint(vm).map(Some)
     }
 
-    /// Pauses the VM, saves its state, copies its memory, resumes it, then
-    /// writes the checkpoint while the guest runs. The VM is resumed on
-    /// errors too.
+    /// Outside the pause: registers `vm`'s memory for copy-on-write, or
+    /// (without userfaultfd) allocates the arena for the copy.
+    fn prepare(&mut self, vm: &Vm) -> Result<(), CheckpointError> {
+        let mem = vm.memory();
+        if !self.copy_only && !self.cow.as_ref().is_some_and(|(m, _)| Arc::ptr_eq(m, mem)) {
+            self.cow = None;
+            match CowMemory::new(Arc::clone(mem)) {
+                Ok(c) => self.cow = Some((Arc::clone(mem), c)),
+                Err(e) => {
+                    tracing::warn!(
+                        error = %chain(&e),
+                        "checkpoint: no copy-on-write view of guest memory; checkpoints copy memory while the guest is paused"
+                    );
+                    self.copy_only = true;
+                }
+            }
+        }
+        if self.copy_only && self.arena.as_ref().is_none_or(|a| a.size() != mem.size()) {
+            let t = Instant::now();
+            let a = MemoryCopy::arena(mem.size())
+                .map_err(|e| CheckpointError::Vm(StateError::Memory(e)))?;
+            tracing::info!(mib = a.size() >> 20, elapsed = ?t.elapsed(), "checkpoint memory arena allocated");
+            self.arena = Some(a);
+        }
+        Ok(())
+    }
+
+    /// During the pause: arms the view over all of memory (nothing writes
+    /// guest memory: the vCPUs are paused), or copies memory.
+    fn take_memory(&mut self, vm: &Vm) -> Result<Taken, CheckpointError> {
+        if let Some((_, cow)) = &self.cow {
+            match cow.arm_all() {
+                Ok(v) => return Ok(Taken::View(v)),
+                Err(e) => {
+                    tracing::error!(
+                        error = %chain(&e),
+                        "checkpoint: arming copy-on-write failed; this and later checkpoints copy memory while the guest is paused"
+                    );
+                    self.cow = None;
+                    self.copy_only = true;
+                }
+            }
+        }
+        let mem = vm.memory();
+        let arena = match self.arena.take() {
+            Some(a) if a.size() == mem.size() => a,
+            _ => MemoryCopy::arena(mem.size())
+                .map_err(|e| CheckpointError::Vm(StateError::Memory(e)))?,
+        };
+        MemoryCopy::capture_into(mem, arena)
+            .map(Taken::Copy)
+            .map_err(|e| CheckpointError::Vm(StateError::Memory(e)))
+    }
+
+    /// Pauses the VM, saves its state, arms a copy-on-write view of its
+    /// memory (or copies it, see [`Checkpointer`]), holds its disk,
+    /// resumes it, then writes the checkpoint while the guest runs. The VM
+    /// is resumed on errors too.
     ///
     /// # Errors
     ///
     /// [`CheckpointError::Vm`] when the VM cannot be paused or saved;
-    /// [`CheckpointError::Write`].
+    /// [`CheckpointError::Write`]; [`CheckpointError::Cow`] when the view
+    /// cannot be read.
     pub fn checkpoint(&mut self, vm: &Vm) -> Result<CheckpointReport, CheckpointError> {
-        let arena = match self.arena.take() {
-            Some(a) if a.size() == vm.memory().size() => a,
-            _ => {
-                let t = Instant::now();
-                let a = MemoryCopy::arena(vm.memory().size())
-                    .map_err(|e| CheckpointError::Vm(StateError::Memory(e)))?;
-                tracing::info!(mib = a.size() >> 20, elapsed = ?t.elapsed(), "checkpoint memory arena allocated");
-                a
-            }
-        };
+        self.checkpoint_with(vm, &mut |_| {})
+    }
+
+    /// [`Self::checkpoint`] with `during_pause` run at the end of the pause
+    /// (memory taken, disk held, vCPUs not yet resumed): tests compare the
+    /// checkpoint against the guest as it was then.
+    ///
+    /// # Errors
+    ///
+    /// As [`Self::checkpoint`].
+    pub fn checkpoint_with(
+        &mut self,
+        vm: &Vm,
+        during_pause: &mut dyn FnMut(&Vm),
+    ) -> Result<CheckpointReport, CheckpointError> {
+        self.prepare(vm)?;
         let block = vm.bus().block();
         let t0 = Instant::now();
         vm.pause_all()
             .map_err(|e| CheckpointError::Vm(StateError::Vm(e)))?;
-        let mut copy_time = Duration::ZERO;
+        let t_paused = Instant::now();
+        let (mut take_time, mut hold_time) = (Duration::ZERO, Duration::ZERO);
         let captured =
             vm.save_state_timed()
                 .map_err(CheckpointError::Vm)
                 .and_then(|(snap, times)| {
                     let t = Instant::now();
-                    let copy = MemoryCopy::capture_into(vm.memory(), arena)
-                        .map_err(|e| CheckpointError::Vm(StateError::Memory(e)))?;
-                    copy_time = t.elapsed();
+                    let taken = self.take_memory(vm)?;
+                    take_time = t.elapsed();
                     // The disk as of this pause (see the module docs).
+                    let t = Instant::now();
                     let hold = block.hold_for_checkpoint().map_err(CheckpointError::Disk)?;
-                    Ok((snap, times, copy, hold))
+                    hold_time = t.elapsed();
+                    during_pause(vm);
+                    Ok((snap, times, taken, hold))
                 });
+        let t_resume = Instant::now();
         let resumed = vm.resume_all();
         let paused = t0.elapsed();
+        let pausing = t_paused - t0;
+        let resuming = t_resume.elapsed();
         resumed.map_err(|e| CheckpointError::Vm(StateError::Vm(e)))?;
-        let (snap, times, copy, hold) = captured?;
+        let (snap, times, taken, hold) = captured?;
         let seq = self.seq + 1;
-        let written = write_with_disk(&self.opts.dir, seq, &snap, &copy, times.total, hold);
-        self.arena = Some(copy.into_arena());
+        let (written, cow, arm, copy) = match taken {
+            Taken::View(v) => {
+                let w = write_with_disk(
+                    &self.opts.dir,
+                    seq,
+                    &snap,
+                    MemoryImage::View(&v),
+                    times.total,
+                    hold,
+                );
+                (w, Some(v.finish()), take_time, Duration::ZERO)
+            }
+            Taken::Copy(c) => {
+                let w = write_with_disk(
+                    &self.opts.dir,
+                    seq,
+                    &snap,
+                    MemoryImage::Copy(&c),
+                    times.total,
+                    hold,
+                );
+                self.arena = Some(c.into_arena());
+                (w, None, Duration::ZERO, take_time)
+            }
+        };
         let written = written?;
         self.seq = seq;
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
         tracing::info!(
             path = %written.path.display(),
-            paused_ms = paused.as_secs_f64() * 1e3,
+            paused_ms = ms(paused),
+            pause_ms = ms(pausing),
             save_us = times.total.as_micros() as u64,
-            copy_ms = copy_time.as_secs_f64() * 1e3,
-            write_ms = written.total_time.as_secs_f64() * 1e3,
+            arm_ms = ms(arm),
+            copy_ms = ms(copy),
+            disk_hold_us = hold_time.as_micros() as u64,
+            resume_ms = ms(resuming),
+            write_ms = ms(written.total_time),
+            memory_write_ms = ms(written.memory_time),
             data_pages = written.manifest.memory_data_pages,
-            disk_copy_ms = written.disk_time.map(|t| t.as_secs_f64() * 1e3),
+            cow_faults = cow.as_ref().map(|c| c.faults),
+            cow_pages_copied = cow.as_ref().map(|c| c.pages_copied),
+            cow_peak_mib = cow.as_ref().map(|c| c.peak_copy_bytes as f64 / (1u64 << 20) as f64),
+            cow_fault_median_us = cow.as_ref().map(|c| c.fault_median.as_secs_f64() * 1e6),
+            cow_fault_max_us = cow.as_ref().map(|c| c.fault_max.as_secs_f64() * 1e6),
+            disk_copy_ms = written.disk_time.map(ms),
             disk_data_bytes = written.manifest.disk_data_bytes,
             "checkpoint written"
         );
@@ -1069,7 +1314,10 @@ impl Checkpointer {
             written,
             paused,
             save: times.total,
-            copy: copy_time,
+            arm,
+            copy,
+            hold: hold_time,
+            cow,
         })
     }
 }
@@ -1385,7 +1633,11 @@ mod tests {
         mem.write((3 << 20) + 5, &[0xff; 9000]).unwrap();
         mem.write((4 << 20) - 1, &[7]).unwrap();
         let path = dir.path().join(MEMORY_FILE);
-        let (crc, pages) = write_memory(&path, &MemoryCopy::capture(&mem).unwrap()).unwrap();
+        let (crc, pages) = write_memory(
+            &path,
+            &MemoryImage::Copy(&MemoryCopy::capture(&mem).unwrap()),
+        )
+        .unwrap();
         assert_eq!(pages, 1 + 3 + 1);
         let mut all = vec![0u8; 4 << 20];
         mem.read(0, &mut all).unwrap();
@@ -1431,5 +1683,90 @@ mod tests {
             load_memory(&ckpt, &again),
             Err(CheckpointError::Corrupt { .. })
         ));
+    }
+
+    /// A writer thread rewrites pages (and zeroes some, and fills zero
+    /// ones) while `memory.raw` is written from a copy-on-write view: the
+    /// file, its CRC and its data-page count are those of memory as it was
+    /// when the view was armed, and the file loads back to that image.
+    #[test]
+    fn the_memory_image_written_from_a_view_is_memory_at_the_arm() {
+        const MEM: u64 = 16 << 20;
+        let dir = tempfile::tempdir().unwrap();
+        let mem = Arc::new(GuestMemory::new(MEM).unwrap());
+        // Data in the first half of each 2 MiB chunk, zeros in the rest.
+        let pages = MEM / PAGE_SIZE;
+        for gfn in 0..pages {
+            if gfn % 512 < 256 {
+                mem.write(
+                    gfn * PAGE_SIZE,
+                    &[(gfn % 251) as u8 + 1; PAGE_SIZE as usize],
+                )
+                .unwrap();
+            }
+        }
+        let cow = CowMemory::new(Arc::clone(&mem)).unwrap();
+        let view = cow.arm_all().unwrap();
+        let mut at_arm = vec![0u8; MEM as usize];
+        mem.read(0, &mut at_arm).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let (mem, stop) = (Arc::clone(&mem), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                let mut rounds = 0u64;
+                while !stop.load(Ordering::Relaxed) || rounds == 0 {
+                    // Backwards, so that pages not yet written to the file
+                    // change too.
+                    for gfn in (0..pages).rev().step_by(3) {
+                        let fill = match gfn % 4 {
+                            0 => 0,
+                            _ => 0xee ^ rounds as u8,
+                        };
+                        mem.write(gfn * PAGE_SIZE + 8, &[fill; 64]).unwrap();
+                    }
+                    rounds += 1;
+                }
+                rounds
+            })
+        };
+        // Let the writer get going before the image is written.
+        while cow.faults_total() < 100 {
+            std::thread::yield_now();
+        }
+        let path = dir.path().join(MEMORY_FILE);
+        let (crc, data_pages) = write_memory(&path, &MemoryImage::View(&view)).unwrap();
+        stop.store(true, Ordering::Relaxed);
+        let rounds = writer.join().unwrap();
+        let stats = view.finish();
+        assert!(
+            stats.pages_copied > 0,
+            "no page was copied on write: {stats:?}"
+        );
+        assert!(rounds > 0);
+        let mut live = vec![0u8; MEM as usize];
+        mem.read(0, &mut live).unwrap();
+        assert!(live != at_arm, "the writer changed nothing");
+        let file = fs::read(&path).unwrap();
+        assert!(file == at_arm, "memory.raw differs from memory at the arm");
+        assert_eq!(crc, crc32fast::hash(&at_arm));
+        assert_eq!(data_pages, pages / 2);
+        // Zero pages are holes.
+        let allocated = fs::metadata(&path).map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            m.blocks() * 512
+        });
+        assert!(allocated.unwrap() < MEM, "the image is not sparse");
+        let mut manifest = manifest_for_tests(MEM, crc, None);
+        manifest.memory_data_pages = data_pages;
+        let loaded = Loaded {
+            path: dir.path().to_owned(),
+            manifest,
+            snapshot: crate::vmm::state::tests::sample_snapshot(1),
+        };
+        let fresh = GuestMemory::new(MEM).unwrap();
+        load_memory(&loaded, &fresh).unwrap();
+        let mut back = vec![0u8; MEM as usize];
+        fresh.read(0, &mut back).unwrap();
+        assert!(back == at_arm);
     }
 }

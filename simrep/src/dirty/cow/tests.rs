@@ -227,6 +227,47 @@ fn release_drops_copies_and_protection_early() {
 }
 
 #[test]
+fn release_range_releases_a_run_of_pages_with_one_unprotect() {
+    let mem = memory(8 * MIB);
+    let cow = CowMemory::new(Arc::clone(&mem)).unwrap();
+    let snap = snapshot(&mem);
+    let view = cow.arm_all().unwrap();
+    let mut buf = [0u8; PAGE_SIZE];
+    // 21 saved, 22 released already, the rest of 16..32 protected.
+    mem.write(21 * PAGE, &[9; 8]).unwrap();
+    view.release(22).unwrap();
+    assert_eq!(view.copies(), 1);
+    view.release_range(16, 16).unwrap();
+    assert_eq!(view.copies(), 0, "the saved copy is dropped");
+    let before = cow.faults_total();
+    for gfn in 16..32 {
+        mem.write(gfn * PAGE, &[7; 8]).unwrap();
+        assert!(matches!(
+            view.read_page(gfn, &mut buf),
+            Err(CowError::Released { .. })
+        ));
+    }
+    assert_eq!(cow.faults_total(), before, "released pages must not fault");
+    // Its neighbours are still in the view.
+    for gfn in [15, 32] {
+        mem.write(gfn * PAGE, &[7; 8]).unwrap();
+        view.read_page(gfn, &mut buf).unwrap();
+        assert_eq!(&buf[..], page_of(&snap, gfn));
+    }
+    view.release_range(16, 16).unwrap();
+    view.release_range(0, 0).unwrap();
+    assert!(matches!(
+        view.release_range(2040, 9),
+        Err(CowError::OutOfRange { .. })
+    ));
+    let stats = view.finish();
+    assert_eq!(
+        (stats.pages_copied, stats.released, stats.faults),
+        (3, 16, 3)
+    );
+}
+
+#[test]
 fn dropping_the_memory_closes_an_open_view_without_blocking_writers() {
     let mem = memory(4 * MIB);
     let cow = CowMemory::new(Arc::clone(&mem)).unwrap();
