@@ -125,6 +125,8 @@ pub struct Proc {
     child: std::process::Child,
     log: PathBuf,
     out: PathBuf,
+    /// Log lines [`Proc::wait_next`] has consumed.
+    cursor: usize,
     /// The log directory when the process owns it ([`Proc::spawn_temp`]).
     _dir: Option<tempfile::TempDir>,
 }
@@ -175,6 +177,7 @@ impl Proc {
             child,
             log,
             out,
+            cursor: 0,
             _dir: None,
         }
     }
@@ -228,6 +231,52 @@ impl Proc {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Waits for the next complete log line, after those earlier calls
+    /// consumed, for which `f` returns `Some` (`what` names it in errors).
+    ///
+    /// # Panics
+    /// When the process exits first or `timeout` passes, with its log.
+    pub fn wait_next<T>(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        mut f: impl FnMut(&str) -> Option<T>,
+    ) -> T {
+        let t = Instant::now();
+        loop {
+            let exited = self.child.try_wait().ok().flatten();
+            let text = self.text();
+            let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+            for (i, line) in complete.lines().enumerate().skip(self.cursor) {
+                self.cursor = i + 1;
+                if let Some(v) = f(line) {
+                    return v;
+                }
+            }
+            if let Some(status) = exited {
+                panic!(
+                    "{} exited ({status}) before {what}; its log:\n{text}",
+                    self.name
+                );
+            }
+            assert!(
+                t.elapsed() < timeout,
+                "{} did not log {what} within {timeout:?}; its log:\n{text}",
+                self.name,
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGINT, then its exit code and whole log.
+    ///
+    /// # Panics
+    /// As [`Proc::interrupt`].
+    pub fn stop(&mut self) -> (Option<i32>, String) {
+        let status = self.interrupt();
+        (status.code(), self.text())
     }
 
     /// Waits (30 s at most) for a log line `... <needle> ADDR` and returns

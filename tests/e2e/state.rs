@@ -6,13 +6,11 @@
 //! They need `/dev/kvm` (root on this project's machines); without it
 //! every test fails and says why.
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{self, Receiver};
+use std::process::Command;
 use std::time::{Duration, Instant};
-use tests::require_kvm;
+use tests::{require_kvm, Proc};
 
 use simrep::vmm::abi;
 use simrep::vmm::checkpoint::{self, MemoryCopy};
@@ -227,98 +225,6 @@ fn save_state_latency() {
     }
 }
 
-/// A running `simrep` child whose stderr lines arrive on a channel.
-struct Proc {
-    child: Child,
-    lines: Receiver<String>,
-    log: Vec<String>,
-}
-
-impl Proc {
-    fn spawn(args: &[&str]) -> Proc {
-        let mut child = Command::new(tests::simrep_bin())
-            .args(args)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn simrep");
-        let err = child.stderr.take().expect("stderr");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Proc {
-            child,
-            lines,
-            log: Vec::new(),
-        }
-    }
-
-    /// Waits for a line for which `f` returns `Some`.
-    fn wait_for<T>(
-        &mut self,
-        what: &str,
-        timeout: Duration,
-        mut f: impl FnMut(&str) -> Option<T>,
-    ) -> T {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    let found = f(&line);
-                    self.log.push(line);
-                    if let Some(v) = found {
-                        return v;
-                    }
-                }
-                Err(_) => {
-                    let _ = self.child.kill();
-                    panic!(
-                        "timed out waiting for {what}; output so far:\n{}",
-                        self.log.join("\n")
-                    );
-                }
-            }
-        }
-    }
-
-    fn signal(&self, sig: nix::sys::signal::Signal) {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig)
-            .expect("kill");
-    }
-
-    /// SIGINT, then the exit code and the whole log.
-    fn stop(mut self) -> (Option<i32>, String) {
-        self.signal(nix::sys::signal::Signal::SIGINT);
-        let start = Instant::now();
-        let status = loop {
-            if let Some(s) = self.child.try_wait().expect("wait") {
-                break s;
-            }
-            if start.elapsed() > Duration::from_secs(20) {
-                let _ = self.child.kill();
-                panic!(
-                    "simrep did not stop within 20 s of SIGINT:\n{}",
-                    self.log.join("\n")
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        // Drain what is left.
-        while let Ok(l) = self.lines.recv_timeout(Duration::from_millis(500)) {
-            self.log.push(l);
-        }
-        (status.code(), self.log.join("\n"))
-    }
-}
-
 /// `churn cpu<N>: t=... pages=<P> ...` -> (N, P).
 fn churn_line(line: &str) -> Option<(u32, u64)> {
     let rest = &line[line.find("churn cpu")? + 9..];
@@ -351,33 +257,35 @@ fn checkpoint_in_one_process_restore_in_another() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path().join("ckpt");
     let ds = d.to_str().expect("utf-8 path");
-    let mut run = Proc::spawn(&[
-        "run",
-        "--mem",
-        "64M",
-        "--vcpus",
-        "2",
-        "--rate",
-        "40",
-        "--report-ms",
-        "200",
-        "--timer-hz",
-        "100",
-        "--checkpoint-dir",
-        ds,
-    ]);
-    run.wait_for("progress of both vCPUs", Duration::from_secs(30), |l| {
+    let mut run = Proc::spawn_temp(
+        "simrep",
+        &[
+            "run",
+            "--mem",
+            "64M",
+            "--vcpus",
+            "2",
+            "--rate",
+            "40",
+            "--report-ms",
+            "200",
+            "--timer-hz",
+            "100",
+            "--checkpoint-dir",
+            ds,
+        ],
+    );
+    run.wait_next("progress of both vCPUs", Duration::from_secs(30), |l| {
         churn_line(l).filter(|&(c, p)| c == 1 && p > 2000)
     });
     run.signal(nix::sys::signal::Signal::SIGUSR1);
-    let line = run.wait_for("the checkpoint", Duration::from_secs(30), |l| {
+    let line = run.wait_next("the checkpoint", Duration::from_secs(30), |l| {
         l.contains("checkpoint written").then(|| l.to_owned())
     });
     eprintln!("{line}");
     assert!(d.join(checkpoint::LATEST_LINK).exists(), "no latest link");
     // kill -9: no clean shutdown of the first process.
-    run.signal(nix::sys::signal::Signal::SIGKILL);
-    let _ = run.child.wait();
+    run.kill9();
     let ckpt = latest(&d);
     let saved = saved_progress(&ckpt, 2);
     assert!(saved.iter().all(|&p| p > 500), "saved progress {saved:?}");
@@ -388,9 +296,9 @@ fn checkpoint_in_one_process_restore_in_another() {
     assert_eq!(manifest["vcpus"], 2);
     assert_eq!(manifest["mem_bytes"], 64 << 20);
 
-    let mut restored = Proc::spawn(&["restore", ds]);
+    let mut restored = Proc::spawn_temp("simrep", &["restore", ds]);
     let mut seen = [false; 2];
-    restored.wait_for(
+    restored.wait_next(
         "both restored vCPUs to report progress past the checkpoint",
         Duration::from_secs(60),
         |l| {
@@ -594,21 +502,24 @@ fn periodic_checkpoints_replace_each_other_and_a_restored_guest_checkpoints_agai
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path().join("ckpt");
     let ds = d.to_str().expect("utf-8 path");
-    let mut run = Proc::spawn(&[
-        "run",
-        "--mem",
-        "32M",
-        "--rate",
-        "20",
-        "--report-ms",
-        "0",
-        "--checkpoint-dir",
-        ds,
-        "--checkpoint-every",
-        "400ms",
-    ]);
+    let mut run = Proc::spawn_temp(
+        "simrep",
+        &[
+            "run",
+            "--mem",
+            "32M",
+            "--rate",
+            "20",
+            "--report-ms",
+            "0",
+            "--checkpoint-dir",
+            ds,
+            "--checkpoint-every",
+            "400ms",
+        ],
+    );
     for _ in 0..3 {
-        run.wait_for("a periodic checkpoint", Duration::from_secs(30), |l| {
+        run.wait_next("a periodic checkpoint", Duration::from_secs(30), |l| {
             l.contains("checkpoint written").then_some(())
         });
     }
@@ -620,12 +531,12 @@ fn periodic_checkpoints_replace_each_other_and_a_restored_guest_checkpoints_agai
     assert_eq!(checkpoint_dirs(&d), vec![format!("ckpt-{seq:010}")]);
 
     // Restore, and checkpoint the restored guest into the same directory.
-    let mut restored = Proc::spawn(&["restore", ds, "--checkpoint-dir", ds]);
-    restored.wait_for("the restore", Duration::from_secs(60), |l| {
+    let mut restored = Proc::spawn_temp("simrep", &["restore", ds, "--checkpoint-dir", ds]);
+    restored.wait_next("the restore", Duration::from_secs(60), |l| {
         l.contains("guest restored and running").then_some(())
     });
     restored.signal(nix::sys::signal::Signal::SIGUSR1);
-    restored.wait_for(
+    restored.wait_next(
         "a checkpoint of the restored guest",
         Duration::from_secs(30),
         |l| l.contains("checkpoint written").then_some(()),
@@ -790,8 +701,8 @@ fn corrupt_checkpoints_are_refused_with_exit_code_3() {
         eprintln!("{what}: {}", err.lines().last().unwrap_or(""));
     }
     // The good one restores (and is stopped by SIGINT).
-    let mut p = Proc::spawn(&["restore", good.to_str().expect("utf-8")]);
-    p.wait_for("the restore", Duration::from_secs(60), |l| {
+    let mut p = Proc::spawn_temp("simrep", &["restore", good.to_str().expect("utf-8")]);
+    p.wait_next("the restore", Duration::from_secs(60), |l| {
         l.contains("guest restored and running").then_some(())
     });
     let (code, log) = p.stop();
@@ -827,22 +738,25 @@ fn checkpoint_1gib_figures() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path().join("ckpt");
     let ds = d.to_str().expect("utf-8 path");
-    let mut run = Proc::spawn(&[
-        "run",
-        "--mem",
-        "1G",
-        "--vcpus",
-        "2",
-        "--rate",
-        "100",
-        "--report-ms",
-        "500",
-        "--timer-hz",
-        "100",
-        "--checkpoint-dir",
-        ds,
-    ]);
-    run.wait_for("progress", Duration::from_secs(120), |l| {
+    let mut run = Proc::spawn_temp(
+        "simrep",
+        &[
+            "run",
+            "--mem",
+            "1G",
+            "--vcpus",
+            "2",
+            "--rate",
+            "100",
+            "--report-ms",
+            "500",
+            "--timer-hz",
+            "100",
+            "--checkpoint-dir",
+            ds,
+        ],
+    );
+    run.wait_next("progress", Duration::from_secs(120), |l| {
         churn_line(l).filter(|&(c, _)| c == 1)
     });
     let field = |line: &str, name: &str| -> Option<Duration> {
@@ -853,7 +767,7 @@ fn checkpoint_1gib_figures() {
     let (mut paused, mut written) = (Vec::new(), Vec::new());
     for _ in 0..5 {
         run.signal(nix::sys::signal::Signal::SIGUSR1);
-        let line = run.wait_for("the checkpoint", Duration::from_secs(120), |l| {
+        let line = run.wait_next("the checkpoint", Duration::from_secs(120), |l| {
             l.contains("checkpoint written").then(|| l.to_owned())
         });
         eprintln!("{}", &line[line.find("checkpoint").unwrap_or(0)..]);
@@ -873,8 +787,8 @@ fn checkpoint_1gib_figures() {
         let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
     }
     let t = Instant::now();
-    let mut p = Proc::spawn(&["restore", ds]);
-    let line = p.wait_for("the restore", Duration::from_secs(120), |l| {
+    let mut p = Proc::spawn_temp("simrep", &["restore", ds]);
+    let line = p.wait_next("the restore", Duration::from_secs(120), |l| {
         l.contains("guest restored and running")
             .then(|| l.to_owned())
     });
