@@ -461,3 +461,41 @@ fn similar_pages_compress_and_reference_memory_is_bounded() {
     let big_table = ratio("similarity:table=14");
     assert!(big_table < 0.05, "{big_table}");
 }
+
+/// Byte-for-byte check of the default codec on a real trace: prints a
+/// digest of every encoded epoch (1 and 2 encoder threads), the total size
+/// and the encode speed, to compare before and after a change of the
+/// encoder. `SIMREP_TRACE=path cargo test --release -p simrep
+/// trace_digest -- --ignored --nocapture`.
+#[test]
+#[ignore = "needs a trace: SIMREP_TRACE=path"]
+fn trace_digest() {
+    use std::hash::Hasher;
+    let path = std::env::var("SIMREP_TRACE").expect("set SIMREP_TRACE to a trace file");
+    let spec = CodecSpec::Similarity(SimilarityConfig::default());
+    for threads in [1usize, 2] {
+        let mut replay = crate::trace::Replay::open(std::path::Path::new(&path)).unwrap();
+        replay.next_epoch().unwrap().expect("an initial image");
+        let mut enc = spec.build(threads);
+        enc.init(replay.image());
+        let mut digest = std::collections::hash_map::DefaultHasher::new();
+        let (mut out_bytes, mut raw_bytes, mut ns) = (0u64, 0u64, 0u128);
+        let mut buf = Vec::new();
+        while let Some(d) = replay.next_epoch().unwrap() {
+            buf.clear();
+            let t = std::time::Instant::now();
+            enc.encode_epoch(replay.image(), &d.dirty, &d.dropped, &mut buf)
+                .unwrap();
+            ns += t.elapsed().as_nanos();
+            digest.write(&buf);
+            out_bytes += buf.len() as u64;
+            raw_bytes += (d.dirty.len() * PAGE_SIZE) as u64;
+        }
+        println!(
+            "threads {threads}: digest {:016x} out_bytes {out_bytes} raw {raw_bytes} \
+             encode {:.0} MB/s wall",
+            digest.finish(),
+            raw_bytes as f64 * 1e3 / ns.max(1) as f64
+        );
+    }
+}
