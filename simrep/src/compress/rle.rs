@@ -309,8 +309,7 @@ pub(crate) fn rle_encode(
     let len = new.len();
     let words = len / 64;
     let mut m = [0u64; MAX_MASK_WORDS];
-    if !len.is_multiple_of(64) || words > MAX_MASK_WORDS || masks.len() < words || min_gap > 64
-    {
+    if !len.is_multiple_of(64) || words > MAX_MASK_WORDS || masks.len() < words || min_gap > 64 {
         return rle_encode_runs(new, reference, masks, min_gap, control, literals);
     }
     let m = &mut m[..words];
@@ -331,7 +330,10 @@ pub(crate) fn rle_encode(
         put_varint(control, (lit_end - lit_start) as u32);
         let at = literals.len();
         literals.extend_from_slice(&new[lit_start..lit_end]);
-        for (l, r) in literals[at..].iter_mut().zip(&reference[lit_start..lit_end]) {
+        for (l, r) in literals[at..]
+            .iter_mut()
+            .zip(&reference[lit_start..lit_end])
+        {
             *l ^= r;
         }
         pos = lit_end;

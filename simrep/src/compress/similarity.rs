@@ -42,6 +42,7 @@
 //! areas, 8 MiB of hashes, 32 MiB of fingerprints, a 2^17-bucket table
 //! (8 MiB) and ~3.7k cached pages.
 
+use rayon::prelude::*;
 use rayon::ThreadPool;
 
 use super::cache::PageCache;
@@ -70,6 +71,9 @@ pub(crate) struct SimilarityEncoder {
     cfg: SimilarityConfig,
     pool: Option<ThreadPool>,
     state: Option<State>,
+    /// Per chunk, with a pool: its writer and its finished record, reused
+    /// epoch after epoch.
+    chunks: Vec<(ChunkWriter, Vec<u8>)>,
 }
 
 struct State {
@@ -139,16 +143,19 @@ impl Ctx<'_> {
         &page[at..at + self.size]
     }
 
+    /// Encodes a chunk and appends its record to `dest`.
     fn encode_chunk(&self, frames: &[u32], dest: &mut Vec<u8>) -> Result<ChunkOut, EncodeError> {
-        WRITER.with(|w| self.encode_chunk_with(&mut w.borrow_mut(), frames, dest))
+        WRITER.with(|w| {
+            let w = &mut w.borrow_mut();
+            let out = self.encode_areas(w, frames);
+            w.finish(self.stage, dest)?;
+            Ok(out)
+        })
     }
 
-    fn encode_chunk_with(
-        &self,
-        w: &mut ChunkWriter,
-        frames: &[u32],
-        dest: &mut Vec<u8>,
-    ) -> Result<ChunkOut, EncodeError> {
+    /// Encodes the areas of a chunk's frames into `w` (restarted first);
+    /// the caller finishes the chunk.
+    fn encode_areas(&self, w: &mut ChunkWriter, frames: &[u32]) -> ChunkOut {
         let (size, per_page) = (self.size, self.per_page);
         // The plain search stops only at an identical match.
         let good_enough = if self.plain { 0 } else { size / 32 };
@@ -392,8 +399,89 @@ impl Ctx<'_> {
             out.unchanged.push(unch_bits);
             out.self_used.push(self_used);
         }
-        w.finish(self.stage, dest)?;
-        Ok(out)
+        out
+    }
+}
+
+/// Sizes the sequential update needs.
+struct Geometry {
+    page_shift: u32,
+    per_page: usize,
+    fp_per_page: usize,
+    per_chunk: usize,
+}
+
+fn sum_kinds(chunks: &[ChunkOut]) -> KindCounts {
+    let mut kinds = KindCounts::default();
+    for c in chunks {
+        kinds += &c.kinds;
+    }
+    kinds
+}
+
+impl State {
+    /// The sequential update after an epoch's chunks are encoded: the
+    /// fingerprints and table entries of the new contents, then the cache
+    /// (frames whose previous contents proved useful last, so they are the
+    /// last to be evicted).
+    fn commit(
+        &mut self,
+        current: &dyn PageView,
+        dirty: &[u32],
+        dropped: &[u32],
+        chunks: &[ChunkOut],
+        g: &Geometry,
+    ) {
+        if self.fingerprinter.is_some() {
+            for &f in dropped {
+                let at = f as usize * g.fp_per_page;
+                if let Some(s) = self.fps.get_mut(at..at + g.fp_per_page) {
+                    s.fill(0);
+                }
+            }
+            for (frames, c) in dirty.chunks(g.per_chunk).zip(chunks) {
+                for (i, &f) in frames.iter().enumerate() {
+                    let at = f as usize * g.fp_per_page;
+                    let new = &c.fps[i * g.fp_per_page..(i + 1) * g.fp_per_page];
+                    if let Some(s) = self.fps.get_mut(at..at + g.fp_per_page) {
+                        s.copy_from_slice(new);
+                    }
+                }
+            }
+        }
+        for (frames, c) in dirty.chunks(g.per_chunk).zip(chunks) {
+            for (i, &f) in frames.iter().enumerate() {
+                let base = f << g.page_shift;
+                for a in 0..g.per_page {
+                    let gid = base + a as u32;
+                    if c.nonzero[i] & (1 << a) == 0 {
+                        self.table.remove(gid);
+                    } else if c.unchanged[i] & (1 << a) == 0 || !self.table.is_present(gid) {
+                        self.table.insert(gid, c.hashes[i * g.per_page + a]);
+                    }
+                }
+            }
+        }
+        let mut order: Vec<u32> = Vec::with_capacity(dirty.len());
+        for pass in [false, true] {
+            for (frames, c) in dirty.chunks(g.per_chunk).zip(chunks) {
+                for (i, &f) in frames.iter().enumerate() {
+                    if c.self_used[i] == pass {
+                        order.push(f);
+                    }
+                }
+            }
+        }
+        // Putting pages in `order` leaves exactly the last `capacity` of
+        // them when there are more: skip copying the others (but drop their
+        // stale copies).
+        let keep_from = order.len().saturating_sub(self.cache.capacity());
+        for &f in &order[..keep_from] {
+            self.cache.remove(f);
+        }
+        for &f in &order[keep_from..] {
+            self.cache.put(f, current.page(f));
+        }
     }
 }
 
@@ -404,6 +492,7 @@ impl SimilarityEncoder {
             cfg,
             pool: make_pool(threads),
             state: None,
+            chunks: Vec::new(),
         }
     }
 }
@@ -523,68 +612,62 @@ impl EpochEncoder for SimilarityEncoder {
             dropped,
             chunk_count(dirty.len(), per_chunk),
         );
-        let chunks = encode_chunks(self.pool.as_ref(), dirty, per_chunk, out, |c, dest| {
-            ctx.encode_chunk(c, dest)
-        });
-        let chunks = chunks.inspect_err(|_| out.truncate(start))?;
-        let mut kinds = KindCounts::default();
-        for c in &chunks {
-            kinds += &c.kinds;
-        }
-
-        // Sequential update: table entries of the new contents, then the
-        // cache (frames whose previous contents proved useful last, so they
-        // are the last to be evicted).
-        if state.fingerprinter.is_some() {
-            for &f in dropped {
-                let at = f as usize * fp_per_page;
-                if let Some(s) = state.fps.get_mut(at..at + fp_per_page) {
-                    s.fill(0);
+        let geometry = Geometry {
+            page_shift,
+            per_page,
+            fp_per_page,
+            per_chunk,
+        };
+        let kinds = match self.pool.as_ref() {
+            Some(pool) if dirty.len() > per_chunk => {
+                // Two phases: the chunks' areas in parallel; then, while
+                // the update (which needs every chunk's areas but none of
+                // their second stage) runs on one thread, the second stage
+                // of the chunks on the others.
+                let n = chunk_count(dirty.len(), per_chunk) as usize;
+                if self.chunks.len() < n {
+                    self.chunks.resize_with(n, Default::default);
                 }
-            }
-            for (frames, c) in dirty.chunks(per_chunk).zip(&chunks) {
-                for (i, &f) in frames.iter().enumerate() {
-                    let at = f as usize * fp_per_page;
-                    let new = &c.fps[i * fp_per_page..(i + 1) * fp_per_page];
-                    if let Some(s) = state.fps.get_mut(at..at + fp_per_page) {
-                        s.copy_from_slice(new);
-                    }
+                let scratch = &mut self.chunks[..n];
+                let encoded: Result<Vec<ChunkOut>, EncodeError> = pool.install(|| {
+                    dirty
+                        .par_chunks(per_chunk)
+                        .zip(scratch.par_iter_mut())
+                        .map(|(frames, (w, _))| {
+                            let o = ctx.encode_areas(w, frames);
+                            w.seal().map(|()| o)
+                        })
+                        .collect()
+                });
+                let chunks = encoded.inspect_err(|_| out.truncate(start))?;
+                drop(ctx);
+                let stage = self.cfg.second_stage;
+                let ((), written) = pool.join(
+                    || state.commit(current, dirty, dropped, &chunks, &geometry),
+                    || {
+                        scratch.par_iter_mut().try_for_each(|(w, body)| {
+                            body.clear();
+                            w.write_sealed(stage, body)
+                        })
+                    },
+                );
+                written.inspect_err(|_| out.truncate(start))?;
+                out.reserve(scratch.iter().map(|(_, body)| body.len()).sum());
+                for (_, body) in scratch.iter() {
+                    out.extend_from_slice(body);
                 }
+                sum_kinds(&chunks)
             }
-        }
-        for (frames, c) in dirty.chunks(per_chunk).zip(&chunks) {
-            for (i, &f) in frames.iter().enumerate() {
-                let base = f << page_shift;
-                for a in 0..per_page {
-                    let gid = base + a as u32;
-                    if c.nonzero[i] & (1 << a) == 0 {
-                        state.table.remove(gid);
-                    } else if c.unchanged[i] & (1 << a) == 0 || !state.table.is_present(gid) {
-                        state.table.insert(gid, c.hashes[i * per_page + a]);
-                    }
-                }
+            _ => {
+                let chunks = encode_chunks(None, dirty, per_chunk, out, |c, dest| {
+                    ctx.encode_chunk(c, dest)
+                });
+                let chunks = chunks.inspect_err(|_| out.truncate(start))?;
+                drop(ctx);
+                state.commit(current, dirty, dropped, &chunks, &geometry);
+                sum_kinds(&chunks)
             }
-        }
-        let mut order: Vec<u32> = Vec::with_capacity(dirty.len());
-        for pass in [false, true] {
-            for (frames, c) in dirty.chunks(per_chunk).zip(&chunks) {
-                for (i, &f) in frames.iter().enumerate() {
-                    if c.self_used[i] == pass {
-                        order.push(f);
-                    }
-                }
-            }
-        }
-        // Putting pages in `order` leaves exactly the last `capacity` of
-        // them when there are more: skip copying the others (but drop their
-        // stale copies).
-        let keep_from = order.len().saturating_sub(state.cache.capacity());
-        for &f in &order[..keep_from] {
-            state.cache.remove(f);
-        }
-        for &f in &order[keep_from..] {
-            state.cache.put(f, current.page(f));
-        }
+        };
 
         Ok(EpochStats {
             pages: dirty.len() as u64,
