@@ -285,16 +285,16 @@ impl ChunkWriter {
                 // Compressed into a scratch buffer that keeps its size, so
                 // that the worst-case bound is not zeroed for every chunk.
                 let mut scratch = scratch.borrow_mut();
-                let max = lz4_flex::block::get_maximum_output_size(payload.len());
+                let max = super::lz4::max_output(payload.len());
                 if scratch.len() < max {
                     scratch.resize(max, 0);
                 }
-                match lz4_flex::block::compress_into(payload, &mut scratch[..max]) {
-                    Ok(n) if n < payload.len() => {
-                        out.extend_from_slice(&scratch[..n]);
-                        ChunkEncoding::Lz4
-                    }
-                    _ => ChunkEncoding::Stored,
+                let n = super::lz4::compress(payload, &mut scratch[..max]);
+                if n < payload.len() {
+                    out.extend_from_slice(&scratch[..n]);
+                    ChunkEncoding::Lz4
+                } else {
+                    ChunkEncoding::Stored
                 }
             }),
             SecondStage::Zstd { level } => {

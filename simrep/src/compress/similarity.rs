@@ -52,9 +52,8 @@ use super::hash::bit_density_hash;
 use super::rle::{diff_count_bounded, diff_masks, is_zero, rle_encode};
 use super::table::{Table, EMPTY};
 use super::{
-    check_sets, chunk_count, encode_chunks, make_pool, EncodeError, EpochEncoder, EpochStats,
-    HashThreshold, KindCounts, PageView, SecondStage, SimilarityConfig, PAGE_SIZE, WRITER,
-    ZERO_PAGE,
+    check_sets, chunk_count, make_pool, EncodeError, EpochEncoder, EpochStats, HashThreshold,
+    KindCounts, PageView, SecondStage, SimilarityConfig, PAGE_SIZE, WRITER, ZERO_PAGE,
 };
 
 /// Zero gaps shorter than this inside a literal run are absorbed into it
@@ -71,8 +70,10 @@ pub(crate) struct SimilarityEncoder {
     cfg: SimilarityConfig,
     pool: Option<ThreadPool>,
     state: Option<State>,
-    /// Per chunk, with a pool: its writer and its finished record, reused
-    /// epoch after epoch.
+    /// Per chunk, what its encoder hands to the update, reused epoch after
+    /// epoch.
+    outs: Vec<ChunkOut>,
+    /// Per chunk, with a pool: its writer and its finished record.
     chunks: Vec<(ChunkWriter, Vec<u8>)>,
 }
 
@@ -84,6 +85,8 @@ struct State {
     /// fingerprints are off).
     fps: Vec<u64>,
     fingerprinter: Option<Fingerprinter>,
+    /// Scratch for the cache update's order of frames.
+    order: Vec<u32>,
 }
 
 /// Read-only view shared by the chunk encoders.
@@ -104,7 +107,9 @@ struct Ctx<'a> {
     fp_blocks: usize,
 }
 
-/// What a chunk encoder hands back for the sequential update.
+/// What a chunk encoder hands back for the sequential update (reused
+/// epoch after epoch: fresh memory is slow to touch).
+#[derive(Default)]
 struct ChunkOut {
     /// Hash of every area (meaningless for zero areas).
     hashes: Vec<u32>,
@@ -143,35 +148,33 @@ impl Ctx<'_> {
         &page[at..at + self.size]
     }
 
-    /// Encodes a chunk and appends its record to `dest`.
-    fn encode_chunk(&self, frames: &[u32], dest: &mut Vec<u8>) -> Result<ChunkOut, EncodeError> {
+    /// Encodes a chunk into `out` and appends its record to `dest`.
+    fn encode_chunk(
+        &self,
+        frames: &[u32],
+        out: &mut ChunkOut,
+        dest: &mut Vec<u8>,
+    ) -> Result<(), EncodeError> {
         WRITER.with(|w| {
             let w = &mut w.borrow_mut();
-            let out = self.encode_areas(w, frames);
-            w.finish(self.stage, dest)?;
-            Ok(out)
+            self.encode_areas(w, frames, out);
+            w.finish(self.stage, dest)
         })
     }
 
-    /// Encodes the areas of a chunk's frames into `w` (restarted first);
-    /// the caller finishes the chunk.
-    fn encode_areas(&self, w: &mut ChunkWriter, frames: &[u32]) -> ChunkOut {
+    /// Encodes the areas of a chunk's frames into `w` (restarted first) and
+    /// `out` (cleared first); the caller finishes the chunk.
+    fn encode_areas(&self, w: &mut ChunkWriter, frames: &[u32], out: &mut ChunkOut) {
         let (size, per_page) = (self.size, self.per_page);
         // The plain search stops only at an identical match.
         let good_enough = if self.plain { 0 } else { size / 32 };
         w.start(frames);
-        let mut out = ChunkOut {
-            hashes: Vec::with_capacity(frames.len() * per_page),
-            fps: Vec::with_capacity(if self.fingerprints.is_some() {
-                frames.len() * per_page * self.fp_blocks
-            } else {
-                0
-            }),
-            nonzero: Vec::with_capacity(frames.len()),
-            unchanged: Vec::with_capacity(frames.len()),
-            self_used: Vec::with_capacity(frames.len()),
-            kinds: KindCounts::default(),
-        };
+        out.hashes.clear();
+        out.fps.clear();
+        out.nonzero.clear();
+        out.unchanged.clear();
+        out.self_used.clear();
+        out.kinds = KindCounts::default();
         let mut masks = [0u64; 32];
         let mut ranked: [(u32, u32); 16] = [(0, 0); 16];
         for &f in frames {
@@ -399,7 +402,6 @@ impl Ctx<'_> {
             out.unchanged.push(unch_bits);
             out.self_used.push(self_used);
         }
-        out
     }
 }
 
@@ -409,14 +411,6 @@ struct Geometry {
     per_page: usize,
     fp_per_page: usize,
     per_chunk: usize,
-}
-
-fn sum_kinds(chunks: &[ChunkOut]) -> KindCounts {
-    let mut kinds = KindCounts::default();
-    for c in chunks {
-        kinds += &c.kinds;
-    }
-    kinds
 }
 
 impl State {
@@ -462,7 +456,8 @@ impl State {
                 }
             }
         }
-        let mut order: Vec<u32> = Vec::with_capacity(dirty.len());
+        let mut order = std::mem::take(&mut self.order);
+        order.clear();
         for pass in [false, true] {
             for (frames, c) in dirty.chunks(g.per_chunk).zip(chunks) {
                 for (i, &f) in frames.iter().enumerate() {
@@ -482,6 +477,7 @@ impl State {
         for &f in &order[keep_from..] {
             self.cache.put(f, current.page(f));
         }
+        self.order = order;
     }
 }
 
@@ -492,6 +488,7 @@ impl SimilarityEncoder {
             cfg,
             pool: make_pool(threads),
             state: None,
+            outs: Vec::new(),
             chunks: Vec::new(),
         }
     }
@@ -542,6 +539,7 @@ impl EpochEncoder for SimilarityEncoder {
             cache: PageCache::new(self.cfg.resolved_cache_pages(frames)),
             fps,
             fingerprinter,
+            order: Vec::new(),
         });
     }
 
@@ -618,56 +616,63 @@ impl EpochEncoder for SimilarityEncoder {
             fp_per_page,
             per_chunk,
         };
-        let kinds = match self.pool.as_ref() {
-            Some(pool) if dirty.len() > per_chunk => {
+        let n = chunk_count(dirty.len(), per_chunk) as usize;
+        if self.outs.len() < n {
+            self.outs.resize_with(n, ChunkOut::default);
+        }
+        let outs = &mut self.outs[..n];
+        match self.pool.as_ref() {
+            Some(pool) if n > 1 => {
                 // Two phases: the chunks' areas in parallel; then, while
                 // the update (which needs every chunk's areas but none of
                 // their second stage) runs on one thread, the second stage
                 // of the chunks on the others.
-                let n = chunk_count(dirty.len(), per_chunk) as usize;
                 if self.chunks.len() < n {
                     self.chunks.resize_with(n, Default::default);
                 }
-                let scratch = &mut self.chunks[..n];
-                let encoded: Result<Vec<ChunkOut>, EncodeError> = pool.install(|| {
+                let chunks = &mut self.chunks[..n];
+                let encoded: Result<(), EncodeError> = pool.install(|| {
                     dirty
                         .par_chunks(per_chunk)
-                        .zip(scratch.par_iter_mut())
-                        .map(|(frames, (w, _))| {
-                            let o = ctx.encode_areas(w, frames);
-                            w.seal().map(|()| o)
+                        .zip(chunks.par_iter_mut())
+                        .zip(outs.par_iter_mut())
+                        .try_for_each(|((frames, (w, _)), o)| {
+                            ctx.encode_areas(w, frames, o);
+                            w.seal()
                         })
-                        .collect()
                 });
-                let chunks = encoded.inspect_err(|_| out.truncate(start))?;
+                encoded.inspect_err(|_| out.truncate(start))?;
                 drop(ctx);
                 let stage = self.cfg.second_stage;
+                let outs = &*outs;
                 let ((), written) = pool.join(
-                    || state.commit(current, dirty, dropped, &chunks, &geometry),
+                    || state.commit(current, dirty, dropped, outs, &geometry),
                     || {
-                        scratch.par_iter_mut().try_for_each(|(w, body)| {
-                            body.clear();
-                            w.write_sealed(stage, body)
+                        chunks.par_iter_mut().try_for_each(|(w, record)| {
+                            record.clear();
+                            w.write_sealed(stage, record)
                         })
                     },
                 );
                 written.inspect_err(|_| out.truncate(start))?;
-                out.reserve(scratch.iter().map(|(_, body)| body.len()).sum());
-                for (_, body) in scratch.iter() {
-                    out.extend_from_slice(body);
+                out.reserve(chunks.iter().map(|(_, record)| record.len()).sum());
+                for (_, record) in chunks.iter() {
+                    out.extend_from_slice(record);
                 }
-                sum_kinds(&chunks)
             }
             _ => {
-                let chunks = encode_chunks(None, dirty, per_chunk, out, |c, dest| {
-                    ctx.encode_chunk(c, dest)
-                });
-                let chunks = chunks.inspect_err(|_| out.truncate(start))?;
+                for (frames, o) in dirty.chunks(per_chunk).zip(outs.iter_mut()) {
+                    ctx.encode_chunk(frames, o, out)
+                        .inspect_err(|_| out.truncate(start))?;
+                }
                 drop(ctx);
-                state.commit(current, dirty, dropped, &chunks, &geometry);
-                sum_kinds(&chunks)
+                state.commit(current, dirty, dropped, outs, &geometry);
             }
-        };
+        }
+        let mut kinds = KindCounts::default();
+        for o in &self.outs[..n] {
+            kinds += &o.kinds;
+        }
 
         Ok(EpochStats {
             pages: dirty.len() as u64,

@@ -486,7 +486,16 @@ fn trace_digest() {
             let t = std::time::Instant::now();
             enc.encode_epoch(replay.image(), &d.dirty, &d.dropped, &mut buf)
                 .unwrap();
-            ns += t.elapsed().as_nanos();
+            let took = t.elapsed().as_nanos();
+            ns += took;
+            if std::env::var_os("SIMREP_EPOCHS").is_some() {
+                println!(
+                    "  epoch {}: {} pages, {:.2} ms",
+                    d.epoch,
+                    d.dirty.len(),
+                    took as f64 / 1e6
+                );
+            }
             digest.write(&buf);
             out_bytes += buf.len() as u64;
             raw_bytes += (d.dirty.len() * PAGE_SIZE) as u64;
