@@ -63,10 +63,21 @@ fn read_u32(input: &[u8], at: usize) -> u32 {
 /// (8 bytes read, 5 used), shifted to 12 bits.
 #[inline(always)]
 fn slot<const SMALL: bool>(input: &[u8], at: usize) -> usize {
+    slot_and_word::<SMALL>(input, at).0
+}
+
+/// [`slot`] and the 4 bytes at `at`.
+#[inline(always)]
+fn slot_and_word<const SMALL: bool>(input: &[u8], at: usize) -> (usize, u32) {
     if SMALL {
-        (read_u32(input, at).wrapping_mul(2_654_435_761) >> 20) as usize
+        let w = read_u32(input, at);
+        ((w.wrapping_mul(2_654_435_761) >> 20) as usize, w)
     } else {
-        ((le_u64(&input[at..at + 8]) << 24).wrapping_mul(889_523_592_379) >> 52) as usize
+        let w = le_u64(&input[at..at + 8]);
+        (
+            ((w << 24).wrapping_mul(889_523_592_379) >> 52) as usize,
+            w as u32,
+        )
     }
 }
 
@@ -138,11 +149,10 @@ fn compress_with<const SMALL: bool>(input: &[u8], out: &mut [u8]) -> usize {
             if cur > end_check {
                 return last_literals(input, lit_start, out, o);
             }
-            let h = slot::<SMALL>(input, cur);
+            let (h, word) = slot_and_word::<SMALL>(input, cur);
             candidate = table[h] as usize;
             table[h] = cur as u32;
-            if cur - candidate <= MAX_DISTANCE && read_u32(input, candidate) == read_u32(input, cur)
-            {
+            if cur - candidate <= MAX_DISTANCE && read_u32(input, candidate) == word {
                 break;
             }
         }
