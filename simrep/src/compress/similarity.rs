@@ -32,7 +32,11 @@
 //! its new contents, dropped frames get zero fingerprints, and the new
 //! contents go into the cache (least recently dirtied evicted; among this
 //! epoch's pages, those whose previous contents served as a reference are
-//! inserted last, so they are the last to go).
+//! inserted last, so they are the last to go). With a thread pool the
+//! second stage (lz4) of the chunks runs on the other threads while this
+//! update runs: it needs the chunks' areas, not their compressed records.
+//! Chunk outputs and writers are kept from epoch to epoch (no allocation
+//! per epoch once warm).
 //!
 //! # Memory
 //!

@@ -238,6 +238,17 @@ proptest! {
         run(&spec, threads, &sc);
     }
 
+    /// With a pool, chunks are encoded in parallel and their second stage
+    /// overlaps the table update: the bytes are those of one thread.
+    #[test]
+    fn similarity_writes_the_same_bytes_on_one_and_two_threads(
+        cfg in similarity_config(),
+        sc in scenario(),
+    ) {
+        let spec = CodecSpec::Similarity(cfg);
+        prop_assert_eq!(run(&spec, 1, &sc), run(&spec, 2, &sc));
+    }
+
     #[test]
     fn decode_arbitrary_bytes_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
         let img = Image::zeroed(4);
