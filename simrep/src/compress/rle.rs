@@ -699,9 +699,9 @@ mod tests {
             let reference: Vec<u8> = (0..len).map(|_| rng() as u8).collect();
             let mut new = reference.clone();
             // Scattered bytes plus a few longer runs.
-            for i in 0..len {
+            for b in &mut new {
                 if (rng() % 64) < u64::from(density) {
-                    new[i] ^= 1 | rng() as u8;
+                    *b ^= 1 | rng() as u8;
                 }
             }
             for _ in 0..runs % 8 {

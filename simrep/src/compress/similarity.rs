@@ -646,7 +646,6 @@ impl EpochEncoder for SimilarityEncoder {
                         })
                 });
                 encoded.inspect_err(|_| out.truncate(start))?;
-                drop(ctx);
                 let stage = self.cfg.second_stage;
                 let outs = &*outs;
                 let ((), written) = pool.join(
@@ -669,7 +668,6 @@ impl EpochEncoder for SimilarityEncoder {
                     ctx.encode_chunk(frames, o, out)
                         .inspect_err(|_| out.truncate(start))?;
                 }
-                drop(ctx);
                 state.commit(current, dirty, dropped, outs, &geometry);
             }
         }
