@@ -111,8 +111,8 @@ struct Ctx<'a> {
     fp_blocks: usize,
 }
 
-/// What a chunk encoder hands back for the sequential update (reused
-/// epoch after epoch: fresh memory is slow to touch).
+/// What a chunk encoder hands back for the sequential update (kept and
+/// reused epoch after epoch).
 #[derive(Default)]
 struct ChunkOut {
     /// Hash of every area (meaningless for zero areas).
