@@ -167,6 +167,8 @@ pub(crate) struct ChunkWriter {
     pub(crate) literals: Vec<u8>,
     /// Last reference written (for delta coding), as in the decoder.
     last_ref: u64,
+    /// Length of the control stream, once [`seal`](Self::seal)ed.
+    control_len: u32,
 }
 
 impl Default for ChunkWriter {
@@ -176,6 +178,7 @@ impl Default for ChunkWriter {
             control: Vec::new(),
             literals: Vec::new(),
             last_ref: u64::MAX, // predicted = last + 1 = 0
+            control_len: 0,
         }
     }
 }
@@ -244,34 +247,56 @@ impl ChunkWriter {
         stage: SecondStage,
         out: &mut Vec<u8>,
     ) -> Result<(), EncodeError> {
-        let control_len = self.control.len() as u32;
+        self.seal()?;
+        self.write_sealed(stage, out)
+    }
+
+    /// First half of [`finish`](Self::finish): appends the control stream
+    /// to the literals, making the chunk's payload, and checks its size.
+    /// Nothing may be written to the chunk afterwards.
+    pub(crate) fn seal(&mut self) -> Result<(), EncodeError> {
+        self.control_len = self.control.len() as u32;
         self.literals.extend_from_slice(&self.control);
+        self.control.clear();
+        match u32::try_from(self.literals.len()) {
+            Ok(l) if l <= MAX_CHUNK_RAW => Ok(()),
+            _ => Err(EncodeError::ChunkTooLarge {
+                bytes: self.literals.len(),
+            }),
+        }
+    }
+
+    /// Second half of [`finish`](Self::finish): appends the chunk record of
+    /// the sealed payload (header, then the payload through the second
+    /// stage, or stored when that does not make it smaller) to `out`.
+    pub(crate) fn write_sealed(
+        &self,
+        stage: SecondStage,
+        out: &mut Vec<u8>,
+    ) -> Result<(), EncodeError> {
         let payload = &self.literals;
-        let raw_len = u32::try_from(payload.len())
-            .ok()
-            .filter(|&l| l <= MAX_CHUNK_RAW)
-            .ok_or(EncodeError::ChunkTooLarge {
-                bytes: payload.len(),
-            })?;
+        let raw_len = payload.len() as u32; // checked by `seal`
         let header_at = out.len();
         out.extend_from_slice(&[0; CHUNK_HEADER_LEN]);
         let body_at = out.len();
         let encoding = match stage {
             SecondStage::None => ChunkEncoding::Stored,
-            SecondStage::Lz4 => {
-                let max = lz4_flex::block::get_maximum_output_size(payload.len());
-                out.resize(body_at + max, 0);
-                match lz4_flex::block::compress_into(payload, &mut out[body_at..]) {
-                    Ok(n) if n < payload.len() => {
-                        out.truncate(body_at + n);
-                        ChunkEncoding::Lz4
-                    }
-                    _ => {
-                        out.truncate(body_at);
-                        ChunkEncoding::Stored
-                    }
+            SecondStage::Lz4 => LZ4_OUT.with(|scratch| {
+                // Compressed into a scratch buffer that keeps its size, so
+                // that the worst-case bound is not zeroed for every chunk.
+                let mut scratch = scratch.borrow_mut();
+                let max = super::lz4::max_output(payload.len());
+                if scratch.len() < max {
+                    scratch.resize(max, 0);
                 }
-            }
+                let n = super::lz4::compress(payload, &mut scratch[..max]);
+                if n < payload.len() {
+                    out.extend_from_slice(&scratch[..n]);
+                    ChunkEncoding::Lz4
+                } else {
+                    ChunkEncoding::Stored
+                }
+            }),
             SecondStage::Zstd { level } => {
                 out.resize(body_at + zstd::zstd_safe::compress_bound(payload.len()), 0);
                 match zstd_compress(payload, level, &mut out[body_at..])? {
@@ -294,13 +319,15 @@ impl ChunkWriter {
         h[0..4].copy_from_slice(&stored.to_le_bytes());
         h[4..8].copy_from_slice(&raw_len.to_le_bytes());
         h[8..12].copy_from_slice(&self.frames.to_le_bytes());
-        h[12..16].copy_from_slice(&control_len.to_le_bytes());
+        h[12..16].copy_from_slice(&self.control_len.to_le_bytes());
         h[16] = encoding as u8;
         Ok(())
     }
 }
 
 thread_local! {
+    /// Per-thread lz4 output buffer (see [`ChunkWriter::write_sealed`]).
+    static LZ4_OUT: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     static ZSTD_CCTX: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
         const { std::cell::RefCell::new(None) };
 }

@@ -32,7 +32,11 @@
 //! its new contents, dropped frames get zero fingerprints, and the new
 //! contents go into the cache (least recently dirtied evicted; among this
 //! epoch's pages, those whose previous contents served as a reference are
-//! inserted last, so they are the last to go).
+//! inserted last, so they are the last to go). With a thread pool the
+//! second stage (lz4) of the chunks runs on the other threads while this
+//! update runs: it needs the chunks' areas, not their compressed records.
+//! Chunk outputs and writers are kept from epoch to epoch (no allocation
+//! per epoch once warm).
 //!
 //! # Memory
 //!
@@ -42,6 +46,7 @@
 //! areas, 8 MiB of hashes, 32 MiB of fingerprints, a 2^17-bucket table
 //! (8 MiB) and ~3.7k cached pages.
 
+use rayon::prelude::*;
 use rayon::ThreadPool;
 
 use super::cache::PageCache;
@@ -51,9 +56,8 @@ use super::hash::bit_density_hash;
 use super::rle::{diff_count_bounded, diff_masks, is_zero, rle_encode};
 use super::table::{Table, EMPTY};
 use super::{
-    check_sets, chunk_count, encode_chunks, make_pool, EncodeError, EpochEncoder, EpochStats,
-    HashThreshold, KindCounts, PageView, SecondStage, SimilarityConfig, PAGE_SIZE, WRITER,
-    ZERO_PAGE,
+    check_sets, chunk_count, make_pool, EncodeError, EpochEncoder, EpochStats, HashThreshold,
+    KindCounts, PageView, SecondStage, SimilarityConfig, PAGE_SIZE, WRITER, ZERO_PAGE,
 };
 
 /// Zero gaps shorter than this inside a literal run are absorbed into it
@@ -70,6 +74,11 @@ pub(crate) struct SimilarityEncoder {
     cfg: SimilarityConfig,
     pool: Option<ThreadPool>,
     state: Option<State>,
+    /// Per chunk, what its encoder hands to the update, reused epoch after
+    /// epoch.
+    outs: Vec<ChunkOut>,
+    /// Per chunk, with a pool: its writer and its finished record.
+    chunks: Vec<(ChunkWriter, Vec<u8>)>,
 }
 
 struct State {
@@ -80,6 +89,8 @@ struct State {
     /// fingerprints are off).
     fps: Vec<u64>,
     fingerprinter: Option<Fingerprinter>,
+    /// Scratch for the cache update's order of frames.
+    order: Vec<u32>,
 }
 
 /// Read-only view shared by the chunk encoders.
@@ -100,7 +111,9 @@ struct Ctx<'a> {
     fp_blocks: usize,
 }
 
-/// What a chunk encoder hands back for the sequential update.
+/// What a chunk encoder hands back for the sequential update (kept and
+/// reused epoch after epoch).
+#[derive(Default)]
 struct ChunkOut {
     /// Hash of every area (meaningless for zero areas).
     hashes: Vec<u32>,
@@ -139,32 +152,33 @@ impl Ctx<'_> {
         &page[at..at + self.size]
     }
 
-    fn encode_chunk(&self, frames: &[u32], dest: &mut Vec<u8>) -> Result<ChunkOut, EncodeError> {
-        WRITER.with(|w| self.encode_chunk_with(&mut w.borrow_mut(), frames, dest))
+    /// Encodes a chunk into `out` and appends its record to `dest`.
+    fn encode_chunk(
+        &self,
+        frames: &[u32],
+        out: &mut ChunkOut,
+        dest: &mut Vec<u8>,
+    ) -> Result<(), EncodeError> {
+        WRITER.with(|w| {
+            let w = &mut w.borrow_mut();
+            self.encode_areas(w, frames, out);
+            w.finish(self.stage, dest)
+        })
     }
 
-    fn encode_chunk_with(
-        &self,
-        w: &mut ChunkWriter,
-        frames: &[u32],
-        dest: &mut Vec<u8>,
-    ) -> Result<ChunkOut, EncodeError> {
+    /// Encodes the areas of a chunk's frames into `w` (restarted first) and
+    /// `out` (cleared first); the caller finishes the chunk.
+    fn encode_areas(&self, w: &mut ChunkWriter, frames: &[u32], out: &mut ChunkOut) {
         let (size, per_page) = (self.size, self.per_page);
         // The plain search stops only at an identical match.
         let good_enough = if self.plain { 0 } else { size / 32 };
         w.start(frames);
-        let mut out = ChunkOut {
-            hashes: Vec::with_capacity(frames.len() * per_page),
-            fps: Vec::with_capacity(if self.fingerprints.is_some() {
-                frames.len() * per_page * self.fp_blocks
-            } else {
-                0
-            }),
-            nonzero: Vec::with_capacity(frames.len()),
-            unchanged: Vec::with_capacity(frames.len()),
-            self_used: Vec::with_capacity(frames.len()),
-            kinds: KindCounts::default(),
-        };
+        out.hashes.clear();
+        out.fps.clear();
+        out.nonzero.clear();
+        out.unchanged.clear();
+        out.self_used.clear();
+        out.kinds = KindCounts::default();
         let mut masks = [0u64; 32];
         let mut ranked: [(u32, u32); 16] = [(0, 0); 16];
         for &f in frames {
@@ -392,8 +406,82 @@ impl Ctx<'_> {
             out.unchanged.push(unch_bits);
             out.self_used.push(self_used);
         }
-        w.finish(self.stage, dest)?;
-        Ok(out)
+    }
+}
+
+/// Sizes the sequential update needs.
+struct Geometry {
+    page_shift: u32,
+    per_page: usize,
+    fp_per_page: usize,
+    per_chunk: usize,
+}
+
+impl State {
+    /// The sequential update after an epoch's chunks are encoded: the
+    /// fingerprints and table entries of the new contents, then the cache
+    /// (frames whose previous contents proved useful last, so they are the
+    /// last to be evicted).
+    fn commit(
+        &mut self,
+        current: &dyn PageView,
+        dirty: &[u32],
+        dropped: &[u32],
+        chunks: &[ChunkOut],
+        g: &Geometry,
+    ) {
+        if self.fingerprinter.is_some() {
+            for &f in dropped {
+                let at = f as usize * g.fp_per_page;
+                if let Some(s) = self.fps.get_mut(at..at + g.fp_per_page) {
+                    s.fill(0);
+                }
+            }
+            for (frames, c) in dirty.chunks(g.per_chunk).zip(chunks) {
+                for (i, &f) in frames.iter().enumerate() {
+                    let at = f as usize * g.fp_per_page;
+                    let new = &c.fps[i * g.fp_per_page..(i + 1) * g.fp_per_page];
+                    if let Some(s) = self.fps.get_mut(at..at + g.fp_per_page) {
+                        s.copy_from_slice(new);
+                    }
+                }
+            }
+        }
+        for (frames, c) in dirty.chunks(g.per_chunk).zip(chunks) {
+            for (i, &f) in frames.iter().enumerate() {
+                let base = f << g.page_shift;
+                for a in 0..g.per_page {
+                    let gid = base + a as u32;
+                    if c.nonzero[i] & (1 << a) == 0 {
+                        self.table.remove(gid);
+                    } else if c.unchanged[i] & (1 << a) == 0 || !self.table.is_present(gid) {
+                        self.table.insert(gid, c.hashes[i * g.per_page + a]);
+                    }
+                }
+            }
+        }
+        let mut order = std::mem::take(&mut self.order);
+        order.clear();
+        for pass in [false, true] {
+            for (frames, c) in dirty.chunks(g.per_chunk).zip(chunks) {
+                for (i, &f) in frames.iter().enumerate() {
+                    if c.self_used[i] == pass {
+                        order.push(f);
+                    }
+                }
+            }
+        }
+        // Putting pages in `order` leaves exactly the last `capacity` of
+        // them when there are more: skip copying the others (but drop their
+        // stale copies).
+        let keep_from = order.len().saturating_sub(self.cache.capacity());
+        for &f in &order[..keep_from] {
+            self.cache.remove(f);
+        }
+        for &f in &order[keep_from..] {
+            self.cache.put(f, current.page(f));
+        }
+        self.order = order;
     }
 }
 
@@ -404,6 +492,8 @@ impl SimilarityEncoder {
             cfg,
             pool: make_pool(threads),
             state: None,
+            outs: Vec::new(),
+            chunks: Vec::new(),
         }
     }
 }
@@ -453,6 +543,7 @@ impl EpochEncoder for SimilarityEncoder {
             cache: PageCache::new(self.cfg.resolved_cache_pages(frames)),
             fps,
             fingerprinter,
+            order: Vec::new(),
         });
     }
 
@@ -523,67 +614,66 @@ impl EpochEncoder for SimilarityEncoder {
             dropped,
             chunk_count(dirty.len(), per_chunk),
         );
-        let chunks = encode_chunks(self.pool.as_ref(), dirty, per_chunk, out, |c, dest| {
-            ctx.encode_chunk(c, dest)
-        });
-        let chunks = chunks.inspect_err(|_| out.truncate(start))?;
+        let geometry = Geometry {
+            page_shift,
+            per_page,
+            fp_per_page,
+            per_chunk,
+        };
+        let n = chunk_count(dirty.len(), per_chunk) as usize;
+        if self.outs.len() < n {
+            self.outs.resize_with(n, ChunkOut::default);
+        }
+        let outs = &mut self.outs[..n];
+        match self.pool.as_ref() {
+            Some(pool) if n > 1 => {
+                // Two phases: the chunks' areas in parallel; then, while
+                // the update (which needs every chunk's areas but none of
+                // their second stage) runs on one thread, the second stage
+                // of the chunks on the others.
+                if self.chunks.len() < n {
+                    self.chunks.resize_with(n, Default::default);
+                }
+                let chunks = &mut self.chunks[..n];
+                let encoded: Result<(), EncodeError> = pool.install(|| {
+                    dirty
+                        .par_chunks(per_chunk)
+                        .zip(chunks.par_iter_mut())
+                        .zip(outs.par_iter_mut())
+                        .try_for_each(|((frames, (w, _)), o)| {
+                            ctx.encode_areas(w, frames, o);
+                            w.seal()
+                        })
+                });
+                encoded.inspect_err(|_| out.truncate(start))?;
+                let stage = self.cfg.second_stage;
+                let outs = &*outs;
+                let ((), written) = pool.join(
+                    || state.commit(current, dirty, dropped, outs, &geometry),
+                    || {
+                        chunks.par_iter_mut().try_for_each(|(w, record)| {
+                            record.clear();
+                            w.write_sealed(stage, record)
+                        })
+                    },
+                );
+                written.inspect_err(|_| out.truncate(start))?;
+                out.reserve(chunks.iter().map(|(_, record)| record.len()).sum());
+                for (_, record) in chunks.iter() {
+                    out.extend_from_slice(record);
+                }
+            }
+            _ => {
+                for (frames, o) in dirty.chunks(per_chunk).zip(outs.iter_mut()) {
+                    ctx.encode_chunk(frames, o, out)
+                        .inspect_err(|_| out.truncate(start))?;
+                }
+                state.commit(current, dirty, dropped, outs, &geometry);
+            }
+        }
         let mut kinds = KindCounts::default();
-        for c in &chunks {
-            kinds += &c.kinds;
-        }
-
-        // Sequential update: table entries of the new contents, then the
-        // cache (frames whose previous contents proved useful last, so they
-        // are the last to be evicted).
-        if state.fingerprinter.is_some() {
-            for &f in dropped {
-                let at = f as usize * fp_per_page;
-                if let Some(s) = state.fps.get_mut(at..at + fp_per_page) {
-                    s.fill(0);
-                }
-            }
-            for (frames, c) in dirty.chunks(per_chunk).zip(&chunks) {
-                for (i, &f) in frames.iter().enumerate() {
-                    let at = f as usize * fp_per_page;
-                    let new = &c.fps[i * fp_per_page..(i + 1) * fp_per_page];
-                    if let Some(s) = state.fps.get_mut(at..at + fp_per_page) {
-                        s.copy_from_slice(new);
-                    }
-                }
-            }
-        }
-        for (frames, c) in dirty.chunks(per_chunk).zip(&chunks) {
-            for (i, &f) in frames.iter().enumerate() {
-                let base = f << page_shift;
-                for a in 0..per_page {
-                    let gid = base + a as u32;
-                    if c.nonzero[i] & (1 << a) == 0 {
-                        state.table.remove(gid);
-                    } else if c.unchanged[i] & (1 << a) == 0 || !state.table.is_present(gid) {
-                        state.table.insert(gid, c.hashes[i * per_page + a]);
-                    }
-                }
-            }
-        }
-        let mut order: Vec<u32> = Vec::with_capacity(dirty.len());
-        for pass in [false, true] {
-            for (frames, c) in dirty.chunks(per_chunk).zip(&chunks) {
-                for (i, &f) in frames.iter().enumerate() {
-                    if c.self_used[i] == pass {
-                        order.push(f);
-                    }
-                }
-            }
-        }
-        // Putting pages in `order` leaves exactly the last `capacity` of
-        // them when there are more: skip copying the others (but drop their
-        // stale copies).
-        let keep_from = order.len().saturating_sub(state.cache.capacity());
-        for &f in &order[..keep_from] {
-            state.cache.remove(f);
-        }
-        for &f in &order[keep_from..] {
-            state.cache.put(f, current.page(f));
+        for o in &self.outs[..n] {
+            kinds += &o.kinds;
         }
 
         Ok(EpochStats {

@@ -238,6 +238,17 @@ proptest! {
         run(&spec, threads, &sc);
     }
 
+    /// With a pool, chunks are encoded in parallel and their second stage
+    /// overlaps the table update: the bytes are those of one thread.
+    #[test]
+    fn similarity_writes_the_same_bytes_on_one_and_two_threads(
+        cfg in similarity_config(),
+        sc in scenario(),
+    ) {
+        let spec = CodecSpec::Similarity(cfg);
+        prop_assert_eq!(run(&spec, 1, &sc), run(&spec, 2, &sc));
+    }
+
     #[test]
     fn decode_arbitrary_bytes_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
         let img = Image::zeroed(4);
@@ -460,4 +471,51 @@ fn similar_pages_compress_and_reference_memory_is_bounded() {
     // A table with room for every area finds (nearly) every copy.
     let big_table = ratio("similarity:table=14");
     assert!(big_table < 0.05, "{big_table}");
+}
+
+/// Byte-for-byte check of the default codec on a real trace: prints a
+/// digest of every encoded epoch (1 and 2 encoder threads), the total size
+/// and the encode speed, to compare before and after a change of the
+/// encoder. `SIMREP_TRACE=path cargo test --release -p simrep
+/// trace_digest -- --ignored --nocapture`.
+#[test]
+#[ignore = "needs a trace: SIMREP_TRACE=path"]
+fn trace_digest() {
+    use std::hash::Hasher;
+    let path = std::env::var("SIMREP_TRACE").expect("set SIMREP_TRACE to a trace file");
+    let spec = CodecSpec::Similarity(SimilarityConfig::default());
+    for threads in [1usize, 2] {
+        let mut replay = crate::trace::Replay::open(std::path::Path::new(&path)).unwrap();
+        replay.next_epoch().unwrap().expect("an initial image");
+        let mut enc = spec.build(threads);
+        enc.init(replay.image());
+        let mut digest = std::collections::hash_map::DefaultHasher::new();
+        let (mut out_bytes, mut raw_bytes, mut ns) = (0u64, 0u64, 0u128);
+        let mut buf = Vec::new();
+        while let Some(d) = replay.next_epoch().unwrap() {
+            buf.clear();
+            let t = std::time::Instant::now();
+            enc.encode_epoch(replay.image(), &d.dirty, &d.dropped, &mut buf)
+                .unwrap();
+            let took = t.elapsed().as_nanos();
+            ns += took;
+            if std::env::var_os("SIMREP_EPOCHS").is_some() {
+                println!(
+                    "  epoch {}: {} pages, {:.2} ms",
+                    d.epoch,
+                    d.dirty.len(),
+                    took as f64 / 1e6
+                );
+            }
+            digest.write(&buf);
+            out_bytes += buf.len() as u64;
+            raw_bytes += (d.dirty.len() * PAGE_SIZE) as u64;
+        }
+        println!(
+            "threads {threads}: digest {:016x} out_bytes {out_bytes} raw {raw_bytes} \
+             encode {:.0} MB/s wall",
+            digest.finish(),
+            raw_bytes as f64 * 1e3 / ns.max(1) as f64
+        );
+    }
 }
