@@ -285,11 +285,12 @@ impl ChunkWriter {
                 // Compressed into a scratch buffer that keeps its size, so
                 // that the worst-case bound is not zeroed for every chunk.
                 let mut scratch = scratch.borrow_mut();
-                let max = super::lz4::max_output(payload.len());
+                let max = lz4_flex::block::get_maximum_output_size(payload.len());
                 if scratch.len() < max {
                     scratch.resize(max, 0);
                 }
-                let n = super::lz4::compress(payload, &mut scratch[..max]);
+                let n = lz4_flex::block::compress_into(payload, &mut scratch[..max])
+                    .expect("the buffer holds the worst case");
                 if n < payload.len() {
                     out.extend_from_slice(&scratch[..n]);
                     ChunkEncoding::Lz4

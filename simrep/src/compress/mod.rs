@@ -122,7 +122,6 @@ pub mod container;
 mod decode;
 pub mod fingerprint;
 pub mod hash;
-pub(crate) mod lz4;
 pub mod rle;
 mod similarity;
 pub mod spec;
