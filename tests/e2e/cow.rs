@@ -286,6 +286,7 @@ fn cow_costs_with_a_1gib_guest() {
     let per_page = CowOptions {
         coalesce_gap: 0,
         max_ranges: usize::MAX,
+        align: 1,
     };
     for n in [1000usize, 20_000] {
         for (layout, clustered) in [("random", false), ("in runs of 64", true)] {

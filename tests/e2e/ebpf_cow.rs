@@ -91,6 +91,7 @@ fn cow_memory(mem: &Arc<GuestMemory>) -> CowMemory {
     cow.set_options(CowOptions {
         coalesce_gap: 0,
         max_ranges: usize::MAX,
+        align: 1,
     });
     cow
 }

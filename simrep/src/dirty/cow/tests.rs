@@ -156,6 +156,7 @@ fn a_set_view_covers_only_its_pages() {
     cow.set_options(CowOptions {
         coalesce_gap: 0,
         max_ranges: usize::MAX,
+        align: 1,
     });
     let snap = snapshot(&mem);
     let set = [7u64, 5, 6, 1000, 7, 2047];
@@ -509,7 +510,8 @@ fn coalesced_gaps_fault_once_without_a_copy() {
     let mem = memory(8 * MIB);
     let cow = CowMemory::new(Arc::clone(&mem)).unwrap();
     let snap = snapshot(&mem);
-    // Default options: the gap 11..20 is merged into the protected range.
+    // Default options: the block 0..512 around the pages is protected, so
+    // the gap 11..20 is too.
     let view = cow.arm(&[10, 20]).unwrap();
     let before = cow.faults_total();
     mem.write(15 * PAGE, &[1; 8]).unwrap();
@@ -526,7 +528,7 @@ fn coalesced_gaps_fault_once_without_a_copy() {
     let stats = view.finish();
     assert_eq!(
         (stats.armed_pages, stats.protected_pages, stats.pages_copied),
-        (2, 11, 1)
+        (2, 512, 1)
     );
 }
 
@@ -535,18 +537,61 @@ fn spans_coalesce_gaps_and_cap_the_ioctls() {
     let opts = CowOptions {
         coalesce_gap: 2,
         max_ranges: 3,
+        align: 1,
     };
-    assert_eq!(protect_spans(&[], opts), vec![]);
-    assert_eq!(protect_spans(&[1, 2, 5, 9], opts), vec![(1, 5), (9, 1)]);
+    assert_eq!(protect_spans(&[], opts, 100), vec![]);
     assert_eq!(
-        protect_spans(&[0, 10, 20, 30], opts),
+        protect_spans(&[1, 2, 5, 9], opts, 100),
+        vec![(1, 5), (9, 1)]
+    );
+    assert_eq!(
+        protect_spans(&[0, 10, 20, 30], opts, 100),
         vec![(0, 31)],
         "more than max_ranges: one span"
     );
     assert_eq!(
-        protect_spans(&[0, 10, 20], opts),
+        protect_spans(&[0, 10, 20], opts, 100),
         vec![(0, 1), (10, 1), (20, 1)]
     );
+}
+
+#[test]
+fn spans_are_rounded_out_to_whole_blocks_within_memory() {
+    let opts = CowOptions {
+        coalesce_gap: 0,
+        max_ranges: usize::MAX,
+        align: 8,
+    };
+    // 3 and 5 share a block; 17 is in the third; 33..35 end in a block
+    // cut short by the end of memory (36 pages).
+    assert_eq!(
+        protect_spans(&[3, 5, 17, 33, 34, 35], opts, 36),
+        vec![(0, 8), (16, 8), (32, 4)]
+    );
+    // Adjacent blocks merge into one range.
+    assert_eq!(protect_spans(&[7, 8], opts, 64), vec![(0, 16)]);
+    // The default: 2 MiB blocks.
+    let d = CowOptions::default();
+    assert_eq!(protect_spans(&[1000, 1001], d, 1 << 18), vec![(512, 512)]);
+    assert_eq!(
+        protect_spans(&[1000, 5000], d, 1 << 18),
+        vec![(512, 512), (4608, 512)]
+    );
+    // Every armed page is covered, by exactly one range.
+    let set: Vec<u64> = (0..300)
+        .map(|i| i * i % 4096)
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let spans = protect_spans(&set, d, 4096);
+    for &g in &set {
+        assert_eq!(
+            spans.iter().filter(|&&(f, n)| g >= f && g < f + n).count(),
+            1,
+            "page {g}"
+        );
+    }
+    assert!(spans.iter().all(|&(f, n)| f + n <= 4096));
 }
 
 #[test]
