@@ -63,6 +63,24 @@ pub(crate) fn read_log(vm: &Vm, p: &TouchParams, cpu: u32, from: u64) -> (u64, V
     (count, (from..count).map(at).collect())
 }
 
+/// Every dirty page read through the checkpoint's view equals `at`, the
+/// memory at the checkpoint.
+pub(crate) fn assert_view_is_checkpoint(
+    c: &simrep::vmm::epoch::EpochCheckpoint,
+    at: &[u8],
+    epoch: impl std::fmt::Display,
+) {
+    let mut page = [0u8; 4096];
+    for &gfn in &c.dirty {
+        c.view.read_page(gfn, &mut page).expect("read view");
+        let off = (gfn * PAGE) as usize;
+        assert!(
+            page[..] == at[off..off + PAGE as usize],
+            "epoch {epoch}: view of page {gfn:#x} differs from the checkpoint"
+        );
+    }
+}
+
 /// The pages outside the `touch` region that the guest may dirty, by name.
 fn bookkeeping(p: &TouchParams, vcpus: u32) -> Vec<(&'static str, Range<u64>)> {
     let pages = |start: u64, len: u64| start / PAGE..(start + len).div_ceil(PAGE);
@@ -677,15 +695,7 @@ fn epoch_checkpoints_cover_every_change_and_views_hold_the_checkpoint() {
             }
             // The guest writes another round into the open view.
             one_round(&vm);
-            let mut page = [0u8; 4096];
-            for &gfn in &c.dirty {
-                c.view.read_page(gfn, &mut page).expect("read view");
-                let off = (gfn * PAGE) as usize;
-                assert!(
-                    page[..] == at[off..off + PAGE as usize],
-                    "epoch {epoch}: view of page {gfn:#x} differs from the checkpoint"
-                );
-            }
+            assert_view_is_checkpoint(&c, &at, epoch);
             if let Some(stats) = c.view.finish() {
                 assert!(
                     stats.pages_copied > 0,

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use tests::{require_kvm, Proc};
 
 use simrep::proto::{op, status};
-use simrep::vmm::checkpoint::{CheckpointOptions, Checkpointer, Manifest, DISK_FILE};
+use simrep::vmm::checkpoint::{Manifest, DISK_FILE};
 use simrep::vmm::run::{self, RunOptions, Workload};
 
 use crate::net::{spawn_listening, spawn_service, Client};
@@ -362,14 +362,7 @@ fn measure_disk_checkpoint_256mib() {
     let (mut vm, net) = run::boot_service(&opts, Some(listener)).unwrap();
     let mut c = Client::connect(addr);
     let big = vec![0x5au8; 60_000];
-    let mut ck = Checkpointer::new(
-        CheckpointOptions {
-            dir: dir.path().join("ck"),
-            every: None,
-        },
-        std::sync::Arc::new(AtomicBool::new(false)),
-    )
-    .unwrap();
+    let mut ck = crate::state::on_demand_checkpointer(&dir.path().join("ck"));
     // A second client keeps putting small values meanwhile: each PUT is a
     // logged write and a FLUSH, which waits while the disk is held.
     let stop = std::sync::Arc::new(AtomicBool::new(false));

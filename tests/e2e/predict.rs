@@ -19,7 +19,7 @@ use simrep::vmm::run::{self, ChurnOptions, RunOptions, TouchOptions, Workload};
 use simrep::vmm::Vm;
 use tests::require_kvm;
 
-use super::dirty::read_log;
+use super::dirty::{assert_view_is_checkpoint, read_log};
 use super::ebpf::{error_chain, require_root};
 
 const PAGE: u64 = abi::PAGE_SIZE;
@@ -323,15 +323,7 @@ fn mixed_views_hold_the_checkpoint() {
             .expect("checkpoint");
         // The guest writes into the open view.
         std::thread::sleep(Duration::from_millis(30));
-        let mut page = [0u8; 4096];
-        for &gfn in &c.dirty {
-            c.view.read_page(gfn, &mut page).expect("read view");
-            let off = (gfn * PAGE) as usize;
-            assert!(
-                page[..] == at[off..off + PAGE as usize],
-                "epoch {epoch}: view of page {gfn:#x} differs from the checkpoint"
-            );
-        }
+        assert_view_is_checkpoint(&c, &at, epoch);
         if let EpochView::Mixed { gfns, cow, .. } = &c.view {
             mixed += 1;
             hot_copied += gfns.len();

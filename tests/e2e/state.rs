@@ -18,6 +18,19 @@ use simrep::vmm::run::{self, ChurnOptions, RunOptions, Workload};
 use simrep::vmm::state::{self, StateError, VmSnapshot};
 use simrep::vmm::Vm;
 
+/// A checkpointer writing into `dir` only when asked (no period, no
+/// signal flag).
+pub(crate) fn on_demand_checkpointer(dir: &Path) -> checkpoint::Checkpointer {
+    checkpoint::Checkpointer::new(
+        checkpoint::CheckpointOptions {
+            dir: dir.to_owned(),
+            every: None,
+        },
+        std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),
+    )
+    .expect("checkpointer")
+}
+
 fn churn_opts(vcpus: u32, mem_bytes: u64) -> RunOptions {
     RunOptions {
         workload: Workload::Churn,
@@ -337,7 +350,6 @@ fn checkpoint_in_one_process_restore_in_another() {
 /// (the fallback); restored, the guest continues from it.
 #[test]
 fn a_checkpoint_of_a_churning_guest_holds_memory_as_of_the_pause() {
-    use simrep::vmm::checkpoint::{CheckpointOptions, Checkpointer};
     require_kvm();
     const MEM: u64 = 128 << 20;
     let vcpus = 2;
@@ -348,14 +360,7 @@ fn a_checkpoint_of_a_churning_guest_holds_memory_as_of_the_pause() {
         progress(&vm, vcpus).iter().all(|&p| p > 5000)
     });
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut ck = Checkpointer::new(
-        CheckpointOptions {
-            dir: dir.path().join("ck"),
-            every: None,
-        },
-        std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),
-    )
-    .expect("checkpointer");
+    let mut ck = on_demand_checkpointer(&dir.path().join("ck"));
     let mut last = None;
     for (round, copy) in [(0, false), (1, false), (2, true)] {
         ck.set_copy_during_pause(copy);
@@ -435,7 +440,6 @@ fn a_checkpoint_of_a_churning_guest_holds_memory_as_of_the_pause() {
 #[test]
 fn without_a_copy_on_write_view_checkpoints_copy_memory_during_the_pause() {
     use simrep::dirty::cow::CowMemory;
-    use simrep::vmm::checkpoint::{CheckpointOptions, Checkpointer};
     require_kvm();
     const MEM: u64 = 32 << 20;
     let mut vm = run::boot(&churn_opts(1, MEM)).expect("boot");
@@ -443,14 +447,7 @@ fn without_a_copy_on_write_view_checkpoints_copy_memory_during_the_pause() {
         progress(&vm, 1)[0] > 1000
     });
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut ck = Checkpointer::new(
-        CheckpointOptions {
-            dir: dir.path().join("ck"),
-            every: None,
-        },
-        std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),
-    )
-    .expect("checkpointer");
+    let mut ck = on_demand_checkpointer(&dir.path().join("ck"));
     let mut other = Some(CowMemory::new(vm.memory().clone()).expect("first registration"));
     for round in 0..2 {
         let mut at_pause = vec![0u8; MEM as usize];

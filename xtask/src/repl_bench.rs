@@ -261,22 +261,22 @@ impl Link {
 
     /// Shapes both directions; returns a description of the shaper.
     fn shape(&self, args: &BenchReplArgs) -> Result<String> {
+        let qdisc = |ns: &str, dev: &str, spec: &[&str]| {
+            let mut tc = vec!["-n", ns, "qdisc", "add", "dev", dev, "root"];
+            tc.extend_from_slice(spec);
+            run_tool("tc", &tc)
+        };
+        let delay = format!("{}us", args.delay_us);
         let netem = |ns: &str, dev: &str| {
-            run_tool(
-                "tc",
+            qdisc(
+                ns,
+                dev,
                 &[
-                    "-n",
-                    ns,
-                    "qdisc",
-                    "add",
-                    "dev",
-                    dev,
-                    "root",
                     "netem",
                     "rate",
                     &args.link_rate,
                     "delay",
-                    &format!("{}us", args.delay_us),
+                    &delay,
                     "limit",
                     "10000",
                 ],
@@ -285,16 +285,10 @@ impl Link {
         // tbf: a token bucket at the rate; the burst covers a 64 KiB GSO
         // segment twice, the queue holds 10 ms at the rate.
         let tbf = |ns: &str, dev: &str| {
-            run_tool(
-                "tc",
+            qdisc(
+                ns,
+                dev,
                 &[
-                    "-n",
-                    ns,
-                    "qdisc",
-                    "add",
-                    "dev",
-                    dev,
-                    "root",
                     "tbf",
                     "rate",
                     &args.link_rate,
