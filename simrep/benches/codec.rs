@@ -242,10 +242,7 @@ fn bench(c: &mut Criterion) {
             encoded = out;
         }
     }
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(2)
-        .build()
-        .expect("thread pool");
+    let pool = simrep::compress::thread_pool(2).expect("thread pool");
     // Both with fresh output buffers, so that they compare.
     group.bench_function("decode/1-thread", |b| {
         b.iter(|| decode_epoch(&img1, &encoded, img2.frame_count()).expect("decode"))

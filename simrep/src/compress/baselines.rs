@@ -8,7 +8,7 @@ use super::container::{write_header, ChunkWriter, CodecId, Op, CHUNK_FRAMES, MAX
 use super::rle::{diff_masks, is_zero, rle_encode, varint_len};
 use super::spec::budget_bytes;
 use super::{
-    check_sets, chunk_count, encode_chunks, make_pool, EncodeError, EpochEncoder, EpochStats,
+    check_sets, chunk_count, encode_chunks, thread_pool, EncodeError, EpochEncoder, EpochStats,
     KindCounts, PageView, SecondStage, PAGE_SIZE, WRITER,
 };
 
@@ -81,7 +81,7 @@ impl PageEncoder {
     pub(crate) fn new(name: String, threads: usize, lz4: bool) -> Self {
         Self {
             name,
-            pool: make_pool(threads),
+            pool: thread_pool(threads),
             lz4,
         }
     }
@@ -151,7 +151,7 @@ impl ZstdEpochEncoder {
         Self {
             name,
             level,
-            pool: make_pool(threads),
+            pool: thread_pool(threads),
         }
     }
 }
@@ -210,7 +210,7 @@ impl XbzrleEncoder {
         Self {
             name,
             cache_bytes,
-            pool: make_pool(threads),
+            pool: thread_pool(threads),
             cache: PageCache::new(cache_bytes / PAGE_SIZE),
         }
     }

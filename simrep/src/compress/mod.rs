@@ -374,17 +374,51 @@ pub(crate) fn check_sets(dirty: &[u32], dropped: &[u32]) -> Result<(), EncodeErr
     Ok(())
 }
 
-/// A private pool of `threads` threads, or `None` for single-threaded
-/// encoding (also when the pool cannot be created).
-pub(crate) fn make_pool(threads: usize) -> Option<rayon::ThreadPool> {
+/// A pool of `threads` threads for the encoders (each builds its own) and
+/// [`decode_epoch_parallel`], or `None` for single-threaded work (also when
+/// the pool cannot be created).
+///
+/// Thread `i` is pinned to the `i`-th CPU (round robin) of those the
+/// process may run on. An epoch is a few milliseconds of work after an
+/// idle gap, and some kernels (this project's test machines among them)
+/// wake a sleeping pool thread on the CPU of the thread that woke it, where
+/// it waits until that one is done: unpinned, two threads encoded one
+/// after the other. A pin that fails is left out (the pool still works).
+pub fn thread_pool(threads: usize) -> Option<rayon::ThreadPool> {
     if threads <= 1 {
         return None;
     }
+    let cpus = allowed_cpus();
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .thread_name(|i| format!("simrep-codec-{i}"))
+        .start_handler(move |i| {
+            if let Some(&cpu) = cpus.get(i % cpus.len().max(1)) {
+                pin_current_thread(cpu);
+            }
+        })
         .build()
         .ok()
+}
+
+/// The CPUs this process may run on (empty when unknown).
+fn allowed_cpus() -> Vec<usize> {
+    use nix::sched::{sched_getaffinity, CpuSet};
+    let Ok(set) = sched_getaffinity(nix::unistd::Pid::from_raw(0)) else {
+        return Vec::new();
+    };
+    (0..CpuSet::count())
+        .filter(|&c| set.is_set(c).unwrap_or(false))
+        .collect()
+}
+
+fn pin_current_thread(cpu: usize) {
+    use nix::sched::{sched_setaffinity, CpuSet};
+    let mut set = CpuSet::new();
+    if set.set(cpu).is_ok() {
+        // Best effort: an unpinned thread is only slower to join in.
+        let _ = sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
+    }
 }
 
 /// Runs `f` on consecutive chunks of `frames` (in parallel on `pool` when

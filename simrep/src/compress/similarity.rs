@@ -56,7 +56,7 @@ use super::hash::bit_density_hash;
 use super::rle::{diff_count_bounded, diff_masks, is_zero, rle_encode};
 use super::table::{Table, EMPTY};
 use super::{
-    check_sets, chunk_count, make_pool, EncodeError, EpochEncoder, EpochStats, HashThreshold,
+    check_sets, chunk_count, thread_pool, EncodeError, EpochEncoder, EpochStats, HashThreshold,
     KindCounts, PageView, SecondStage, SimilarityConfig, PAGE_SIZE, WRITER, ZERO_PAGE,
 };
 
@@ -490,7 +490,7 @@ impl SimilarityEncoder {
         Self {
             name,
             cfg,
-            pool: make_pool(threads),
+            pool: thread_pool(threads),
             state: None,
             outs: Vec::new(),
             chunks: Vec::new(),

@@ -174,10 +174,7 @@ fn run(spec: &CodecSpec, threads: usize, sc: &Scenario) -> Vec<Vec<u8>> {
     let mut backup = primary.clone();
     let mut enc = spec.build(threads);
     enc.init(&primary);
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(2)
-        .build()
-        .unwrap();
+    let pool = super::thread_pool(2).unwrap();
     let mut encodings = Vec::new();
     let mut reused = DecodedEpoch::default();
     for plan in &sc.epochs {
@@ -483,7 +480,10 @@ fn similar_pages_compress_and_reference_memory_is_bounded() {
 fn trace_digest() {
     use std::hash::Hasher;
     let path = std::env::var("SIMREP_TRACE").expect("set SIMREP_TRACE to a trace file");
-    let spec = CodecSpec::Similarity(SimilarityConfig::default());
+    let spec = match std::env::var("SIMREP_SPEC") {
+        Ok(s) => s.parse::<CodecSpec>().expect("SIMREP_SPEC: a codec spec"),
+        Err(_) => CodecSpec::Similarity(SimilarityConfig::default()),
+    };
     for threads in [1usize, 2] {
         let mut replay = crate::trace::Replay::open(std::path::Path::new(&path)).unwrap();
         replay.next_epoch().unwrap().expect("an initial image");
@@ -518,4 +518,31 @@ fn trace_digest() {
             raw_bytes as f64 * 1e3 / ns.max(1) as f64
         );
     }
+}
+
+/// The pool's threads are spread one per CPU over the CPUs the process may
+/// use (see [`super::thread_pool`]).
+#[test]
+fn pool_threads_are_pinned_one_per_allowed_cpu() {
+    use nix::sched::{sched_getaffinity, CpuSet};
+    use nix::unistd::Pid;
+    let cpus_of = |set: &CpuSet| -> Vec<usize> {
+        (0..CpuSet::count())
+            .filter(|&c| set.is_set(c).unwrap())
+            .collect()
+    };
+    let allowed = cpus_of(&sched_getaffinity(Pid::from_raw(0)).unwrap());
+    assert!(!allowed.is_empty());
+    let threads = allowed.len().clamp(2, 4);
+    let pool = super::thread_pool(threads).expect("a pool");
+    let mut seen = pool.broadcast(|ctx| {
+        let set = sched_getaffinity(Pid::from_raw(0)).unwrap();
+        (ctx.index(), cpus_of(&set))
+    });
+    seen.sort();
+    for (i, cpus) in &seen {
+        assert_eq!(cpus, &vec![allowed[i % allowed.len()]], "thread {i}");
+    }
+    assert_eq!(seen.len(), threads);
+    assert!(super::thread_pool(1).is_none());
 }
