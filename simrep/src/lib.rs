@@ -22,6 +22,7 @@
 //! * [`proto`]: the wire protocol of the guest's `kv` and `bank` services,
 //!   shared with the guest source.
 
+mod affinity;
 pub mod compress;
 pub mod dirty;
 pub mod ebpf;

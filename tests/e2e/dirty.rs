@@ -729,6 +729,7 @@ fn checkpoint_pause_1gib() {
         let mut rounds = header(&vm, &p, 0).rounds_done;
         let (mut total, mut harvest, mut save, mut arm, mut pause, mut resume, mut over) =
             (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+        let (mut collect, mut rearm) = (vec![], vec![]);
         let mut pages = vec![];
         for _ in 0..EPOCHS {
             go(&vm, &p, rounds);
@@ -744,15 +745,20 @@ fn checkpoint_pause_1gib() {
             resume.push(t.resume);
             over.push(t.total.saturating_sub(t.harvest));
             pages.push(c.dirty.len());
+            let h = ck.tracker().last_stats();
+            collect.push(h.collect);
+            rearm.push(h.rearm);
             c.view.finish();
         }
         pages.sort();
         eprintln!(
-            "1 GiB, {} dirty pages/epoch (median), {}: checkpoint pause {}; harvest {}; pause-minus-harvest {}; state save {}; copy/COW arm {}; vCPU pause {}; resume {}",
+            "1 GiB, {} dirty pages/epoch (median), {}: checkpoint pause {}; harvest {} (log read {}, re-arm {}); pause-minus-harvest {}; state save {}; copy/COW arm {}; vCPU pause {}; resume {}",
             pages[pages.len() / 2],
             if copy_limit == 0 { "copy-on-write" } else { "copied in the pause" },
             stats(&mut total),
             stats(&mut harvest),
+            stats(&mut collect),
+            stats(&mut rearm),
             stats(&mut over),
             stats(&mut save),
             stats(&mut arm),

@@ -388,37 +388,17 @@ pub fn thread_pool(threads: usize) -> Option<rayon::ThreadPool> {
     if threads <= 1 {
         return None;
     }
-    let cpus = allowed_cpus();
+    let cpus = crate::affinity::allowed_cpus();
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .thread_name(|i| format!("simrep-codec-{i}"))
         .start_handler(move |i| {
             if let Some(&cpu) = cpus.get(i % cpus.len().max(1)) {
-                pin_current_thread(cpu);
+                crate::affinity::pin_current_thread(&[cpu]);
             }
         })
         .build()
         .ok()
-}
-
-/// The CPUs this process may run on (empty when unknown).
-fn allowed_cpus() -> Vec<usize> {
-    use nix::sched::{sched_getaffinity, CpuSet};
-    let Ok(set) = sched_getaffinity(nix::unistd::Pid::from_raw(0)) else {
-        return Vec::new();
-    };
-    (0..CpuSet::count())
-        .filter(|&c| set.is_set(c).unwrap_or(false))
-        .collect()
-}
-
-fn pin_current_thread(cpu: usize) {
-    use nix::sched::{sched_setaffinity, CpuSet};
-    let mut set = CpuSet::new();
-    if set.set(cpu).is_ok() {
-        // Best effort: an unpinned thread is only slower to join in.
-        let _ = sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
-    }
 }
 
 /// Runs `f` on consecutive chunks of `frames` (in parallel on `pool` when

@@ -46,7 +46,7 @@
 
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kvm_ioctls::VmFd;
 
@@ -228,6 +228,8 @@ pub struct DirtyTracker {
     /// Ring mode: unsorted entries, reused.
     scratch: Vec<u64>,
     harvests: u64,
+    /// A collection awaits its [`DirtyTracker::rearm`].
+    rearm_pending: bool,
     last: HarvestStats,
     /// Bitmap mode: write-fault prediction, when on.
     predictor: Option<Predictor>,
@@ -263,6 +265,7 @@ impl DirtyTracker {
             },
             scratch: Vec::new(),
             harvests: 0,
+            rearm_pending: false,
             last: HarvestStats::default(),
             predictor: None,
             clear: Vec::new(),
@@ -304,30 +307,49 @@ impl DirtyTracker {
     ///
     /// As [`DirtyTracker::harvest`].
     pub fn harvest_into(&mut self, out: &mut DirtyPages) -> Result<(), DirtyError> {
-        let first = self.harvests == 0;
+        self.collect_into(out)?;
+        self.rearm()
+    }
+
+    /// The first half of [`DirtyTracker::harvest_into`]: reads the pages
+    /// written since the previous harvest into `out`, without re-arming
+    /// tracking for them. [`DirtyTracker::rearm`] must follow before the
+    /// vCPUs run again. If it did not (a checkpoint failed in between),
+    /// bitmap mode returns those pages again (their bits are still set);
+    /// ring mode re-arms them first and loses them, as a failed
+    /// [`DirtyTracker::harvest`] does.
+    ///
+    /// Splitting the two lets a checkpoint write-protect guest memory for
+    /// copy-on-write in between: under shadow paging that protection drops
+    /// the guest's mappings of the whole range, after which re-arming the
+    /// log finds nothing left to write-protect and costs far less.
+    ///
+    /// # Errors
+    ///
+    /// As [`DirtyTracker::harvest`].
+    pub fn collect_into(&mut self, out: &mut DirtyPages) -> Result<(), DirtyError> {
+        if self.rearm_pending && matches!(self.mode, DirtyMode::Ring { .. }) {
+            self.rearm()?;
+        }
         let t0 = Instant::now();
-        let (entries, t1) = match self.mode {
+        let entries = match self.mode {
             DirtyMode::Bitmap => {
                 kvm::get_dirty_log(&self.vm, SLOT, self.pages, &mut self.bitmap)?;
                 out.set_from_bitmap(&self.bitmap, self.pages);
-                let t1 = Instant::now();
-                match self.predictor.as_mut() {
-                    // The first harvest (every page) is no observation of
-                    // the guest: it is cleared in full.
-                    Some(p) if !first => {
-                        p.observe(&self.bitmap, &mut self.clear);
-                        clear_span(&self.vm, self.pages, &self.clear)?;
-                    }
-                    _ => self.clear_bitmap()?,
+                if let Some(p) = self.predictor.as_mut().filter(|_| self.harvests > 0) {
+                    // What to clear: all but the hot pages. The first
+                    // harvest (every page) is no observation of the guest:
+                    // it is cleared in full.
+                    p.observe(&self.bitmap, &mut self.clear);
                 }
-                (out.len(), t1)
+                out.len()
             }
             DirtyMode::Ring { .. } => {
                 let rings = self.rings.as_ref().ok_or(DirtyError::NoRing { vcpu: 0 })?;
                 self.scratch.clear();
                 rings.collect(&mut self.scratch)?;
                 let entries = self.scratch.len();
-                if first {
+                if self.harvests == 0 {
                     // Pages the VMM wrote before the guest ran were never
                     // logged: the first checkpoint is all of RAM.
                     self.scratch.clear();
@@ -335,17 +357,45 @@ impl DirtyTracker {
                 } else {
                     out.set_unsorted(&mut self.scratch);
                 }
-                let t1 = Instant::now();
-                rings.rearm()?;
-                (entries, t1)
+                entries
             }
         };
         self.last = HarvestStats {
-            collect: t1 - t0,
-            rearm: t1.elapsed(),
+            collect: t0.elapsed(),
+            rearm: Duration::ZERO,
             entries,
             pages: out.len(),
         };
+        self.rearm_pending = true;
+        Ok(())
+    }
+
+    /// The second half of [`DirtyTracker::harvest_into`]: re-arms tracking
+    /// for the pages the last [`DirtyTracker::collect_into`] returned
+    /// (with prediction on, all but the hot ones). Does nothing when
+    /// nothing is pending.
+    ///
+    /// # Errors
+    ///
+    /// [`DirtyError`] from the failing ioctl; the re-arm stays pending.
+    pub fn rearm(&mut self) -> Result<(), DirtyError> {
+        if !self.rearm_pending {
+            return Ok(());
+        }
+        let first = self.harvests == 0;
+        let t0 = Instant::now();
+        match self.mode {
+            DirtyMode::Bitmap if self.predictor.is_some() && !first => {
+                clear_span(&self.vm, self.pages, &self.clear)?;
+            }
+            DirtyMode::Bitmap => self.clear_bitmap()?,
+            DirtyMode::Ring { .. } => {
+                let rings = self.rings.as_ref().ok_or(DirtyError::NoRing { vcpu: 0 })?;
+                rings.rearm()?;
+            }
+        }
+        self.last.rearm = t0.elapsed();
+        self.rearm_pending = false;
         self.harvests += 1;
         Ok(())
     }

@@ -171,6 +171,27 @@ fn copy_pages(vm: &Vm, gfns: &[u64]) -> Result<Vec<u8>, EpochError> {
     Ok(data)
 }
 
+/// The sorted union of the sorted lists `a` and `b`, without duplicates.
+fn merge_sorted(a: &[u64], b: &[u64]) -> Vec<u64> {
+    fn push(out: &mut Vec<u64>, g: u64) {
+        if out.last() != Some(&g) {
+            out.push(g);
+        }
+    }
+    let mut out = Vec::with_capacity(a.len() + b.len());
+    let mut b = b.iter().copied().peekable();
+    for &x in a {
+        while let Some(y) = b.next_if(|&y| y < x) {
+            push(&mut out, y);
+        }
+        push(&mut out, x);
+    }
+    for y in b {
+        push(&mut out, y);
+    }
+    out
+}
+
 /// Takes checkpoints of one VM.
 #[derive(Debug)]
 pub struct EpochCheckpointer {
@@ -267,16 +288,17 @@ impl EpochCheckpointer {
         let t0 = Instant::now();
         vm.pause_all()?;
         let t_pause = Instant::now();
-        self.tracker.harvest_into(&mut self.pages)?;
+        // Collected now, re-armed after the copy-on-write arm (see
+        // `DirtyTracker::collect_into`).
+        self.tracker.collect_into(&mut self.pages)?;
         let mut dirty: Vec<u64> = self.pages.as_slice().to_vec();
         let mut host = vm.memory().take_host_written();
         if let Some(net) = vm.bus().net() {
             host.extend(net.take_written_pages());
         }
         if !host.is_empty() {
-            dirty.extend(host);
-            dirty.sort_unstable();
-            dirty.dedup();
+            host.sort_unstable();
+            dirty = merge_sorted(&dirty, &host);
         }
         let t_harvest = Instant::now();
         let state = match vm.save_state() {
@@ -343,6 +365,12 @@ impl EpochCheckpointer {
             }
         };
         let t_arm = Instant::now();
+        if let Err(e) = self.tracker.rearm() {
+            drop(view);
+            let _ = vm.resume_all();
+            return Err(e.into());
+        }
+        let t_rearm = Instant::now();
         vm.resume_all()?;
         let t_resume = Instant::now();
         Ok(EpochCheckpoint {
@@ -351,12 +379,32 @@ impl EpochCheckpointer {
             view,
             timings: EpochTimings {
                 pause: t_pause - t0,
-                harvest: t_harvest - t_pause,
+                harvest: (t_harvest - t_pause) + (t_rearm - t_arm),
                 save: t_save - t_harvest,
                 arm: t_arm - t_save,
-                resume: t_resume - t_arm,
+                resume: t_resume - t_rearm,
                 total: t_resume - t0,
             },
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn merge_is_the_sorted_union(
+            a in proptest::collection::btree_set(0u64..500, 0..200),
+            b in proptest::collection::vec(0u64..500, 0..200),
+        ) {
+            let mut b = b;
+            b.sort_unstable();
+            let av: Vec<u64> = a.iter().copied().collect();
+            let want: Vec<u64> = a.iter().copied().chain(b.iter().copied())
+                .collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+            prop_assert_eq!(super::merge_sorted(&av, &b), want);
+        }
     }
 }

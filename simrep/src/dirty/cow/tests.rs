@@ -693,3 +693,42 @@ fn readers_racing_the_handler_on_hot_pages_see_the_checkpoint() {
     eprintln!("hot-page reads: {live_reads} live, {saved_reads} from copies");
     assert!(live_reads > 0 && saved_reads > 0);
 }
+
+/// What arming costs without KVM: all of a 1 GiB memory with its huge
+/// pages intact, then after 20 000 scattered writes under protection split
+/// them. Compare with the arm of a KVM guest in the e2e test
+/// `checkpoint_pause_1gib` (the difference is KVM's handling of the
+/// protection change). `cargo test --release -p simrep --lib
+/// arm_cost_without_kvm -- --ignored --nocapture`
+#[test]
+#[ignore = "a measurement, prints figures"]
+fn arm_cost_without_kvm() {
+    let bytes = 1u64 << 30;
+    let mem = Arc::new(GuestMemory::new(bytes).expect("guest memory"));
+    for gfn in 0..bytes / PAGE {
+        mem.write(gfn * PAGE, &[1u8; 8]).unwrap();
+    }
+    let cow = CowMemory::new(mem.clone()).unwrap();
+    let mut rng = Rng(12345);
+    for round in 0..6 {
+        let v = cow.arm_all().unwrap();
+        if round >= 3 {
+            for _ in 0..20_000 {
+                let g = rng.next() % (bytes / PAGE);
+                mem.write(g * PAGE, &[2u8; 8]).unwrap();
+            }
+        }
+        let s = v.finish();
+        eprintln!(
+            "round {round}{}: arm_all {:?}, finish {:?}, huge pages {} KiB",
+            if round >= 3 {
+                " (20000 scattered writes)"
+            } else {
+                ""
+            },
+            s.arm_time,
+            s.finish_time,
+            anon_huge_kib(mem.host_addr())
+        );
+    }
+}
