@@ -10,7 +10,11 @@
 //!    right away, a larger one gets copy-on-write armed over it, so that the
 //!    encoder reads exactly this checkpoint's contents while the guest runs
 //!    on;
-//! 5. resume.
+//! 5. re-arm dirty logging for the harvested pages (after step 4: arming
+//!    copy-on-write drops KVM's mappings of the protected range, so the
+//!    re-arm then has little left to write-protect; at ~19 300 pages of a
+//!    1 GiB guest 0.26 instead of ~0.9 ms);
+//! 6. resume.
 //!
 //! With write-fault prediction on ([`EpochCheckpointer::set_prediction`])
 //! a dirty set above the limit is split: its hot pages are copied (arming
