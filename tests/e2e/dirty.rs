@@ -341,6 +341,16 @@ fn full_dirty_rings_lose_nothing() {
 
 /// Boots a gated `touch` guest, lets it finish round 1 and pauses it.
 fn gated(mode: DirtyMode, mem: u64, pages_per_round: u32) -> (Vm, DirtyTracker, TouchParams) {
+    gated_in(mode, mem, pages_per_round, mem)
+}
+
+/// [`gated`] with the pages drawn from the first `region` bytes.
+fn gated_in(
+    mode: DirtyMode,
+    mem: u64,
+    pages_per_round: u32,
+    region: u64,
+) -> (Vm, DirtyTracker, TouchParams) {
     require_kvm();
     let opts = touch_opts(
         mem,
@@ -349,7 +359,7 @@ fn gated(mode: DirtyMode, mem: u64, pages_per_round: u32) -> (Vm, DirtyTracker, 
         TouchOptions {
             pages_per_round,
             gated: true,
-            region_bytes: mem,
+            region_bytes: region,
             ..Default::default()
         },
     );
@@ -715,13 +725,16 @@ fn epoch_checkpoints_cover_every_change_and_views_hold_the_checkpoint() {
 fn checkpoint_pause_1gib() {
     use simrep::vmm::epoch::EpochCheckpointer;
     const EPOCHS: usize = 30;
-    for (per_round, copy_limit) in [
-        (1000u32, usize::MAX),
-        (1000, 0),
-        (20000, usize::MAX),
-        (20000, 0),
+    // Pages drawn from all of memory, and (the last row) from a 128 MiB
+    // working set.
+    for (per_round, copy_limit, region) in [
+        (1000u32, usize::MAX, 1u64 << 30),
+        (1000, 0, 1 << 30),
+        (20000, usize::MAX, 1 << 30),
+        (20000, 0, 1 << 30),
+        (20000, 0, 128 << 20),
     ] {
-        let (vm, tracker, p) = gated(DirtyMode::Bitmap, 1 << 30, per_round);
+        let (vm, tracker, p) = gated_in(DirtyMode::Bitmap, 1 << 30, per_round, region);
         let mut ck = EpochCheckpointer::new(&vm, tracker).expect("checkpointer");
         ck.copy_limit = 0;
         ck.checkpoint(&vm).expect("first checkpoint").view.finish();
@@ -752,8 +765,9 @@ fn checkpoint_pause_1gib() {
         }
         pages.sort();
         eprintln!(
-            "1 GiB, {} dirty pages/epoch (median), {}: checkpoint pause {}; harvest {} (log read {}, re-arm {}); pause-minus-harvest {}; state save {}; copy/COW arm {}; vCPU pause {}; resume {}",
+            "1 GiB, {} dirty pages/epoch (median) in {} MiB, {}: checkpoint pause {}; harvest {} (log read {}, re-arm {}); pause-minus-harvest {}; state save {}; copy/COW arm {}; vCPU pause {}; resume {}",
             pages[pages.len() / 2],
+            region >> 20,
             if copy_limit == 0 { "copy-on-write" } else { "copied in the pause" },
             stats(&mut total),
             stats(&mut harvest),

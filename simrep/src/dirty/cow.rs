@@ -245,18 +245,6 @@ fn effective(word: u32, epoch: u32, whole: bool) -> u32 {
     }
 }
 
-/// Sorted frame numbers as `(first, count)` runs.
-fn runs(sorted: impl IntoIterator<Item = u64>) -> Vec<(u64, u64)> {
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for g in sorted {
-        match out.last_mut() {
-            Some((first, n)) if *first + *n == g => *n += 1,
-            _ => out.push((g, 1)),
-        }
-    }
-    out
-}
-
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, Store> {
         // A panicking holder leaves the store consistent (every change is a
@@ -432,15 +420,31 @@ impl Default for CowOptions {
 
 /// The ranges that write-protect the sorted, de-duplicated page set `set`
 /// of a memory of `pages` pages under `options`.
+///
+/// One pass; pages inside the range being built are skipped without any
+/// arithmetic (with 2 MiB alignment most pages of a large set are), which
+/// keeps this at a few microseconds for 20 000 pages.
 fn protect_spans(set: &[u64], options: CowOptions, pages: u64) -> Vec<(u64, u64)> {
     let align = options.align.max(1);
     let mut out: Vec<(u64, u64)> = Vec::new();
-    for (g, n) in runs(set.iter().copied()) {
+    let mut i = 0;
+    while i < set.len() {
+        let g = set[i];
+        i += 1;
+        if out.last().is_some_and(|&(first, len)| g < first + len) {
+            continue;
+        }
+        // The run of consecutive pages from `g`.
+        let mut run_end = g + 1;
+        while set.get(i) == Some(&run_end) {
+            run_end += 1;
+            i += 1;
+        }
         let start = g / align * align;
-        let end = (g + n)
+        let end = run_end
             .div_ceil(align)
             .saturating_mul(align)
-            .min(pages.max(g + n));
+            .min(pages.max(run_end));
         match out.last_mut() {
             Some((first, len)) if start.saturating_sub(*first + *len) <= options.coalesce_gap => {
                 *len = end.max(*first + *len) - *first;
@@ -561,19 +565,27 @@ impl CowMemory {
     /// [`CowError::OutOfRange`] for a frame beyond guest memory, else as
     /// [`CowMemory::arm_all`].
     pub fn arm(&self, gfns: &[u64]) -> Result<CowView, CowError> {
-        let mut set = gfns.to_vec();
-        set.sort_unstable();
-        set.dedup();
+        // A checkpoint's dirty set comes sorted: no copy then.
+        let sorted;
+        let set = if gfns.windows(2).all(|w| w[0] < w[1]) {
+            gfns
+        } else {
+            let mut s = gfns.to_vec();
+            s.sort_unstable();
+            s.dedup();
+            sorted = s;
+            &sorted
+        };
         if let Some(&gfn) = set.last().filter(|&&g| g >= self.shared.pages) {
             return Err(CowError::OutOfRange {
                 gfn,
                 pages: self.shared.pages,
             });
         }
-        self.arm_inner(Some(set.into()))
+        self.arm_inner(Some(set))
     }
 
-    fn arm_inner(&self, set: Option<Arc<[u64]>>) -> Result<CowView, CowError> {
+    fn arm_inner(&self, set: Option<&[u64]>) -> Result<CowView, CowError> {
         let t0 = Instant::now();
         let sh = &*self.shared;
         let spans = match &set {

@@ -595,12 +595,6 @@ fn spans_are_rounded_out_to_whole_blocks_within_memory() {
 }
 
 #[test]
-fn runs_merge_consecutive_frames() {
-    assert_eq!(runs([1, 2, 3, 7, 9, 10]), vec![(1, 3), (7, 1), (9, 2)]);
-    assert_eq!(runs([]), vec![]);
-}
-
-#[test]
 fn effective_state_follows_the_epoch() {
     assert_eq!(effective(0, 1, true), PROTECTED);
     assert_eq!(effective(0, 1, false), IDLE);
@@ -729,6 +723,57 @@ fn arm_cost_without_kvm() {
             s.arm_time,
             s.finish_time,
             anon_huge_kib(mem.host_addr())
+        );
+    }
+}
+
+/// The spans as the first version computed them: every run of pages
+/// rounded out and merged, one after the other.
+fn spans_reference(set: &[u64], options: CowOptions, pages: u64) -> Vec<(u64, u64)> {
+    let align = options.align.max(1);
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for &g in set {
+        match runs.last_mut() {
+            Some((first, n)) if *first + *n == g => *n += 1,
+            _ => runs.push((g, 1)),
+        }
+    }
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (g, n) in runs {
+        let start = g / align * align;
+        let end = (g + n)
+            .div_ceil(align)
+            .saturating_mul(align)
+            .min(pages.max(g + n));
+        match out.last_mut() {
+            Some((first, len)) if start.saturating_sub(*first + *len) <= options.coalesce_gap => {
+                *len = end.max(*first + *len) - *first;
+            }
+            _ => out.push((start, end - start)),
+        }
+    }
+    if out.len() > options.max_ranges {
+        let first = out[0].0;
+        let (last, n) = out[out.len() - 1];
+        out = vec![(first, last + n - first)];
+    }
+    out
+}
+
+proptest! {
+    #[test]
+    fn spans_equal_the_run_by_run_computation(
+        set in proptest::collection::btree_set(0u64..5000, 0..400),
+        align in prop_oneof![Just(1u64), Just(4), Just(16), Just(512), 1u64..100],
+        gap in 0u64..40,
+        max_ranges in 1usize..50,
+        pages in 1u64..6000,
+    ) {
+        let set: Vec<u64> = set.into_iter().filter(|&g| g < pages).collect();
+        let options = CowOptions { coalesce_gap: gap, max_ranges, align };
+        prop_assert_eq!(
+            protect_spans(&set, options, pages),
+            spans_reference(&set, options, pages)
         );
     }
 }
