@@ -426,7 +426,6 @@ impl Default for CowOptions {
 /// arithmetic (with 2 MiB alignment most pages of a large set are), which
 /// keeps this at a few microseconds for 20 000 pages.
 fn protect_spans(set: &[u64], options: CowOptions, pages: u64) -> Vec<(u64, u64)> {
-    let align = options.align.max(1);
     let mut out: Vec<(u64, u64)> = Vec::new();
     let mut i = 0;
     while i < set.len() {
@@ -441,17 +440,7 @@ fn protect_spans(set: &[u64], options: CowOptions, pages: u64) -> Vec<(u64, u64)
             run_end += 1;
             i += 1;
         }
-        let start = g / align * align;
-        let end = run_end
-            .div_ceil(align)
-            .saturating_mul(align)
-            .min(pages.max(run_end));
-        match out.last_mut() {
-            Some((first, len)) if start.saturating_sub(*first + *len) <= options.coalesce_gap => {
-                *len = end.max(*first + *len) - *first;
-            }
-            _ => out.push((start, end - start)),
-        }
+        add_run(&mut out, g, run_end, options, pages);
     }
     if out.len() > options.max_ranges {
         let first = out[0].0;
@@ -459,6 +448,24 @@ fn protect_spans(set: &[u64], options: CowOptions, pages: u64) -> Vec<(u64, u64)
         out = vec![(first, last + n - first)];
     }
     out
+}
+
+/// Adds the run of pages `g..run_end`, rounded out to `options.align`
+/// (clipped to `pages`), to the sorted spans `out`: merged into the last
+/// span when at most `options.coalesce_gap` pages lie between them.
+fn add_run(out: &mut Vec<(u64, u64)>, g: u64, run_end: u64, options: CowOptions, pages: u64) {
+    let align = options.align.max(1);
+    let start = g / align * align;
+    let end = run_end
+        .div_ceil(align)
+        .saturating_mul(align)
+        .min(pages.max(run_end));
+    match out.last_mut() {
+        Some((first, len)) if start.saturating_sub(*first + *len) <= options.coalesce_gap => {
+            *len = end.max(*first + *len) - *first;
+        }
+        _ => out.push((start, end - start)),
+    }
 }
 
 /// Guest memory registered for copy-on-write views, with its fault

@@ -727,10 +727,9 @@ fn arm_cost_without_kvm() {
     }
 }
 
-/// The spans as the first version computed them: every run of pages
-/// rounded out and merged, one after the other.
+/// The spans as the first version computed them: every maximal run of
+/// pages added in turn (no pages skipped).
 fn spans_reference(set: &[u64], options: CowOptions, pages: u64) -> Vec<(u64, u64)> {
-    let align = options.align.max(1);
     let mut runs: Vec<(u64, u64)> = Vec::new();
     for &g in set {
         match runs.last_mut() {
@@ -738,24 +737,15 @@ fn spans_reference(set: &[u64], options: CowOptions, pages: u64) -> Vec<(u64, u6
             _ => runs.push((g, 1)),
         }
     }
-    let mut out: Vec<(u64, u64)> = Vec::new();
+    let mut out = Vec::new();
     for (g, n) in runs {
-        let start = g / align * align;
-        let end = (g + n)
-            .div_ceil(align)
-            .saturating_mul(align)
-            .min(pages.max(g + n));
-        match out.last_mut() {
-            Some((first, len)) if start.saturating_sub(*first + *len) <= options.coalesce_gap => {
-                *len = end.max(*first + *len) - *first;
-            }
-            _ => out.push((start, end - start)),
-        }
+        add_run(&mut out, g, g + n, options, pages);
     }
     if out.len() > options.max_ranges {
-        let first = out[0].0;
-        let (last, n) = out[out.len() - 1];
-        out = vec![(first, last + n - first)];
+        out = vec![(
+            out[0].0,
+            out[out.len() - 1].0 + out[out.len() - 1].1 - out[0].0,
+        )];
     }
     out
 }
