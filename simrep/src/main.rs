@@ -971,7 +971,8 @@ struct PrimaryArgs {
     /// --help` for parameters.
     #[arg(long, default_value = "similarity")]
     codec: CodecSpec,
-    /// Encoder threads.
+    /// Encoder threads (2 or more: a pool whose threads are pinned one per
+    /// CPU the process may use, round robin; 1: the epoch thread encodes).
     #[arg(long, default_value_t = 2)]
     threads: usize,
     /// Write one JSON line per epoch to FILE.
