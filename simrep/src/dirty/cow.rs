@@ -423,8 +423,8 @@ impl Default for CowOptions {
 /// of a memory of `pages` pages under `options`.
 ///
 /// One pass; pages inside the range being built are skipped without any
-/// arithmetic (with 2 MiB alignment most pages of a large set are), which
-/// keeps this at a few microseconds for 20 000 pages.
+/// arithmetic (with 2 MiB alignment most pages of a large set are): 15–30
+/// µs for 20 000 scattered pages, where adding every run took 95–370 µs.
 fn protect_spans(set: &[u64], options: CowOptions, pages: u64) -> Vec<(u64, u64)> {
     let mut out: Vec<(u64, u64)> = Vec::new();
     let mut i = 0;
