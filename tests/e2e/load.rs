@@ -56,6 +56,26 @@ struct LoadRun {
     json: Option<serde_json::Value>,
 }
 
+/// `simrep load --verify` for 3 s over `keys` keys against `a`, failing
+/// over to `b`; `during` runs meanwhile.
+fn verify_failover(a: &str, b: &str, keys: &str, during: impl FnOnce()) -> LoadRun {
+    load(
+        &[
+            "--target",
+            a,
+            "--target",
+            b,
+            "--duration",
+            "3s",
+            "--verify",
+            "--keys",
+            keys,
+            "-q",
+        ],
+        during,
+    )
+}
+
 /// Runs `simrep load args... --json FILE`; `during` runs while it does.
 fn load(args: &[&str], during: impl FnOnce()) -> LoadRun {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -272,28 +292,14 @@ fn load_fails_over_to_a_server_with_the_same_data() {
     let b = TestServer::bind("127.0.0.1:0", Service::Kv, state.clone(), Faults::default())
         .expect("server b");
     let (aa, ba) = (a.addr().to_string(), b.addr().to_string());
-    let r = load(
-        &[
-            "--target",
-            &aa,
-            "--target",
-            &ba,
-            "--duration",
-            "3s",
-            "--verify",
-            "--keys",
-            "3000",
-            "-q",
-        ],
-        move || {
-            std::thread::sleep(Duration::from_millis(1200));
-            assert!(
-                a.requests() > 0,
-                "server a got no requests before its shutdown"
-            );
-            a.shutdown(); // every connection closes at once
-        },
-    );
+    let r = verify_failover(&aa, &ba, "3000", move || {
+        std::thread::sleep(Duration::from_millis(1200));
+        assert!(
+            a.requests() > 0,
+            "server a got no requests before its shutdown"
+        );
+        a.shutdown(); // every connection closes at once
+    });
     assert_eq!(r.code, Some(0), "{}", r.stderr);
     let j = r.json.expect("JSON report");
     assert_eq!(problems(&j), 0, "{j}");
@@ -324,33 +330,19 @@ fn load_reports_one_failover_while_the_next_target_comes_up_late() {
     let ba = format!("127.0.0.1:{port}");
     let late = std::sync::Arc::new(std::sync::Mutex::new(None));
     let slot = late.clone();
-    let r = load(
-        &[
-            "--target",
-            &aa,
-            "--target",
-            &ba,
-            "--duration",
-            "3s",
-            "--verify",
-            "--keys",
-            "2000",
-            "-q",
-        ],
-        move || {
-            std::thread::sleep(Duration::from_millis(1000));
-            a.shutdown();
-            std::thread::sleep(Duration::from_millis(700));
-            let b = TestServer::bind(
-                &format!("127.0.0.1:{port}"),
-                Service::Kv,
-                state,
-                Faults::default(),
-            )
-            .expect("server b on the reserved port");
-            *slot.lock().unwrap() = Some(b);
-        },
-    );
+    let r = verify_failover(&aa, &ba, "2000", move || {
+        std::thread::sleep(Duration::from_millis(1000));
+        a.shutdown();
+        std::thread::sleep(Duration::from_millis(700));
+        let b = TestServer::bind(
+            &format!("127.0.0.1:{port}"),
+            Service::Kv,
+            state,
+            Faults::default(),
+        )
+        .expect("server b on the reserved port");
+        *slot.lock().unwrap() = Some(b);
+    });
     assert_eq!(r.code, Some(0), "{}", r.stderr);
     let j = r.json.expect("JSON report");
     assert_eq!(problems(&j), 0, "{j}");
@@ -373,24 +365,10 @@ fn load_reports_writes_missing_after_failover_to_an_empty_server() {
     let mut a = ServerProc::start(&[]);
     let b = ServerProc::start(&[]);
     let (aa, ba) = (a.addr.clone(), b.addr.clone());
-    let r = load(
-        &[
-            "--target",
-            &aa,
-            "--target",
-            &ba,
-            "--duration",
-            "3s",
-            "--verify",
-            "--keys",
-            "2000",
-            "-q",
-        ],
-        || {
-            std::thread::sleep(Duration::from_millis(1200));
-            a.kill(); // SIGKILL
-        },
-    );
+    let r = verify_failover(&aa, &ba, "2000", || {
+        std::thread::sleep(Duration::from_millis(1200));
+        a.kill(); // SIGKILL
+    });
     assert_eq!(r.code, Some(8), "{}", r.stderr);
     let j = r.json.expect("JSON report");
     assert!(

@@ -379,11 +379,9 @@ pub(crate) fn check_sets(dirty: &[u32], dropped: &[u32]) -> Result<(), EncodeErr
 /// the pool cannot be created).
 ///
 /// Thread `i` is pinned to the `i`-th CPU (round robin) of those the
-/// process may run on. An epoch is a few milliseconds of work after an
-/// idle gap, and some kernels (this project's test machines among them)
-/// wake a sleeping pool thread on the CPU of the thread that woke it, where
-/// it waits until that one is done: unpinned, two threads encoded one
-/// after the other. A pin that fails is left out (the pool still works).
+/// process may run on (see `simrep::affinity`): an epoch is a few
+/// milliseconds of work after an idle gap, and unpinned, on this project's
+/// machines, two threads encoded one after the other.
 pub fn thread_pool(threads: usize) -> Option<rayon::ThreadPool> {
     if threads <= 1 {
         return None;
