@@ -379,7 +379,7 @@ pub(crate) fn check_sets(dirty: &[u32], dropped: &[u32]) -> Result<(), EncodeErr
 /// the pool cannot be created).
 ///
 /// Thread `i` is pinned to the `i`-th CPU (round robin) of those the
-/// process may run on (see `simrep::affinity`): an epoch is a few
+/// process may run on (see the crate's `affinity` module): an epoch is a few
 /// milliseconds of work after an idle gap, and unpinned, on this project's
 /// machines, two threads encoded one after the other.
 pub fn thread_pool(threads: usize) -> Option<rayon::ThreadPool> {
