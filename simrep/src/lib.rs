@@ -32,3 +32,15 @@ pub mod proto;
 pub mod replication;
 pub mod trace;
 pub mod vmm;
+
+/// `error: cause: cause ...`, for logs.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    s
+}

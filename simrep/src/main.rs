@@ -994,6 +994,19 @@ struct PrimaryArgs {
     /// pages the guest stopped writing cool down.
     #[arg(long, value_name = "N", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
     predict_recheck: u32,
+    /// Do not pre-arm copy-on-write. By default, when the last epoch's
+    /// dirty set was armed copy-on-write (too large to copy in the pause),
+    /// the primary write-protects it again shortly before the next
+    /// checkpoint, while the guest runs, so that the pause only protects
+    /// what changed since (README: checkpoint pause). With this flag the
+    /// whole arm happens in the pause, as a comparison.
+    #[arg(long)]
+    no_prearm: bool,
+    /// Dirty sets of up to this many 4 KiB pages are copied while the guest
+    /// is paused; larger ones get copy-on-write (the guest resumes at once
+    /// and a page is copied on its first write). 0: always copy-on-write.
+    #[arg(long, value_name = "PAGES", default_value_t = simrep::vmm::epoch::DEFAULT_COPY_LIMIT)]
+    copy_limit: usize,
     /// Trace guest write faults and the VMM's copy-on-write faults with
     /// eBPF (needs root, bpffs, tracefs and the KVM tracepoints; without
     /// them the primary runs on and says what is missing): per-epoch fault
@@ -1175,6 +1188,8 @@ fn cmd_primary(mut a: PrimaryArgs, matches: &clap::ArgMatches) -> Result<ExitCod
             k: a.predict,
             recheck_every: a.predict_recheck,
         }),
+        prearm: !a.no_prearm,
+        copy_limit: a.copy_limit,
     };
     match run_primary(opts, &stop) {
         Ok(s) => {

@@ -287,6 +287,7 @@ fn cow_costs_with_a_1gib_guest() {
         coalesce_gap: 0,
         max_ranges: usize::MAX,
         align: 1,
+        block_copy_max: 0,
     };
     for n in [1000usize, 20_000] {
         for (layout, clustered) in [("random", false), ("in runs of 64", true)] {

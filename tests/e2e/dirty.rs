@@ -725,14 +725,20 @@ fn epoch_checkpoints_cover_every_change_and_views_hold_the_checkpoint() {
 fn checkpoint_pause_1gib() {
     use simrep::vmm::epoch::EpochCheckpointer;
     const EPOCHS: usize = 30;
-    // Pages drawn from all of memory, and (the last row) from a 128 MiB
-    // working set.
-    for (per_round, copy_limit, region) in [
-        (1000u32, usize::MAX, 1u64 << 30),
-        (1000, 0, 1 << 30),
-        (20000, usize::MAX, 1 << 30),
-        (20000, 0, 1 << 30),
-        (20000, 0, 128 << 20),
+    // Pages drawn from all of memory, and (the last rows) from a 128 MiB
+    // working set; copy-on-write armed in the pause, or pre-armed
+    // (`EpochCheckpointer::prearm`) after the guest's round, just before
+    // the checkpoint (the guest idle: the best case;
+    // `checkpoint_pause_prearmed_running_guest` has it writing).
+    for (per_round, copy_limit, region, prearm) in [
+        (1000u32, usize::MAX, 1u64 << 30, false),
+        (1000, 0, 1 << 30, false),
+        (1000, 0, 1 << 30, true),
+        (20000, usize::MAX, 1 << 30, false),
+        (20000, 0, 1 << 30, false),
+        (20000, 0, 1 << 30, true),
+        (20000, 0, 128 << 20, false),
+        (20000, 0, 128 << 20, true),
     ] {
         let (vm, tracker, p) = gated_in(DirtyMode::Bitmap, 1 << 30, per_round, region);
         let mut ck = EpochCheckpointer::new(&vm, tracker).expect("checkpointer");
@@ -743,12 +749,23 @@ fn checkpoint_pause_1gib() {
         let (mut total, mut harvest, mut save, mut arm, mut pause, mut resume, mut over) =
             (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
         let (mut collect, mut rearm) = (vec![], vec![]);
+        let (mut prearm_time, mut written_before) = (vec![], vec![]);
         let mut pages = vec![];
         for _ in 0..EPOCHS {
             go(&vm, &p, rounds);
             rounds += 1;
             wait_round(&vm, &p, rounds);
+            if prearm {
+                if let Some(pa) = ck.prearm().expect("pre-arm") {
+                    prearm_time.push(pa.time);
+                }
+            }
             let c = ck.checkpoint(&vm).expect("checkpoint");
+            if let simrep::vmm::epoch::EpochView::Cow(v) = &c.view {
+                if let Some(w) = v.prearm_faults() {
+                    written_before.push(w);
+                }
+            }
             let t = c.timings;
             total.push(t.total);
             harvest.push(t.harvest);
@@ -764,8 +781,26 @@ fn checkpoint_pause_1gib() {
             c.view.finish();
         }
         pages.sort();
+        written_before.sort();
+        let prearmed = if prearm {
+            assert!(
+                prearm_time.len() >= EPOCHS - 1,
+                "only {} of {EPOCHS} checkpoints were pre-armed",
+                prearm_time.len()
+            );
+            format!(
+                " (pre-armed {} before, {} faults in between (median))",
+                stats(&mut prearm_time),
+                written_before
+                    .get(written_before.len() / 2)
+                    .copied()
+                    .unwrap_or(0)
+            )
+        } else {
+            String::new()
+        };
         eprintln!(
-            "1 GiB, {} dirty pages/epoch (median) in {} MiB, {}: checkpoint pause {}; harvest {} (log read {}, re-arm {}); pause-minus-harvest {}; state save {}; copy/COW arm {}; vCPU pause {}; resume {}",
+            "1 GiB, {} dirty pages/epoch (median) in {} MiB, {}{prearmed}: checkpoint pause {}; harvest {} (log read {}, re-arm {}); pause-minus-harvest {}; state save {}; copy/COW arm {}; vCPU pause {}; resume {}",
             pages[pages.len() / 2],
             region >> 20,
             if copy_limit == 0 { "copy-on-write" } else { "copied in the pause" },
@@ -778,6 +813,101 @@ fn checkpoint_pause_1gib() {
             stats(&mut arm),
             stats(&mut pause),
             stats(&mut resume),
+        );
+    }
+}
+
+/// Not a timed test: the checkpoint pause of a 1 GiB guest that keeps
+/// writing scattered pages, with checkpoints every 50 ms, pre-armed
+/// (`EpochCheckpointer::prearm`) `LEAD` before the checkpoint or not,
+/// alternating epoch by epoch. The pages the guest writes between the
+/// pre-arm and the checkpoint are protected again in the pause.
+#[test]
+#[ignore = "a benchmark: run with --ignored --nocapture"]
+fn checkpoint_pause_prearmed_running_guest() {
+    use simrep::vmm::epoch::{EpochCheckpointer, EpochView};
+    const EPOCHS: usize = 40;
+    const INTERVAL: Duration = Duration::from_millis(50);
+    const LEAD: Duration = Duration::from_millis(2);
+    // Rounds of `per_round` scattered writes with `idle_us` between them.
+    for (per_round, idle_us) in [(1000u32, 2000u32), (1000, 0)] {
+        let opts = touch_opts(
+            1 << 30,
+            1,
+            0,
+            TouchOptions {
+                pages_per_round: per_round,
+                idle_us,
+                region_bytes: 1 << 30,
+                ..Default::default()
+            },
+        );
+        let (vm, tracker) =
+            run::boot_tracked(&opts, DirtyMode::Bitmap).expect("boot with dirty tracking");
+        let mut ck = EpochCheckpointer::new(&vm, tracker).expect("checkpointer");
+        ck.copy_limit = 0;
+        ck.checkpoint(&vm).expect("first checkpoint").view.finish();
+        // [without, with] pre-arm.
+        let mut over: [Vec<Duration>; 2] = [vec![], vec![]];
+        let mut total: [Vec<Duration>; 2] = [vec![], vec![]];
+        let mut arm: [Vec<Duration>; 2] = [vec![], vec![]];
+        let mut pages: [Vec<usize>; 2] = [vec![], vec![]];
+        let (mut written_before, mut prearm_time) = (vec![], vec![]);
+        let mut buf = [0u8; 4096];
+        let mut next = Instant::now() + INTERVAL;
+        for e in 0..EPOCHS {
+            let with = e % 2 == 1;
+            if with {
+                std::thread::sleep(next.saturating_duration_since(Instant::now() + LEAD));
+                if let Some(pa) = ck.prearm().expect("pre-arm") {
+                    prearm_time.push(pa.time);
+                }
+            }
+            std::thread::sleep(next.saturating_duration_since(Instant::now()));
+            next += INTERVAL;
+            let c = ck.checkpoint(&vm).expect("checkpoint");
+            let t = c.timings;
+            let i = usize::from(with);
+            over[i].push(t.total.saturating_sub(t.harvest));
+            total[i].push(t.total);
+            arm[i].push(t.arm);
+            pages[i].push(c.dirty.len());
+            if let EpochView::Cow(v) = &c.view {
+                if let Some(w) = v.prearm_faults() {
+                    written_before.push(w);
+                }
+            }
+            // Read every page through the view while the guest runs, as
+            // the primary does.
+            for &g in &c.dirty {
+                c.view
+                    .read_page(g, &mut buf)
+                    .expect("read through the view");
+            }
+            c.view.finish();
+            assert!(vm.wait_exit(Duration::ZERO).is_none(), "the guest ended");
+        }
+        assert!(
+            prearm_time.len() >= EPOCHS / 2 - 1,
+            "only {} checkpoints were pre-armed",
+            prearm_time.len()
+        );
+        written_before.sort();
+        for (i, name) in ["armed in the pause", "pre-armed"].iter().enumerate() {
+            pages[i].sort();
+            eprintln!(
+                "running guest ({per_round} pages a round, {idle_us} us idle), 1 GiB, checkpoint every {INTERVAL:?}, {name}: {} dirty pages/epoch (median); checkpoint pause {}; pause-minus-harvest {}; COW arm {}",
+                pages[i][pages[i].len() / 2],
+                stats(&mut total[i]),
+                stats(&mut over[i]),
+                stats(&mut arm[i]),
+            );
+        }
+        eprintln!(
+            "  pre-arm {LEAD:?} before the checkpoint took {}; faults in between (one per huge page): median {}, max {}",
+            stats(&mut prearm_time),
+            written_before[written_before.len() / 2],
+            written_before[written_before.len() - 1],
         );
     }
 }

@@ -92,6 +92,8 @@ fn cow_memory(mem: &Arc<GuestMemory>) -> CowMemory {
         coalesce_gap: 0,
         max_ranges: usize::MAX,
         align: 1,
+        // One fault per written page: the counts are checked.
+        block_copy_max: 0,
     });
     cow
 }

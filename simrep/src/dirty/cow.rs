@@ -6,7 +6,11 @@
 //! protected page — a vCPU inside `KVM_RUN` (KVM's `get_user_pages` raises
 //! the fault) or any host thread — blocks in the kernel while the handler
 //! thread copies the still unchanged 4 KiB page into a side store and then
-//! removes the protection, which wakes the writer. Readers call
+//! removes the protection, which wakes the writer. Where few pages of the
+//! view are left protected in the huge page (2 MiB) around it, the handler
+//! saves them all and un-protects the whole block instead
+//! ([`CowOptions::block_copy_max`]): un-protecting one 4 KiB page would
+//! split the huge page for good and make every later arm dearer. Readers call
 //! [`CowView::read_page`] from any number of threads and get the page as it
 //! was at the checkpoint: the saved copy if the guest wrote the page since,
 //! else the live page. [`CowView::release`] drops a page the reader is done
@@ -14,9 +18,17 @@
 //! view) un-protects what is left, frees every copy and returns the
 //! epoch's [`CowStats`], after which the next checkpoint can arm again.
 //!
-//! The side store never holds more copies than pages the guest wrote while
-//! the view was open (minus those released early); the stats report the
-//! peak. `mprotect` is never used: under PVM it breaks `KVM_RUN`
+//! The pause can be shortened further: [`CowMemory::prearm`] protects the
+//! expected dirty pages shortly before the checkpoint, while the guest
+//! still runs (a write in between faults once per huge page, which is
+//! noted and un-protected without a copy), and the arm then protects only
+//! what is left: pages outside the pre-armed ranges and in the huge pages
+//! written since.
+//!
+//! The side store never holds more copies than the view's pages in the
+//! huge pages the guest wrote while the view was open (minus those
+//! released early), and never more than the view's pages; the stats
+//! report the peak. `mprotect` is never used: under PVM it breaks `KVM_RUN`
 //! (`ENVIRONMENT.md`).
 //!
 //! # Page states and memory ordering
@@ -30,7 +42,8 @@
 //! The handler saves a page under the store lock: it copies the page (still
 //! write-protected, so nobody can change it), moves the word from protected
 //! to saved with a compare-and-swap (AcqRel), inserts the copy, and only
-//! after unlocking un-protects the page. A reader of a protected page copies
+//! after unlocking un-protects the page (or its block, once every page of
+//! the view still protected in it is saved). A reader of a protected page copies
 //! the live page, issues an acquire fence and reloads the word (the seqlock
 //! read of `crossbeam`'s `AtomicCell`): if the word is unchanged, no
 //! un-protect can have happened before the reload — every un-protect
@@ -79,6 +92,12 @@ const PROTECTED: u32 = 1;
 const SAVED: u32 = 2;
 /// Word state: the reader released the page.
 const RELEASED: u32 = 3;
+/// Pages in a huge page (2 MiB): the handler un-protects whole blocks of
+/// this many pages where it can.
+const HUGE_PAGE_PAGES: u64 = 512;
+/// Pages [`CowMemory::prearm`] protects with one ioctl (16 MiB): the
+/// guest runs between pieces.
+const PREARM_PIECE: u64 = 4096;
 /// Effective state of a page that is not part of the open view.
 const IDLE: u32 = 0;
 /// The largest epoch a word can carry (30 bits); then all words reset.
@@ -170,12 +189,23 @@ pub struct CowStats {
     pub epoch: u32,
     /// Pages armed (write-protected at the checkpoint).
     pub armed_pages: u64,
-    /// Pages write-protected: the armed pages plus the gaps that
-    /// [`CowOptions`] merged into larger ranges (a write to such a page
-    /// faults once and is un-protected without a copy).
+    /// Pages write-protected by the arm: the armed pages plus the gaps
+    /// that [`CowOptions`] merged into larger ranges (a write to such a
+    /// page faults once and is un-protected without a copy). After a
+    /// pre-arm, only the pages it had not protected or that were written
+    /// since (rounded out the same way).
     pub protected_pages: u64,
     /// Time [`CowMemory::arm`] took (state set-up plus the ioctls).
     pub arm_time: Duration,
+    /// Pages [`CowMemory::prearm`] protected ahead of the checkpoint (0:
+    /// the view was armed without one).
+    pub prearmed_pages: u64,
+    /// Time the pre-arm took (while the guest ran).
+    pub prearm_time: Duration,
+    /// Write faults between the pre-arm and the checkpoint: each
+    /// un-protected one huge page (2 MiB) without a copy, which the arm
+    /// protected again.
+    pub prearm_faults: u64,
     /// Write-protect faults handled while the view was open (duplicates and
     /// faults on released pages included).
     pub faults: u64,
@@ -217,6 +247,17 @@ struct Store {
     faults: u64,
     fault_ns: Vec<u32>,
     handler_errors: u64,
+    /// A pre-arm is pending ([`CowMemory::prearm`]): the ranges it
+    /// protected while the guest ran. Only while no view is open.
+    pre: Option<Vec<(u64, u64)>>,
+    /// Huge pages (gfn / [`HUGE_PAGE_PAGES`]) written since the pre-arm
+    /// (the handler un-protected them without a copy; the arm protects
+    /// them again).
+    pre_written: Vec<u64>,
+    /// What the pending pre-arm cost.
+    pre_time: Duration,
+    /// [`CowOptions::block_copy_max`] of the open view.
+    block_copy_max: u64,
 }
 
 #[derive(Debug)]
@@ -276,43 +317,89 @@ impl Shared {
             return;
         }
         let gfn = (page_addr - self.base) / PAGE;
-        let mut buf = vec![0u8; PAGE_SIZE].into_boxed_slice();
+        // The huge page around it.
+        let first = gfn / HUGE_PAGE_PAGES * HUGE_PAGE_PAGES;
+        let block = (first, (first + HUGE_PAGE_PAGES).min(self.pages) - first);
         let mut read_error = None;
+        // What to un-protect: the whole block where possible, so that it
+        // stays one huge page.
+        let mut range = block;
         {
             let mut st = self.lock();
+            if !st.active && st.pre.is_some() {
+                // Pre-armed and the checkpoint not taken yet: this write
+                // happens before it. Note the block (the arm protects it
+                // again) and un-protect it, both under the lock, so that
+                // the arm, which takes the list under the same lock, never
+                // misses a block un-protected here.
+                st.pre_written.push(first / HUGE_PAGE_PAGES);
+                if let Err(e) = self.protect(block.0, block.1, false) {
+                    st.handler_errors += 1;
+                    drop(st);
+                    tracing::error!(gfn, error = %e, "cannot un-protect a pre-armed block: its writer stays blocked");
+                }
+                return;
+            }
             if st.active {
                 st.faults += 1;
-                let word = &self.words[gfn as usize];
-                let w = word.load(Ordering::Acquire);
-                if effective(w, st.epoch, st.whole) == PROTECTED {
+                let (epoch, whole) = (st.epoch, st.whole);
+                // The view's pages in the block that are still protected:
+                // all saved now if there are few enough, else only this
+                // one (un-protecting one page splits the huge page).
+                let pending = (first..first + block.1)
+                    .filter(|&g| {
+                        effective(self.words[g as usize].load(Ordering::Acquire), epoch, whole)
+                            == PROTECTED
+                    })
+                    .count() as u64;
+                // A view of all memory (a synchronisation, read over
+                // seconds) saves page by page: whole blocks could copy all
+                // of memory.
+                let max = if whole { 0 } else { st.block_copy_max };
+                let save = if pending <= max {
+                    first..first + block.1
+                } else {
+                    range = (gfn, 1);
+                    gfn..gfn + 1
+                };
+                for g in save {
+                    let word = &self.words[g as usize];
+                    let w = word.load(Ordering::Acquire);
+                    if effective(w, epoch, whole) != PROTECTED {
+                        continue;
+                    }
                     // The page is still write-protected: nobody can change
                     // it while it is copied.
-                    match self.mem.read(gfn * PAGE, &mut buf) {
+                    let mut buf = vec![0u8; PAGE_SIZE].into_boxed_slice();
+                    match self.mem.read(g * PAGE, &mut buf) {
                         Ok(()) => {
-                            let saved = (st.epoch << 2) | SAVED;
+                            let saved = (epoch << 2) | SAVED;
                             if word
                                 .compare_exchange(w, saved, Ordering::AcqRel, Ordering::Acquire)
                                 .is_ok()
                             {
-                                st.copies.insert(gfn, buf);
+                                st.copies.insert(g, buf);
                                 st.copied += 1;
-                                st.peak = st.peak.max(st.copies.len());
                             }
                             // Else the reader released the page meanwhile:
                             // the copy is not needed.
                         }
                         Err(e) => {
+                            // Leave the rest of the block protected.
                             st.handler_errors += 1;
                             read_error = Some(e);
+                            range = (gfn, 1);
+                            break;
                         }
                     }
                 }
+                st.peak = st.peak.max(st.copies.len());
             }
         }
         if let Some(e) = read_error {
             tracing::error!(gfn, error = %e, "cannot copy a write-protected page");
         }
-        let unprotected = self.protect(gfn, 1, false);
+        let unprotected = self.protect(range.0, range.1, false);
         let ns = u32::try_from(t0.elapsed().as_nanos()).unwrap_or(u32::MAX);
         let mut st = self.lock();
         if let Err(e) = unprotected {
@@ -321,6 +408,24 @@ impl Shared {
         }
         if st.active {
             st.fault_ns.push(ns);
+        }
+    }
+
+    /// Un-protects the ranges `spans` (of a view or a pre-arm, named by
+    /// `what` in the log). Un-protecting pages already un-protected is
+    /// harmless, and a few large ranges cost far less than one ioctl per
+    /// page.
+    fn unprotect_all_of(&self, spans: &[(u64, u64)], what: &str) {
+        let result = spans
+            .iter()
+            .try_for_each(|&(g, n)| self.protect(g, n, false));
+        if let Err(e) = result {
+            // Leaving pages protected would block their next writer
+            // forever: fall back to un-protecting all of memory.
+            tracing::error!(error = %e, "un-protect at the end of a {what} failed; retrying on all of memory");
+            if let Err(e) = self.protect(0, self.pages, false) {
+                tracing::error!(error = %e, "cannot un-protect guest memory");
+            }
         }
     }
 
@@ -360,19 +465,7 @@ impl Shared {
                 stats,
             )
         };
-        // Un-protecting pages already un-protected is harmless, and a few
-        // large ranges cost far less than one ioctl per page.
-        let result = spans
-            .iter()
-            .try_for_each(|&(g, n)| self.protect(g, n, false));
-        if let Err(e) = result {
-            // Leaving pages protected would block their next writer
-            // forever: fall back to un-protecting all of memory.
-            tracing::error!(epoch, error = %e, "un-protect at the end of a view failed; retrying on all of memory");
-            if let Err(e) = self.protect(0, self.pages, false) {
-                tracing::error!(epoch, error = %e, "cannot un-protect guest memory");
-            }
-        }
+        self.unprotect_all_of(&spans, "view");
         drop(copies);
         stats.finish_time = t0.elapsed();
         Some(stats)
@@ -407,6 +500,18 @@ pub struct CowOptions {
     /// Ranges start and end on multiples of this many pages (1: exactly
     /// the armed runs).
     pub align: u64,
+    /// In a view of a set of pages, a write fault saves every page of the
+    /// view still protected in its huge page (2 MiB) and un-protects the
+    /// whole block when there are at most this many, else only the written
+    /// page. Un-protecting a single 4 KiB page splits the huge page into
+    /// 512 entries for good, and every later protect or un-protect of that
+    /// memory then walks them: a 1 GiB arm costs ~6 ms once scattered
+    /// writes have split it, 55 µs while it is whole. Saving the block's
+    /// pages ahead costs one copy of at most 2 MiB, and the guest's later
+    /// writes to the block fault no more (page by page, a fully dirty
+    /// block costs it 512 faults). The copies never exceed the view's
+    /// pages. A view of all memory always saves page by page.
+    pub block_copy_max: u64,
 }
 
 impl Default for CowOptions {
@@ -415,6 +520,7 @@ impl Default for CowOptions {
             coalesce_gap: 16,
             max_ranges: 1024,
             align: 512,
+            block_copy_max: 512,
         }
     }
 }
@@ -475,6 +581,8 @@ fn add_run(out: &mut Vec<(u64, u64)>, g: u64, run_end: u64, options: CowOptions,
 pub struct CowMemory {
     shared: Arc<Shared>,
     options: CowOptions,
+    /// Held by every arm, pre-arm and cancel: they never interleave.
+    arming: Mutex<()>,
     stop: EventFd,
     thread: Option<JoinHandle<()>>,
 }
@@ -532,6 +640,7 @@ impl CowMemory {
         Ok(CowMemory {
             shared,
             options: CowOptions::default(),
+            arming: Mutex::new(()),
             stop,
             thread: Some(thread),
         })
@@ -574,15 +683,25 @@ impl CowMemory {
     /// [`CowMemory::arm_all`].
     pub fn arm(&self, gfns: &[u64]) -> Result<CowView, CowError> {
         // A checkpoint's dirty set comes sorted: no copy then.
-        let sorted;
+        let mut sorted = Vec::new();
+        let set = self.sorted_set(gfns, &mut sorted)?;
+        self.arm_inner(Some(set))
+    }
+
+    /// Sorted, de-duplicated `gfns` within memory (no copy when they
+    /// already are).
+    fn sorted_set<'a>(
+        &self,
+        gfns: &'a [u64],
+        sorted: &'a mut Vec<u64>,
+    ) -> Result<&'a [u64], CowError> {
         let set = if gfns.windows(2).all(|w| w[0] < w[1]) {
             gfns
         } else {
-            let mut s = gfns.to_vec();
-            s.sort_unstable();
-            s.dedup();
-            sorted = s;
-            &sorted
+            *sorted = gfns.to_vec();
+            sorted.sort_unstable();
+            sorted.dedup();
+            &sorted[..]
         };
         if let Some(&gfn) = set.last().filter(|&&g| g >= self.shared.pages) {
             return Err(CowError::OutOfRange {
@@ -590,21 +709,128 @@ impl CowMemory {
                 pages: self.shared.pages,
             });
         }
-        self.arm_inner(Some(set))
+        Ok(set)
+    }
+
+    /// Write-protects the ranges that would arm `gfns` now, while the guest
+    /// runs, so that the checkpoint's [`CowMemory::arm`] has little left to
+    /// do in the pause: a range costs with the pages KVM has mapped in it
+    /// (see [`CowOptions`]), and this moves that cost out of the pause.
+    /// Pass the pages expected to be dirty at the checkpoint (the last
+    /// checkpoint's set is a good guess).
+    ///
+    /// The ranges are protected 16 MiB at a time: KVM drops its mappings
+    /// of a range under its MMU lock, and the guest's vCPUs wait on the
+    /// range being done, not on all of them. Until the arm, the first write
+    /// to a pre-armed huge page (2 MiB) faults: the handler notes the block
+    /// and un-protects it without a copy, so the writer goes on. The next
+    /// [`CowMemory::arm`] (or [`CowMemory::arm_all`]) then protects only
+    /// the pages it is given that are outside the pre-armed ranges or in
+    /// the blocks written since, and the view holds exactly the image at
+    /// the arm, as without a pre-arm.
+    /// [`CowMemory::cancel_prearm`] un-protects everything instead.
+    ///
+    /// # Errors
+    ///
+    /// [`CowError::AlreadyArmed`] while a view is open (or a pre-arm is
+    /// pending), [`CowError::OutOfRange`], [`CowError::WriteProtect`] (then
+    /// nothing stays protected).
+    pub fn prearm(&self, gfns: &[u64]) -> Result<Prearm, CowError> {
+        let _arming = self.arming.lock().unwrap_or_else(|e| e.into_inner());
+        let t0 = Instant::now();
+        let sh = &*self.shared;
+        let mut sorted = Vec::new();
+        let set = self.sorted_set(gfns, &mut sorted)?;
+        let spans = protect_spans(set, self.options, sh.pages);
+        {
+            let mut st = sh.lock();
+            if st.active || st.pre.is_some() {
+                return Err(CowError::AlreadyArmed { epoch: st.epoch });
+            }
+            // In pre-arm mode before the first range is protected: the
+            // handler notes every fault from here on.
+            st.pre = Some(spans.clone());
+            st.pre_written.clear();
+        }
+        // In pieces (see above); between them the guest runs.
+        let pieces = spans.iter().flat_map(|&(g, n)| {
+            (g..g + n)
+                .step_by(PREARM_PIECE as usize)
+                .map(move |p| (p, PREARM_PIECE.min(g + n - p)))
+        });
+        for (g, n) in pieces {
+            if let Err(e) = sh.protect(g, n, true) {
+                self.cancel_locked();
+                return Err(e);
+            }
+        }
+        let time = t0.elapsed();
+        sh.lock().pre_time = time;
+        Ok(Prearm {
+            protected_pages: spans.iter().map(|&(_, n)| n).sum(),
+            time,
+        })
+    }
+
+    /// Un-protects a pending pre-arm (see [`CowMemory::prearm`]); false if
+    /// none was pending.
+    pub fn cancel_prearm(&self) -> bool {
+        let _arming = self.arming.lock().unwrap_or_else(|e| e.into_inner());
+        self.cancel_locked()
+    }
+
+    /// Whether a pre-arm is pending.
+    pub fn is_prearmed(&self) -> bool {
+        self.shared.lock().pre.is_some()
+    }
+
+    fn cancel_locked(&self) -> bool {
+        let sh = &*self.shared;
+        let Some(spans) = ({
+            let mut st = sh.lock();
+            st.pre_written.clear();
+            st.pre.take()
+        }) else {
+            return false;
+        };
+        // Out of pre-arm mode: a fault from here on is simply
+        // un-protected by the handler.
+        sh.unprotect_all_of(&spans, "pre-arm");
+        true
     }
 
     fn arm_inner(&self, set: Option<&[u64]>) -> Result<CowView, CowError> {
+        let _arming = self.arming.lock().unwrap_or_else(|e| e.into_inner());
         let t0 = Instant::now();
         let sh = &*self.shared;
-        let spans = match &set {
-            None => vec![(0, sh.pages)],
-            Some(set) => protect_spans(set, self.options, sh.pages),
-        };
-        let epoch = {
+        let (epoch, protect, prearm) = {
+            // One lock hold from taking the pre-arm's written pages to
+            // opening the view: a fault in between would otherwise be
+            // un-protected without being noted.
             let mut st = sh.lock();
             if st.active {
                 return Err(CowError::AlreadyArmed { epoch: st.epoch });
             }
+            let pre = st.pre.take();
+            let mut written = std::mem::take(&mut st.pre_written);
+            let protect = match (&set, &pre) {
+                (None, _) => vec![(0, sh.pages)],
+                (Some(set), None) => protect_spans(set, self.options, sh.pages),
+                (Some(set), Some(pre)) => {
+                    written.sort_unstable();
+                    written.dedup();
+                    let rest = not_yet_protected(set, pre, &written);
+                    protect_spans(&rest, self.options, sh.pages)
+                }
+            };
+            let prearm = pre.as_ref().map(|pre| PrearmUse {
+                protected_pages: pre.iter().map(|&(_, n)| n).sum(),
+                time: st.pre_time,
+                faults: written.len() as u64,
+            });
+            // What the view un-protects when it closes.
+            let mut spans = pre.unwrap_or_default();
+            spans.extend_from_slice(&protect);
             let mut epoch = st.epoch + 1;
             if epoch > MAX_EPOCH {
                 for w in sh.words.iter() {
@@ -616,12 +842,13 @@ impl CowMemory {
                 active: true,
                 epoch,
                 whole: set.is_none(),
-                spans: spans.clone(),
+                spans,
                 copies: std::mem::take(&mut st.copies),
+                block_copy_max: self.options.block_copy_max,
                 ..Default::default()
             };
             sh.released.store(0, Ordering::Relaxed);
-            epoch
+            (epoch, protect, prearm)
         };
         if let Some(set) = &set {
             let w = (epoch << 2) | PROTECTED;
@@ -631,7 +858,9 @@ impl CowMemory {
         }
         sh.open_epoch.store(epoch, Ordering::Release);
         let armed_pages = set.as_ref().map_or(sh.pages, |s| s.len() as u64);
-        let protected = spans.iter().try_for_each(|&(g, n)| sh.protect(g, n, true));
+        let protected = protect
+            .iter()
+            .try_for_each(|&(g, n)| sh.protect(g, n, true));
         if let Err(e) = protected {
             sh.close(epoch);
             return Err(e);
@@ -641,11 +870,49 @@ impl CowMemory {
             epoch,
             whole: set.is_none(),
             armed_pages,
-            protected_pages: spans.iter().map(|&(_, n)| n).sum(),
+            protected_pages: protect.iter().map(|&(_, n)| n).sum(),
             arm_time: t0.elapsed(),
+            prearm,
             closed: false,
         })
     }
+}
+
+/// What a pre-arm did ([`CowMemory::prearm`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Prearm {
+    /// Pages write-protected.
+    pub protected_pages: u64,
+    /// Time it took.
+    pub time: Duration,
+}
+
+/// The pre-arm a view was armed on, for its stats.
+#[derive(Debug, Clone, Copy)]
+struct PrearmUse {
+    protected_pages: u64,
+    time: Duration,
+    faults: u64,
+}
+
+/// The pages of the sorted set `set` that the arm must protect after a
+/// pre-arm of the sorted, disjoint ranges `pre`: those outside `pre`, and
+/// those in the huge pages written since (`written`, sorted block
+/// numbers).
+fn not_yet_protected(set: &[u64], pre: &[(u64, u64)], written: &[u64]) -> Vec<u64> {
+    let mut out = Vec::new();
+    let mut spans = pre.iter().peekable();
+    let mut written = written.iter().peekable();
+    for &g in set {
+        let block = g / HUGE_PAGE_PAGES;
+        while spans.next_if(|&&(first, n)| first + n <= g).is_some() {}
+        while written.next_if(|&&w| w < block).is_some() {}
+        let covered = spans.peek().is_some_and(|&&(first, _)| first <= g);
+        if !covered || written.peek() == Some(&&block) {
+            out.push(g);
+        }
+    }
+    out
 }
 
 impl Drop for CowMemory {
@@ -656,6 +923,7 @@ impl Drop for CowMemory {
             tracing::warn!(epoch, "copy-on-write memory dropped with a view open");
             sh.close(epoch);
         }
+        self.cancel_locked();
         if let Err(e) = self.stop.write(1) {
             tracing::error!(error = %e, "cannot stop the copy-on-write handler");
         }
@@ -732,6 +1000,7 @@ pub struct CowView {
     armed_pages: u64,
     protected_pages: u64,
     arm_time: Duration,
+    prearm: Option<PrearmUse>,
     closed: bool,
 }
 
@@ -749,6 +1018,12 @@ impl CowView {
     /// How long arming took.
     pub fn arm_time(&self) -> Duration {
         self.arm_time
+    }
+
+    /// With a pre-arm ([`CowMemory::prearm`]): the write faults between it
+    /// and the arm (see [`CowStats::prearm_faults`]).
+    pub fn prearm_faults(&self) -> Option<u64> {
+        self.prearm.map(|p| p.faults)
     }
 
     /// Copies held now.
@@ -933,6 +1208,11 @@ impl CowView {
         stats.armed_pages = self.armed_pages;
         stats.protected_pages = self.protected_pages;
         stats.arm_time = self.arm_time;
+        if let Some(p) = self.prearm {
+            stats.prearmed_pages = p.protected_pages;
+            stats.prearm_time = p.time;
+            stats.prearm_faults = p.faults;
+        }
         tracing::debug!(?stats, "copy-on-write view finished");
         stats
     }

@@ -235,6 +235,8 @@ pub struct DirtyTracker {
     predictor: Option<Predictor>,
     /// Bitmap mode with prediction: the bits to clear, reused.
     clear: Vec<u64>,
+    /// Bitmap mode: the bitmap [`DirtyTracker::peek_into`] reads, reused.
+    peek: Vec<u64>,
 }
 
 impl DirtyTracker {
@@ -269,6 +271,7 @@ impl DirtyTracker {
             last: HarvestStats::default(),
             predictor: None,
             clear: Vec::new(),
+            peek: Vec::new(),
         })
     }
 
@@ -309,6 +312,26 @@ impl DirtyTracker {
     pub fn harvest_into(&mut self, out: &mut DirtyPages) -> Result<(), DirtyError> {
         self.collect_into(out)?;
         self.rearm()
+    }
+
+    /// The pages the guest has written since the previous harvest so far,
+    /// read while it runs, without re-arming anything (the next harvest
+    /// returns them again): what the next checkpoint's dirty set will
+    /// mostly be. Bitmap mode only; false (and `out` left alone) in ring
+    /// mode and before the first harvest. With prediction on, the hot
+    /// pages are not among them (KVM does not log them).
+    ///
+    /// # Errors
+    ///
+    /// [`DirtyError`] from `KVM_GET_DIRTY_LOG`.
+    pub fn peek_into(&mut self, out: &mut DirtyPages) -> Result<bool, DirtyError> {
+        if !matches!(self.mode, DirtyMode::Bitmap) || self.harvests == 0 {
+            return Ok(false);
+        }
+        self.peek.resize(kvm::bitmap_words(self.pages), 0);
+        kvm::get_dirty_log(&self.vm, SLOT, self.pages, &mut self.peek)?;
+        out.set_from_bitmap(&self.peek, self.pages);
+        Ok(true)
     }
 
     /// The first half of [`DirtyTracker::harvest_into`]: reads the pages

@@ -323,7 +323,7 @@ impl CowTracer {
         match Self::start(vm, tgid, ranges) {
             Ok(t) => CowTracing::Active(Box::new(t)),
             Err(reason) => {
-                tracing::warn!(reason = %super::error_chain(&reason), "eBPF copy-on-write tracing unavailable");
+                tracing::warn!(reason = %crate::error_chain(&reason), "eBPF copy-on-write tracing unavailable");
                 CowTracing::Unavailable { reason }
             }
         }

@@ -635,17 +635,5 @@ fn is_root() -> bool {
     euid == 0
 }
 
-/// `error: cause: cause ...`
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    s
-}
-
 #[cfg(test)]
 mod tests;

@@ -258,7 +258,7 @@ impl WriteTracer {
         match Self::start_with(vm, tgid, sources) {
             Ok(t) => WriteTracing::Active(Box::new(t)),
             Err(reason) => {
-                tracing::warn!(reason = %super::error_chain(&reason), "eBPF write tracing unavailable");
+                tracing::warn!(reason = %crate::error_chain(&reason), "eBPF write tracing unavailable");
                 WriteTracing::Unavailable { reason }
             }
         }
@@ -350,9 +350,9 @@ impl WriteTracer {
             .try_into()
             .map_err(|e| format!("{e}"))?;
         prog.load()
-            .map_err(|e| format!("load: {}", super::error_chain(&e)))?;
+            .map_err(|e| format!("load: {}", crate::error_chain(&e)))?;
         prog.attach(category, name)
-            .map_err(|e| format!("attach: {}", super::error_chain(&e)))?;
+            .map_err(|e| format!("attach: {}", crate::error_chain(&e)))?;
         Ok(())
     }
 

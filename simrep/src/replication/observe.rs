@@ -168,6 +168,14 @@ pub struct EpochRecord {
     /// eBPF: copy-on-write faults of the VMM's own threads in guest memory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cow_faults: Option<u64>,
+    /// Copy-on-write pre-armed before the checkpoint (outside the pause):
+    /// what that took, µs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prearm_us: Option<u64>,
+    /// Pre-armed: the guest's write faults between the pre-arm and the
+    /// checkpoint (one per huge page, protected again in the pause).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prearm_faults: Option<u64>,
 }
 
 /// A JSON-lines file: one object per line, flushed per line.

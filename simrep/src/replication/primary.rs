@@ -109,6 +109,12 @@ pub struct PrimaryOptions {
     /// Trace guest write faults and the VMM's copy-on-write faults with
     /// eBPF, cross-check them with the dirty log and report them per epoch.
     pub ebpf: bool,
+    /// Pre-arm copy-on-write before each checkpoint
+    /// ([`EpochCheckpointer::prearm`]); off: arm it in the pause only.
+    pub prearm: bool,
+    /// Dirty sets up to this many pages are copied in the pause, larger
+    /// ones get copy-on-write ([`EpochCheckpointer::copy_limit`]).
+    pub copy_limit: usize,
 }
 
 /// Errors of the primary.
@@ -320,6 +326,7 @@ pub fn run_primary(
     let tracker = vm.dirty_tracker().map_err(VmmError::from)?;
     let ebpf_on = opts.ebpf;
     let mut ck = EpochCheckpointer::new(&vm, tracker)?;
+    ck.copy_limit = opts.copy_limit;
     if let Some(p) = opts.predict {
         ck.set_prediction(Some(p))?;
         tracing::info!(
@@ -433,13 +440,27 @@ impl Replicator {
         let n = vm.vcpu_count();
         let mut ended = vec![false; n];
         let mut next_tick = Instant::now() + self.opts.epoch;
+        let mut prearmed = false;
         while !stop.load(Ordering::Relaxed) && ended.iter().any(|e| !e) {
             if self.drain_events(vm)? {
                 // The first epoch after a synchronisation is a full epoch.
                 next_tick = Instant::now() + self.opts.epoch;
             }
             let now = Instant::now();
+            // Copy-on-write pre-armed shortly before the checkpoint, while
+            // the guest runs: the pause then has little left to arm.
+            let prearm_at = next_tick.checked_sub(self.ck.prearm_lead().min(self.opts.epoch / 2));
+            if self.opts.prearm
+                && self.session != 0
+                && !prearmed
+                && prearm_at.is_some_and(|t| now >= t)
+            {
+                prearmed = true;
+                self.prearm();
+                continue;
+            }
             if now >= next_tick {
+                prearmed = false;
                 if self.session != 0 {
                     self.epoch(vm)?;
                 } else if self.link.session() != 0 {
@@ -450,7 +471,11 @@ impl Replicator {
                 next_tick = next_tick.min(Instant::now() + self.opts.epoch);
                 continue;
             }
-            let wait = (next_tick - now).min(Duration::from_millis(5));
+            let until = match prearm_at {
+                Some(t) if self.opts.prearm && self.session != 0 && !prearmed => t.max(now),
+                _ => next_tick,
+            };
+            let wait = (until - now).min(Duration::from_millis(5));
             if let Some(ev) = vm.wait_exit(wait) {
                 match ev.result {
                     Ok(outcome) => {
@@ -588,6 +613,8 @@ impl Replicator {
         let was = self.session != 0;
         self.session = 0;
         self.encoder = None;
+        // No checkpoint comes until the next synchronisation.
+        self.ck.cancel_prearm();
         let released = self
             .gate
             .as_ref()
@@ -808,6 +835,24 @@ impl Replicator {
         }
     }
 
+    /// Pre-arms copy-on-write for the coming checkpoint (see
+    /// [`EpochCheckpointer::prearm`]). A failure is logged, not fatal: the
+    /// checkpoint then arms in its pause.
+    fn prearm(&mut self) {
+        match self.ck.prearm() {
+            Ok(Some(p)) => tracing::trace!(
+                pages = p.protected_pages,
+                us = p.time.as_micros() as u64,
+                "copy-on-write pre-armed"
+            ),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(
+                "cannot pre-arm copy-on-write ({}); the checkpoint arms it in the pause",
+                crate::error_chain(&e)
+            ),
+        }
+    }
+
     fn epoch(&mut self, vm: &Vm) -> Result<(), PrimaryError> {
         let session = self.session;
         let k = self.next_epoch;
@@ -914,8 +959,11 @@ impl Replicator {
             protected: self.acked.is_some(),
             ..EpochRecord::default()
         };
-        let _ = cow;
         let mut rec = rec;
+        if let Some(c) = cow.filter(|c| c.prearmed_pages > 0) {
+            rec.prearm_us = Some(c.prearm_time.as_micros() as u64);
+            rec.prearm_faults = Some(c.prearm_faults);
+        }
         if let Some(p) = self.ck.prediction_stats() {
             rec.hot_pages = Some(p.hot);
             rec.unprotected_pages = Some(p.unprotected);

@@ -1162,7 +1162,7 @@ impl Checkpointer {
                 Ok(c) => self.cow = Some((Arc::clone(mem), c)),
                 Err(e) => {
                     tracing::warn!(
-                        error = %chain(&e),
+                        error = %crate::error_chain(&e),
                         "checkpoint: no copy-on-write view of guest memory; checkpoints copy memory while the guest is paused"
                     );
                     self.copy_only = true;
@@ -1187,7 +1187,7 @@ impl Checkpointer {
                 Ok(v) => return Ok(Taken::View(v)),
                 Err(e) => {
                     tracing::error!(
-                        error = %chain(&e),
+                        error = %crate::error_chain(&e),
                         "checkpoint: arming copy-on-write failed; this and later checkpoints copy memory while the guest is paused"
                     );
                     self.cow = None;
@@ -1322,18 +1322,6 @@ impl Checkpointer {
     }
 }
 
-/// The error and its sources on one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
-
 /// A [`supervise`] tick that writes checkpoints with `c`. A checkpoint
 /// that cannot be written is logged as an error and the guest keeps
 /// running (the previous checkpoint stays intact); a VM that cannot be
@@ -1343,7 +1331,7 @@ pub fn tick(c: &mut Checkpointer) -> impl FnMut(&Vm) -> Result<(), VmmError> + '
         Ok(_) => Ok(()),
         Err(e @ CheckpointError::Vm(_)) => Err(e.into()),
         Err(e) => {
-            tracing::error!(error = %chain(&e), "checkpoint failed; the previous one stays intact");
+            tracing::error!(error = %crate::error_chain(&e), "checkpoint failed; the previous one stays intact");
             Ok(())
         }
     }
