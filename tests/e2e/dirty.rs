@@ -818,96 +818,123 @@ fn checkpoint_pause_1gib() {
 }
 
 /// Not a timed test: the checkpoint pause of a 1 GiB guest that keeps
-/// writing scattered pages, with checkpoints every 50 ms, pre-armed
-/// (`EpochCheckpointer::prearm`) `LEAD` before the checkpoint or not,
-/// alternating epoch by epoch. The pages the guest writes between the
-/// pre-arm and the checkpoint are protected again in the pause.
+/// writing scattered pages while every view is open (read through by the
+/// test, as the primary does), with checkpoints every 50 or 75 ms. Three
+/// settings, each on a fresh VM: faults saved page by page (which splits
+/// huge pages, as before `CowOptions::block_copy_max`), whole huge pages
+/// saved, and that plus a pre-arm (`EpochCheckpointer::prearm`)
+/// `prearm_lead()` before each checkpoint.
 #[test]
 #[ignore = "a benchmark: run with --ignored --nocapture"]
 fn checkpoint_pause_prearmed_running_guest() {
+    use simrep::dirty::cow::CowOptions;
     use simrep::vmm::epoch::{EpochCheckpointer, EpochView};
-    const EPOCHS: usize = 40;
-    const INTERVAL: Duration = Duration::from_millis(50);
-    const LEAD: Duration = Duration::from_millis(2);
-    // Rounds of `per_round` scattered writes with `idle_us` between them.
-    for (per_round, idle_us) in [(1000u32, 2000u32), (1000, 0)] {
-        let opts = touch_opts(
-            1 << 30,
-            1,
-            0,
-            TouchOptions {
-                pages_per_round: per_round,
-                idle_us,
-                region_bytes: 1 << 30,
-                ..Default::default()
-            },
-        );
-        let (vm, tracker) =
-            run::boot_tracked(&opts, DirtyMode::Bitmap).expect("boot with dirty tracking");
-        let mut ck = EpochCheckpointer::new(&vm, tracker).expect("checkpointer");
-        ck.copy_limit = 0;
-        ck.checkpoint(&vm).expect("first checkpoint").view.finish();
-        // [without, with] pre-arm.
-        let mut over: [Vec<Duration>; 2] = [vec![], vec![]];
-        let mut total: [Vec<Duration>; 2] = [vec![], vec![]];
-        let mut arm: [Vec<Duration>; 2] = [vec![], vec![]];
-        let mut pages: [Vec<usize>; 2] = [vec![], vec![]];
-        let (mut written_before, mut prearm_time) = (vec![], vec![]);
-        let mut buf = [0u8; 4096];
-        let mut next = Instant::now() + INTERVAL;
-        for e in 0..EPOCHS {
-            let with = e % 2 == 1;
-            if with {
-                std::thread::sleep(next.saturating_duration_since(Instant::now() + LEAD));
-                if let Some(pa) = ck.prearm().expect("pre-arm") {
-                    prearm_time.push(pa.time);
-                }
-            }
-            std::thread::sleep(next.saturating_duration_since(Instant::now()));
-            next += INTERVAL;
-            let c = ck.checkpoint(&vm).expect("checkpoint");
-            let t = c.timings;
-            let i = usize::from(with);
-            over[i].push(t.total.saturating_sub(t.harvest));
-            total[i].push(t.total);
-            arm[i].push(t.arm);
-            pages[i].push(c.dirty.len());
-            if let EpochView::Cow(v) = &c.view {
-                if let Some(w) = v.prearm_faults() {
-                    written_before.push(w);
-                }
-            }
-            // Read every page through the view while the guest runs, as
-            // the primary does.
-            for &g in &c.dirty {
-                c.view
-                    .read_page(g, &mut buf)
-                    .expect("read through the view");
-            }
-            c.view.finish();
-            assert!(vm.wait_exit(Duration::ZERO).is_none(), "the guest ended");
-        }
-        assert!(
-            prearm_time.len() >= EPOCHS / 2 - 1,
-            "only {} checkpoints were pre-armed",
-            prearm_time.len()
-        );
-        written_before.sort();
-        for (i, name) in ["armed in the pause", "pre-armed"].iter().enumerate() {
-            pages[i].sort();
-            eprintln!(
-                "running guest ({per_round} pages a round, {idle_us} us idle), 1 GiB, checkpoint every {INTERVAL:?}, {name}: {} dirty pages/epoch (median); checkpoint pause {}; pause-minus-harvest {}; COW arm {}",
-                pages[i][pages[i].len() / 2],
-                stats(&mut total[i]),
-                stats(&mut over[i]),
-                stats(&mut arm[i]),
+    const EPOCHS: usize = 30;
+    // Rounds of `per_round` scattered writes with `idle_us` between them,
+    // a checkpoint every `ms` (the last row: ~20 000 pages an epoch).
+    for (per_round, idle_us, ms) in [(1000u32, 2000u32, 50u64), (1000, 0, 50), (1000, 0, 75)] {
+        let interval = Duration::from_millis(ms);
+        for (name, block_copy_max, prearm) in [
+            ("page by page", 0u64, false),
+            (
+                "whole huge pages",
+                CowOptions::default().block_copy_max,
+                false,
+            ),
+            (
+                "whole huge pages, pre-armed",
+                CowOptions::default().block_copy_max,
+                true,
+            ),
+        ] {
+            let opts = touch_opts(
+                1 << 30,
+                1,
+                0,
+                TouchOptions {
+                    pages_per_round: per_round,
+                    idle_us,
+                    region_bytes: 1 << 30,
+                    ..Default::default()
+                },
             );
+            let (mut vm, tracker) =
+                run::boot_tracked(&opts, DirtyMode::Bitmap).expect("boot with dirty tracking");
+            let mut ck = EpochCheckpointer::new(&vm, tracker).expect("checkpointer");
+            ck.set_cow_options(CowOptions {
+                block_copy_max,
+                ..CowOptions::default()
+            });
+            ck.copy_limit = 0;
+            ck.checkpoint(&vm).expect("first checkpoint").view.finish();
+            let (mut over, mut total, mut arm, mut pages) = (vec![], vec![], vec![], vec![]);
+            let (mut faults, mut prearm_faults, mut prearm_time) = (vec![], vec![], vec![]);
+            let mut buf = [0u8; 4096];
+            let mut next = Instant::now() + interval;
+            for _ in 0..EPOCHS {
+                if prearm {
+                    std::thread::sleep(
+                        next.saturating_duration_since(Instant::now() + ck.prearm_lead()),
+                    );
+                    if let Some(pa) = ck.prearm().expect("pre-arm") {
+                        prearm_time.push(pa.time);
+                    }
+                }
+                std::thread::sleep(next.saturating_duration_since(Instant::now()));
+                next += interval;
+                let c = ck.checkpoint(&vm).expect("checkpoint");
+                let t = c.timings;
+                over.push(t.total.saturating_sub(t.harvest));
+                total.push(t.total);
+                arm.push(t.arm);
+                pages.push(c.dirty.len());
+                if let EpochView::Cow(v) = &c.view {
+                    if let Some(w) = v.prearm_faults() {
+                        prearm_faults.push(w);
+                    }
+                }
+                // Read every page through the view while the guest runs,
+                // as the primary does.
+                for &g in &c.dirty {
+                    c.view
+                        .read_page(g, &mut buf)
+                        .expect("read through the view");
+                }
+                if let Some(st) = c.view.finish() {
+                    faults.push(st.faults);
+                }
+                assert!(vm.wait_exit(Duration::ZERO).is_none(), "the guest ended");
+            }
+            if prearm {
+                assert!(
+                    prearm_time.len() >= EPOCHS - 1,
+                    "only {} checkpoints were pre-armed",
+                    prearm_time.len()
+                );
+            }
+            pages.sort();
+            faults.sort();
+            prearm_faults.sort();
+            let med = |v: &[u64]| v.get(v.len() / 2).copied().unwrap_or(0);
+            eprintln!(
+                "running guest ({per_round} pages a round, {idle_us} us idle), 1 GiB, checkpoint every {interval:?}, {name}: {} dirty pages/epoch (median), {} write faults/epoch while the view is open; checkpoint pause {}; pause-minus-harvest {}; COW arm {}{}",
+                pages[pages.len() / 2],
+                med(&faults),
+                stats(&mut total),
+                stats(&mut over),
+                stats(&mut arm),
+                if prearm {
+                    format!(
+                        "; pre-arm took {}, faults between it and the checkpoint {} (median)",
+                        stats(&mut prearm_time),
+                        med(&prearm_faults)
+                    )
+                } else {
+                    String::new()
+                }
+            );
+            drop(ck);
+            vm.shutdown();
         }
-        eprintln!(
-            "  pre-arm {LEAD:?} before the checkpoint took {}; faults in between (one per huge page): median {}, max {}",
-            stats(&mut prearm_time),
-            written_before[written_before.len() / 2],
-            written_before[written_before.len() - 1],
-        );
     }
 }

@@ -20,10 +20,10 @@
 //! protected ranges (~60 ns each here: ~1.1 ms at 20 000 scattered pages
 //! of a 1 GiB guest). [`EpochCheckpointer::prearm`], called
 //! [`EpochCheckpointer::prearm_lead`] before the checkpoint, moves that
-//! out of the pause: it protects the last checkpoint's dirty set while the
-//! guest runs, and the arm in the pause then protects only the dirty pages
-//! outside it and the huge pages the guest wrote in between (the primary
-//! does this every epoch).
+//! out of the pause: it protects the pages written so far in the epoch and
+//! the last armed set while the guest runs, and the arm in the pause then
+//! protects only the dirty pages outside them and the huge pages the guest
+//! wrote in between (the primary does this every epoch).
 //!
 //! With write-fault prediction on ([`EpochCheckpointer::set_prediction`])
 //! a dirty set above the limit is split: its hot pages are copied (arming
@@ -43,7 +43,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::dirty::cow::{CowError, CowMemory, CowStats, CowView, Prearm};
+use crate::dirty::cow::{CowError, CowMemory, CowOptions, CowStats, CowView, Prearm};
 use crate::dirty::{DirtyError, DirtyPages, DirtyTracker, PredictStats, Prediction};
 
 use super::state::{StateError, VmSnapshot};
@@ -249,6 +249,12 @@ impl EpochCheckpointer {
     /// The copy-on-write memory (for statistics).
     pub fn cow(&self) -> &CowMemory {
         &self.cow
+    }
+
+    /// Sets how copy-on-write protects and saves pages (benchmarks
+    /// compare settings with it).
+    pub fn set_cow_options(&mut self, options: CowOptions) {
+        self.cow.set_options(options);
     }
 
     // --- write-fault prediction ---
