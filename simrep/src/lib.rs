@@ -33,8 +33,9 @@ pub mod replication;
 pub mod trace;
 pub mod vmm;
 
-/// `error: cause: cause ...`, for logs.
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+/// `error: cause: cause ...`: an error and its sources on one line, for
+/// logs and messages.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut source = e.source();
     while let Some(cause) = source {

@@ -48,17 +48,7 @@ fn load(name: &str, tgid: u32) -> PageFaultCounter {
     })
 }
 
-/// `error: cause: cause ...`
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    s
-}
+pub(crate) use simrep::error_chain;
 
 /// A forked child that, once released, writes one byte to each of `pages`
 /// fresh anonymous pages and exits.
