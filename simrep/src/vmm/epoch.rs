@@ -218,7 +218,8 @@ pub struct EpochCheckpointer {
     /// What the last pre-arm took.
     last_prearm: Option<Duration>,
     /// Dirty sets up to this many pages are copied during the pause;
-    /// larger ones get copy-on-write.
+    /// larger ones get copy-on-write (and so does every set after a
+    /// [`EpochCheckpointer::prearm`]).
     pub copy_limit: usize,
     /// With write-fault prediction: hot dirty pages are copied during the
     /// pause only up to this many; above it the whole dirty set gets
