@@ -299,18 +299,18 @@ impl EpochCheckpointer {
     /// expected to arm copy-on-write over (the pages the guest has written
     /// so far in this epoch, read from the dirty log without re-arming it,
     /// and the last checkpoint's armed set), so that the arm in its pause
-    /// has only the rest to do (see
-    /// [`CowMemory::prearm`]). Call it shortly before the checkpoint:
-    /// every page the guest writes in between costs it one fault, and the
-    /// arm protects those pages again.
+    /// has only the rest to do (see [`CowMemory::prearm`]). Call it
+    /// shortly before the checkpoint: the first write to each pre-armed
+    /// huge page in between costs the guest a fault, and the arm protects
+    /// that block again.
     ///
     /// With write-fault prediction on, the last armed set is the last
     /// checkpoint's cold dirty pages (its hot ones were copied). Does
     /// nothing (`None`) when a pre-arm is already pending, or when the last
     /// checkpoint copied all its pages and the pages written so far are
-    /// few enough to copy too. A pre-armed checkpoint always
-    /// uses copy-on-write for what it does not copy as hot, whatever the
-    /// size of its dirty set: the arm then costs less than a copy.
+    /// few enough to copy too. A pre-armed checkpoint always uses
+    /// copy-on-write for what it does not copy as hot, whatever the size
+    /// of its dirty set: the arm then costs less than a copy.
     ///
     /// # Errors
     ///
@@ -329,6 +329,9 @@ impl EpochCheckpointer {
             (None, true) => so_far.as_slice().to_vec(),
             (None, false) => return Ok(None),
         };
+        if set.is_empty() {
+            return Ok(None);
+        }
         let p = self.cow.prearm(&set)?;
         self.last_prearm = Some(p.time);
         Ok(Some(p))
@@ -343,8 +346,8 @@ impl EpochCheckpointer {
     /// How long before the checkpoint to call
     /// [`EpochCheckpointer::prearm`]: what the last pre-arm took (1 ms
     /// before the first) plus 1 ms, at most 20 ms. The shorter, the fewer
-    /// pages the guest writes in between (each costs it a fault and is
-    /// protected again in the pause).
+    /// huge pages the guest writes in between (each costs it a fault and
+    /// is protected again in the pause).
     pub fn prearm_lead(&self) -> Duration {
         let took = self.last_prearm.unwrap_or(Duration::from_millis(1));
         (took + Duration::from_millis(1)).min(Duration::from_millis(20))
@@ -475,7 +478,7 @@ impl EpochCheckpointer {
         let t_resume = Instant::now();
         self.last_cow = match &view {
             EpochView::Cow(_) if !all => Some(dirty.clone()),
-            EpochView::Mixed { .. } => armed_set,
+            EpochView::Mixed { .. } => armed_set.filter(|s| !s.is_empty()),
             _ => None,
         };
         Ok(EpochCheckpoint {
