@@ -282,6 +282,54 @@ fn prediction_in_ring_mode_is_refused() {
     vm.shutdown();
 }
 
+/// A 1-vCPU `touch` guest of `mem` bytes writing rounds of 256 pages of a
+/// `region`-byte region with `idle_us` between them, and a checkpointer
+/// for it (with write-fault prediction K=2, re-check every 4, if
+/// `predict`).
+fn touching_checkpointer(
+    mem: u64,
+    idle_us: u32,
+    region: u64,
+    predict: bool,
+) -> (Vm, EpochCheckpointer) {
+    let opts = RunOptions {
+        workload: Workload::Touch,
+        mem_bytes: mem,
+        vcpus: 1,
+        touch: TouchOptions {
+            pages_per_round: 256,
+            idle_us,
+            region_bytes: region,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let (vm, tracker) = run::boot_tracked(&opts, DirtyMode::Bitmap).expect("boot");
+    let mut cp = EpochCheckpointer::new(&vm, tracker).expect("checkpointer");
+    if predict {
+        cp.set_prediction(Some(Prediction {
+            k: 2,
+            recheck_every: 4,
+        }))
+        .expect("prediction");
+    }
+    (vm, cp)
+}
+
+/// A checkpoint, and all of guest memory as it was during its pause.
+fn checkpoint_and_snapshot(
+    cp: &mut EpochCheckpointer,
+    vm: &Vm,
+) -> (simrep::vmm::epoch::EpochCheckpoint, Vec<u8>) {
+    let mut at = vec![0u8; vm.memory().size() as usize];
+    let c = cp
+        .checkpoint_with(vm, false, &mut |vm| {
+            vm.memory().read(0, &mut at).expect("snapshot");
+        })
+        .expect("checkpoint");
+    (c, at)
+}
+
 /// With prediction and a dirty set above the copy limit the checkpoint
 /// copies the hot pages and arms copy-on-write over the rest: every dirty
 /// page read through that mixed view equals guest memory at the
@@ -291,36 +339,13 @@ fn mixed_views_hold_the_checkpoint() {
     use simrep::vmm::epoch::EpochView;
     require_kvm();
     let mem = 64u64 << 20;
-    let opts = RunOptions {
-        workload: Workload::Touch,
-        mem_bytes: mem,
-        vcpus: 1,
-        touch: TouchOptions {
-            pages_per_round: 256,
-            idle_us: 1000,
-            region_bytes: 16 << 20,
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    let (mut vm, tracker) = run::boot_tracked(&opts, DirtyMode::Bitmap).expect("boot");
-    let mut cp = EpochCheckpointer::new(&vm, tracker).expect("checkpointer");
-    cp.set_prediction(Some(Prediction {
-        k: 2,
-        recheck_every: 4,
-    }))
-    .expect("prediction");
+    let (mut vm, mut cp) = touching_checkpointer(mem, 1000, 16 << 20, true);
     // Every dirty set goes past the limit.
     cp.copy_limit = 0;
     let (mut mixed, mut hot_copied, mut cold_cow) = (0, 0, 0);
     for epoch in 0..10 {
         std::thread::sleep(Duration::from_millis(60));
-        let mut at = vec![0u8; mem as usize];
-        let c = cp
-            .checkpoint_with(&vm, false, &mut |vm| {
-                vm.memory().read(0, &mut at).expect("snapshot");
-            })
-            .expect("checkpoint");
+        let (c, at) = checkpoint_and_snapshot(&mut cp, &vm);
         // The guest writes into the open view.
         std::thread::sleep(Duration::from_millis(30));
         assert_view_is_checkpoint(&c, &at, epoch);
@@ -486,27 +511,7 @@ fn prearmed_views_hold_the_checkpoint() {
     require_kvm();
     let mem = 64u64 << 20;
     for predict in [false, true] {
-        let opts = RunOptions {
-            workload: Workload::Touch,
-            mem_bytes: mem,
-            vcpus: 1,
-            touch: TouchOptions {
-                pages_per_round: 256,
-                idle_us: 200,
-                region_bytes: 32 << 20,
-                ..Default::default()
-            },
-            ..Default::default()
-        };
-        let (mut vm, tracker) = run::boot_tracked(&opts, DirtyMode::Bitmap).expect("boot");
-        let mut cp = EpochCheckpointer::new(&vm, tracker).expect("checkpointer");
-        if predict {
-            cp.set_prediction(Some(Prediction {
-                k: 2,
-                recheck_every: 4,
-            }))
-            .expect("prediction");
-        }
+        let (mut vm, mut cp) = touching_checkpointer(mem, 200, 32 << 20, predict);
         // Small enough that every epoch's set is larger.
         cp.copy_limit = 64;
         cp.checkpoint(&vm).expect("first checkpoint").view.finish();
@@ -519,12 +524,7 @@ fn prearmed_views_hold_the_checkpoint() {
             }
             // The guest writes between the pre-arm and the checkpoint.
             std::thread::sleep(Duration::from_millis(3));
-            let mut at = vec![0u8; mem as usize];
-            let c = cp
-                .checkpoint_with(&vm, false, &mut |vm| {
-                    vm.memory().read(0, &mut at).expect("snapshot");
-                })
-                .expect("checkpoint");
+            let (c, at) = checkpoint_and_snapshot(&mut cp, &vm);
             assert!(
                 !cp.cow().is_prearmed(),
                 "the checkpoint took the pre-arm over"
