@@ -749,7 +749,7 @@ fn checkpoint_pause_1gib() {
         let (mut total, mut harvest, mut save, mut arm, mut pause, mut resume, mut over) =
             (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
         let (mut collect, mut rearm) = (vec![], vec![]);
-        let (mut prearm_time, mut written_before) = (vec![], vec![]);
+        let (mut prearm_time, mut prearm_faults) = (vec![], vec![]);
         let mut pages = vec![];
         for _ in 0..EPOCHS {
             go(&vm, &p, rounds);
@@ -763,7 +763,7 @@ fn checkpoint_pause_1gib() {
             let c = ck.checkpoint(&vm).expect("checkpoint");
             if let simrep::vmm::epoch::EpochView::Cow(v) = &c.view {
                 if let Some(w) = v.prearm_faults() {
-                    written_before.push(w);
+                    prearm_faults.push(w);
                 }
             }
             let t = c.timings;
@@ -781,7 +781,7 @@ fn checkpoint_pause_1gib() {
             c.view.finish();
         }
         pages.sort();
-        written_before.sort();
+        prearm_faults.sort();
         let prearmed = if prearm {
             assert!(
                 prearm_time.len() >= EPOCHS - 1,
@@ -791,8 +791,8 @@ fn checkpoint_pause_1gib() {
             format!(
                 " (pre-armed {} before, {} faults in between (median))",
                 stats(&mut prearm_time),
-                written_before
-                    .get(written_before.len() / 2)
+                prearm_faults
+                    .get(prearm_faults.len() / 2)
                     .copied()
                     .unwrap_or(0)
             )

@@ -323,16 +323,20 @@ impl EpochCheckpointer {
         let mut so_far = DirtyPages::default();
         let peeked = self.tracker.peek_into(&mut so_far)?;
         let big = peeked && so_far.len() > self.copy_limit;
-        let set = match (&self.last_cow, big) {
-            (Some(last), true) => merge_sorted(last, so_far.as_slice()),
-            (Some(last), false) => last.clone(),
-            (None, true) => so_far.as_slice().to_vec(),
+        let merged;
+        let set: &[u64] = match (&self.last_cow, big) {
+            (Some(last), true) => {
+                merged = merge_sorted(last, so_far.as_slice());
+                &merged
+            }
+            (Some(last), false) => last,
+            (None, true) => so_far.as_slice(),
             (None, false) => return Ok(None),
         };
         if set.is_empty() {
             return Ok(None);
         }
-        let p = self.cow.prearm(&set)?;
+        let p = self.cow.prearm(set)?;
         self.last_prearm = Some(p.time);
         Ok(Some(p))
     }
